@@ -1,0 +1,292 @@
+"""Noise schedules, written as gamma(t) = -log SNR(t) on t in [0, 1].
+
+Every schedule here is a strictly increasing map t -> gamma(t), with endpoints
+gamma_min = gamma(0) and gamma_max = gamma(1) (VDM paper, Kingma et al. 2021, section 3.1).
+All losses in `vdm_jax.elbo` only ever see such a callable, so the fixed log-SNR-linear
+schedule, DDPM's beta-linear and cosine schedules and the learned ones plug into the same code.
+
+Fixed schedules are frozen dataclasses (hashable, usable as static jit arguments). Learned
+schedules are a pure function of a parameter pytree plus an `init_*` function; the Flax wrapper
+that owns the parameters lives in `vdm_jax.model`.
+
+Only jax / jax.numpy are imported here (house rule: the maths never depends on the network
+library).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+GammaFn = Callable[[jax.Array], jax.Array]
+Params = dict[str, Any]
+
+
+def _is_concrete(x: Any) -> bool:
+  """True when `x` holds values we can inspect now (not a tracer under jit/grad/vmap)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_endpoints(gamma_min: Any, gamma_max: Any) -> None:
+  """Raises ValueError unless gamma_min < gamma_max (when both values are concrete)."""
+  if _is_concrete(gamma_min) and _is_concrete(gamma_max):
+    lo, hi = float(np.min(np.asarray(gamma_min))), float(np.max(np.asarray(gamma_max)))
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+      raise ValueError(
+          f"expected finite gamma_min < gamma_max, got gamma_min={lo!r}, gamma_max={hi!r}")
+
+
+def check_time(t: ArrayLike) -> jax.Array:
+  """Returns `t` as an array; raises ValueError if concrete values fall outside [0, 1].
+
+  Under jit the values are tracers and cannot be checked; they are then used as given.
+  """
+  if _is_concrete(t) and np.size(t):
+    lo, hi = float(np.min(np.asarray(t))), float(np.max(np.asarray(t)))
+    if lo < 0.0 or hi > 1.0 or not (math.isfinite(lo) and math.isfinite(hi)):
+      raise ValueError(f"expected times t in [0, 1], got values in [{lo}, {hi}]")
+  t = jnp.asarray(t)
+  return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable functions of gamma.
+
+
+def snr(gamma: ArrayLike) -> jax.Array:
+  """Signal-to-noise ratio SNR = alpha^2 / sigma^2 = exp(-gamma). Shape of `gamma`."""
+  return jnp.exp(-jnp.asarray(gamma))
+
+
+def alpha_sigma(gamma: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  """(alpha, sigma) with alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma) (VDM eq. 3-4).
+
+  Computed as exp(log_sigmoid(.) / 2), which is exact in float32 for gamma in [-30, 30] (and
+  beyond) where 1 - sigmoid would cancel. Output shapes equal the shape of `gamma`.
+  """
+  gamma = jnp.asarray(gamma)
+  return jnp.exp(0.5 * jax.nn.log_sigmoid(-gamma)), jnp.exp(0.5 * jax.nn.log_sigmoid(gamma))
+
+
+def gamma_and_derivative(gamma_fn: GammaFn, t: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  """gamma(t) and d gamma / dt by forward-mode differentiation (one jvp, elementwise schedules).
+
+  Args:
+    gamma_fn: an elementwise schedule t -> gamma(t).
+    t: times, any shape.
+
+  Returns:
+    (gamma, gamma_prime), both of the shape of `t`.
+  """
+  t = jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32))
+  return jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed schedules.
+
+
+def linear_gamma(t: ArrayLike, *, gamma_min: ArrayLike, gamma_max: ArrayLike) -> jax.Array:
+  """Log-SNR-linear schedule gamma(t) = gamma_min + (gamma_max - gamma_min) t (VDM eq. 12's
+  linear case). Shape of `t`."""
+  t = jnp.asarray(t)
+  return gamma_min + (gamma_max - gamma_min) * t
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedLinear:
+  """The fixed log-SNR-linear schedule, a callable t -> gamma(t).
+
+  Attributes:
+    gamma_min: gamma(0) (VDM CIFAR-10: -13.3).
+    gamma_max: gamma(1) (VDM CIFAR-10: 5.0).
+  """
+
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+
+  def __post_init__(self):
+    check_endpoints(self.gamma_min, self.gamma_max)
+
+  def __call__(self, t: ArrayLike) -> jax.Array:
+    return linear_gamma(check_time(t), gamma_min=self.gamma_min, gamma_max=self.gamma_max)
+
+
+def _affine_time(t: jax.Array, lo: float, hi: float) -> jax.Array:
+  return lo + (hi - lo) * t
+
+
+@dataclasses.dataclass(frozen=True)
+class BetaLinear:
+  """DDPM's beta-linear schedule (Ho et al. 2020) as a continuous gamma(t).
+
+  DDPM uses beta_n linear from beta_start to beta_end over n = 1..T and
+  alpha_bar_n = prod (1 - beta_i), so -log alpha_bar_n ~ sum_{i<=n} beta_i. With m = T tau that sum
+  is the quadratic c(tau) = m beta_start + (beta_end - beta_start) m (m - 1) / (2 (T - 1)), exact
+  at every grid point tau = n / T (the neglected sum of beta^2 / 2 is 0.13 at n = T), and since
+  alpha^2 = alpha_bar, gamma = log((1 - alpha_bar) / alpha_bar) = log(expm1(c(tau))).
+  The time t in [0, 1] is mapped affinely onto tau in [tau_min, tau_max], chosen so that
+  gamma(0) = gamma_min and gamma(1) = gamma_max; the defaults (None) take tau_min = 1/T and
+  tau_max = 1, i.e. DDPM's own endpoints (gamma_min ~ -9.2, gamma_max ~ 10.0). Passing endpoints
+  keeps the beta-linear *shape* with other endpoints, as in the VDM paper's schedule comparison.
+  """
+
+  beta_start: float = 1e-4
+  beta_end: float = 0.02
+  num_steps: int = 1000
+  gamma_min: float | None = None
+  gamma_max: float | None = None
+
+  def __post_init__(self):
+    if not 0.0 < self.beta_start < self.beta_end < 1.0:
+      raise ValueError("expected 0 < beta_start < beta_end < 1, got "
+                       f"beta_start={self.beta_start}, beta_end={self.beta_end}")
+    if self.num_steps < 2 or self._coefs[0] <= 0:
+      raise ValueError(f"expected num_steps >= 2 and beta_start > (beta_end - beta_start) / "
+                       f"(2 (num_steps - 1)), got num_steps={self.num_steps}")
+    check_endpoints(*self.endpoints)
+
+  @property
+  def _coefs(self) -> tuple[float, float]:
+    """(a, b) with c(tau) = a tau + b tau^2."""
+    b0, b1, n = self.beta_start, self.beta_end, self.num_steps
+    b = n * n * (b1 - b0) / (2 * (n - 1)) if n > 1 else 0.0
+    return n * b0 - (b / n if n > 1 else 0.0), b
+
+  def _c(self, tau):
+    a, b = self._coefs
+    return a * tau + b * tau**2
+
+  def _tau(self, gamma: float) -> float:
+    """Inverse of tau -> gamma: solve c(tau) = softplus(gamma), a quadratic in tau."""
+    c = math.log1p(math.exp(gamma)) if gamma < 30 else gamma
+    a, b = self._coefs
+    return (-a + math.sqrt(a * a + 4 * b * c)) / (2 * b)
+
+  @property
+  def endpoints(self) -> tuple[float, float]:
+    gmin = self.gamma_min
+    gmax = self.gamma_max
+    if gmin is None:
+      gmin = math.log(math.expm1(self._c(1.0 / self.num_steps)))
+    if gmax is None:
+      gmax = math.log(math.expm1(self._c(1.0)))
+    return float(gmin), float(gmax)
+
+  def __call__(self, t: ArrayLike) -> jax.Array:
+    gmin, gmax = self.endpoints
+    tau = _affine_time(check_time(t), self._tau(gmin), self._tau(gmax))
+    c = self._c(tau)
+    # log(expm1(c)) = c + log(-expm1(-c)), stable for small and large c.
+    return c + jnp.log(-jnp.expm1(-c))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cosine:
+  """The cosine schedule (Nichol & Dhariwal 2021) as a continuous gamma(t).
+
+  alpha^2 = cos^2(pi/2 tau') with tau' = (tau + s) / (1 + s), so
+  gamma = log(sigma^2 / alpha^2) = 2 log tan(pi/2 tau'). Its inverse is
+  tau' = (2/pi) arctan(exp(gamma / 2)). Time t in [0, 1] maps affinely onto tau' between the
+  values that give gamma_min and gamma_max. Defaults (None): gamma_min from tau = 0 with offset s
+  (2 log tan(pi/2 s/(1+s)) ~ -8.77 for s = 0.008) and gamma_max from tau = 1 - 1/1000, the last
+  step before the schedule's singular end (~ 12.9); the normalisation by alpha_bar(0) of the
+  discrete version is dropped (it only matters at tau = 0, where it makes gamma = -inf).
+  """
+
+  s: float = 0.008
+  gamma_min: float | None = None
+  gamma_max: float | None = None
+
+  def __post_init__(self):
+    if not self.s > 0.0:
+      raise ValueError(f"expected offset s > 0, got s={self.s}")
+    check_endpoints(*self.endpoints)
+
+  @property
+  def endpoints(self) -> tuple[float, float]:
+    gmin, gmax = self.gamma_min, self.gamma_max
+    if gmin is None:
+      gmin = 2 * math.log(math.tan(0.5 * math.pi * self.s / (1 + self.s)))
+    if gmax is None:
+      gmax = 2 * math.log(math.tan(0.5 * math.pi * (1 - 1e-3 + self.s) / (1 + self.s)))
+    return float(gmin), float(gmax)
+
+  def __call__(self, t: ArrayLike) -> jax.Array:
+    gmin, gmax = self.endpoints
+    lo, hi = (2 / math.pi * math.atan(math.exp(0.5 * g)) for g in (gmin, gmax))
+    half_angle = 0.5 * jnp.pi * _affine_time(check_time(t), lo, hi)
+    return 2.0 * (jnp.log(jnp.sin(half_angle)) - jnp.log(jnp.cos(half_angle)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned schedules: pure functions of a parameter pytree.
+
+
+def init_learned_linear(*, gamma_min: float = -13.3, gamma_max: float = 5.0) -> Params:
+  """Parameters of the learned-endpoint linear schedule: {"gamma_min", "delta"} scalars."""
+  check_endpoints(gamma_min, gamma_max)
+  return {"gamma_min": jnp.asarray(gamma_min, jnp.float32),
+          "delta": jnp.asarray(gamma_max - gamma_min, jnp.float32)}
+
+
+def learned_linear_gamma(t: ArrayLike, params: Params) -> jax.Array:
+  """gamma(t) = gamma_min + |delta| t: linear with learned endpoints (VDM section 3.1).
+
+  The absolute value keeps gamma increasing whatever the optimiser does; gamma_max is
+  gamma_min + |delta|. Shape of `t`.
+  """
+  return params["gamma_min"] + jnp.abs(params["delta"]) * jnp.asarray(t)
+
+
+def learned_endpoints(params: Params) -> tuple[jax.Array, jax.Array]:
+  """(gamma_min, gamma_max) of a learned schedule (either kind)."""
+  return params["gamma_min"], params["gamma_min"] + jnp.abs(params["delta"])
+
+
+def init_monotone(key: jax.Array, *, gamma_min: float = -13.3, gamma_max: float = 5.0,
+                  hidden: int = 1024) -> Params:
+  """Parameters of the monotone-network schedule (VDM appendix H.2): endpoints plus three
+  positive-weight dense layers l1 (1 -> 1), l2 (1 -> hidden), l3 (hidden -> 1)."""
+  check_endpoints(gamma_min, gamma_max)
+  if hidden < 1:
+    raise ValueError(f"expected hidden >= 1, got {hidden}")
+  k1, k2, k3 = jax.random.split(key, 3)
+  params = init_learned_linear(gamma_min=gamma_min, gamma_max=gamma_max)
+  params["net"] = {
+      "l1_w": jnp.abs(jax.random.normal(k1, ())) + 1.0, "l1_b": jnp.zeros(()),
+      "l2_w": jax.random.normal(k2, (hidden,)), "l2_b": jnp.zeros((hidden,)),
+      "l3_w": jax.random.normal(k3, (hidden,)) / math.sqrt(hidden),
+  }
+  return params
+
+
+def _monotone_raw(t: jax.Array, net: Params) -> jax.Array:
+  """Unnormalised increasing function: l1(t) + l3(sigmoid(l2(l1(t)))), weights made positive."""
+  h = jnp.abs(net["l1_w"]) * t + net["l1_b"]
+  inner = jax.nn.sigmoid(jnp.abs(net["l2_w"]) * h[..., None] + net["l2_b"])
+  return h + jnp.sum(inner * jnp.abs(net["l3_w"]), axis=-1)
+
+
+def monotone_gamma(t: ArrayLike, params: Params) -> jax.Array:
+  """Learned monotone schedule with exactly the learned endpoints.
+
+  gamma(t) = gamma_min + (gamma_max - gamma_min) (f(t) - f(0)) / (f(1) - f(0)),
+  with f the positive-weight network of `_monotone_raw`. The renormalisation makes
+  gamma(0) = gamma_min and gamma(1) = gamma_max exactly (the official implementation's network
+  output is not tied to its endpoints). Shape of `t`.
+  """
+  t = jnp.asarray(t, dtype=jnp.float32)
+  f0, f1 = _monotone_raw(jnp.zeros(()), params["net"]), _monotone_raw(jnp.ones(()), params["net"])
+  shape = (_monotone_raw(t, params["net"]) - f0) / (f1 - f0)
+  gmin, gmax = learned_endpoints(params)
+  return gmin + (gmax - gmin) * shape
+
+
+SCHEDULES = ("fixed_linear", "learned_linear", "learned_monotone", "beta_linear", "cosine")
