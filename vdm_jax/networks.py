@@ -1,0 +1,363 @@
+"""Score networks: the VDM noise-prediction U-Net and a noise-conditional classifier.
+
+`ScoreUNet` follows the architecture of the official VDM code (Kingma et al. 2021, appendix B;
+github.com/google-research/vdm `ScoreUNet`): Fourier features of z concatenated to z, a 3x3 input
+conv, `num_blocks` residual blocks at full resolution (no downsampling), a middle block with
+self-attention, `num_blocks + 1` up blocks that each concatenate one skip connection, GroupNorm,
+swish and a zero-initialised 3x3 output conv. The conditioning vector (a sinusoidal embedding of
+t, optionally with a class embedding, through a 2-layer MLP) enters every residual block.
+
+Compared with the official code: any number of channels; the output is eps_hat itself (no `+ z`
+base measure), so it is exactly zero at init; GroupNorm uses the largest group count <= 32 that
+divides the channels; the class label is an embedding (with a "null" class for classifier-free
+guidance) rather than a scalar concatenated to the time embedding; Fourier features are
+sin/cos(2^n pi z), whereas the official code uses sin/cos(2^n 2 pi z) (its exponents 6, 7 are
+exponents 7, 8 here). Params are float32; `dtype` sets the computation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+BLOCK_IMPLS = ("unrolled", "scan")
+
+
+def num_groups(channels: int, *, max_groups: int = 32) -> int:
+  """GroupNorm group count: the largest divisor of `channels` <= `max_groups` leaving >= 2 per group.
+
+  32 for 128 and 256 channels (the official net's GroupNorm()). Groups of one channel are avoided
+  (where channels >= 2): GroupNorm over a single channel subtracts any per-channel constant, which
+  would erase the conditioning that each residual block adds right before its second norm.
+  """
+  limit = max(1, min(max_groups, channels // 2))
+  return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+def timestep_embedding(t: ArrayLike, dim: int, *, scale: float = 1000.0) -> jax.Array:
+  """Sinusoidal embedding of a conditioning scalar (Vaswani et al. 2017; DDPM; VDM code).
+
+  Args:
+    t: [B] conditioning scalars (VDM: the normalised gamma_t, roughly in [0, 1]).
+    dim: embedding width; odd widths get a zero last column.
+    scale: t is multiplied by this first (1000, as in the official code).
+
+  Returns:
+    [B, dim] float32: [sin(scale t w_k), cos(scale t w_k)], w_k = 10000^(-k / (dim/2 - 1)).
+  """
+  t = jnp.asarray(t, jnp.float32) * scale
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) / max(half - 1, 1) * jnp.arange(half, dtype=jnp.float32))
+  angles = t[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def fourier_features(z: ArrayLike, *, exponents: tuple[int, ...]) -> jax.Array:
+  """Fourier features sin(2^n pi z), cos(2^n pi z) of every channel (VDM appendix B).
+
+  Args:
+    z: [B, H, W, C].
+    exponents: the n's.
+
+  Returns:
+    [B, H, W, 2 C len(exponents)] float32 (computed in float32: high frequencies need it).
+  """
+  z = jnp.asarray(z, jnp.float32)
+  w = jnp.asarray([2.0**n * math.pi for n in exponents], jnp.float32)
+  h = (z[..., None] * w).reshape(z.shape[:-1] + (-1,))
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-swish-conv, + projected conditioning, GroupNorm-swish-dropout-conv(zero init), + skip.
+
+  x [B, H, W, C_in], cond [B, E] -> [B, H, W, out_channels]; a 1x1 projection of x when C_in differs.
+  """
+  out_channels: int
+  dropout: float
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    c_in, c_out = x.shape[-1], self.out_channels
+    h = nn.swish(nn.GroupNorm(num_groups(c_in), dtype=self.dtype, name="norm1")(x))
+    h = nn.Conv(c_out, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h += nn.Dense(c_out, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                  name="cond_proj")(cond)[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(num_groups(c_out), dtype=self.dtype, name="norm2")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not self.train)
+    h = nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                name="conv2")(h)
+    if c_in != c_out:
+      x = nn.Dense(c_out, dtype=self.dtype, name="shortcut")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Single-head self-attention over the H*W positions, residual, zero-initialised output.
+
+  x [B, H, W, C] -> [B, H, W, C]; the softmax is computed in float32 whatever `dtype`.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hh, ww, c = x.shape
+    h = nn.GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x).reshape(b, hh * ww, c)
+    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("q", "k", "v"))
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    h = jnp.einsum("bqk,bkc->bqc", weights, v)
+    h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
+    return x + h.reshape(b, hh, ww, c)
+
+
+class DownBlock(nn.Module):
+  """Residual block (+ optional attention); a scan body: (h, cond) -> (h, h as the skip)."""
+  channels: int
+  dropout: float
+  attention: bool
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+    h = ResnetBlock(self.channels, self.dropout, self.train, self.dtype)(h, cond)
+    if self.attention:
+      h = AttentionBlock(self.dtype)(h)
+    return h, h
+
+
+class UpBlock(nn.Module):
+  """Concatenates one skip, residual block (+ optional attention); (h, skip, cond) -> (h, None)."""
+  channels: int
+  dropout: float
+  attention: bool
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, skip: jax.Array, cond: jax.Array) -> tuple[jax.Array, None]:
+    h = ResnetBlock(self.channels, self.dropout, self.train, self.dtype)(
+        jnp.concatenate([h, skip], axis=-1), cond)
+    if self.attention:
+      h = AttentionBlock(self.dtype)(h)
+    return h, None
+
+
+def _scanned(block: type[nn.Module], *, length: int, in_axes: Any, remat: bool) -> Any:
+  """`block` scanned over a leading parameter axis of `length` identical copies."""
+  if remat:
+    block = nn.remat(block, prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=in_axes, length=length)
+
+
+def _check_dtype(dtype: Any) -> None:
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {dtype!r}")
+
+
+def _check_time(t: ArrayLike, batch: int) -> jax.Array:
+  """t as a [B] float32 array (a scalar is broadcast)."""
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (batch,))
+  if t.shape != (batch,):
+    raise ValueError(f"t must be a scalar or of shape [B={batch}], got shape {t.shape}")
+  return t
+
+
+def _label_ids(label: Optional[ArrayLike], batch: int, num_classes: int) -> jax.Array:
+  """Embedding ids in [0, num_classes]; num_classes is the null label, used where label is None.
+
+  Concrete labels outside [0, num_classes] raise ValueError. Under jit the values cannot be
+  checked, so out-of-range labels are mapped to an id past the table: `jnp.take` then gives NaN
+  embeddings and a NaN output (loud), instead of silently wrapping -1 to the null label.
+  """
+  if label is None:
+    return jnp.full((batch,), num_classes, jnp.int32)
+  try:
+    values = np.asarray(label)   # before any jnp op, which could turn it into a tracer
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None
+  label = jnp.asarray(label)
+  if label.shape != (batch,) or not jnp.issubdtype(label.dtype, jnp.integer):
+    raise ValueError(f"label must be an int array of shape [B={batch}], got {label.dtype} "
+                     f"{label.shape}")
+  if values is not None and values.size and (values.min() < 0 or values.max() > num_classes):
+    raise ValueError(f"labels must be in [0, num_classes={num_classes}] ({num_classes} = null "
+                     f"label), got values in [{values.min()}, {values.max()}]")
+  valid = (label >= 0) & (label <= num_classes)
+  return jnp.where(valid, label, num_classes + 1).astype(jnp.int32)
+
+
+class Conditioning(nn.Module):
+  """t [B] (+ label ids [B]) -> conditioning vector [B, 4 channels] (VDM code: dense0, dense1)."""
+  channels: int
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array, label_ids: Optional[jax.Array] = None) -> jax.Array:
+    emb = timestep_embedding(t, self.channels).astype(self.dtype)
+    if self.num_classes > 0:
+      label_emb = nn.Embed(self.num_classes + 1, self.channels, dtype=self.dtype,
+                           name="label_embed")(label_ids)
+      emb = jnp.concatenate([emb, label_emb], axis=-1)
+    emb = nn.swish(nn.Dense(4 * self.channels, dtype=self.dtype, name="dense0")(emb))
+    return nn.swish(nn.Dense(4 * self.channels, dtype=self.dtype, name="dense1")(emb))
+
+
+class ScoreUNet(nn.Module):
+  """The VDM noise-prediction network eps_hat(z_t; t[, label]) (VDM appendix B).
+
+  Attributes:
+    channels: width of every residual block.
+    num_blocks: residual blocks in the down stack; the up stack has num_blocks + 1 (one per skip).
+    fourier_exponents: Fourier features sin/cos(2^n pi z) for these n (empty: none).
+    attention_everywhere: attention after every block, else only in the middle block.
+    dropout: dropout rate in the residual blocks (active only when train=True).
+    num_classes: 0 = unconditional; else an Embed(num_classes + 1), id num_classes = null label.
+    block_impl: "unrolled" (Python loop) or "scan" (nn.scan over the identical blocks: the same
+      function and parameter count, parameters stacked on a leading axis; faster compiles).
+    remat: rematerialise the blocks in the backward pass (nn.remat).
+    dtype: computation dtype (bfloat16 for mixed precision); params are always float32.
+  """
+  channels: int = 128
+  num_blocks: int = 32
+  fourier_exponents: tuple[int, ...] = (6, 7)
+  attention_everywhere: bool = False
+  dropout: float = 0.1
+  num_classes: int = 0
+  block_impl: str = "unrolled"
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if not isinstance(self.channels, int) or self.channels <= 0:
+      raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+    if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+      raise ValueError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
+    if not all(isinstance(n, int) for n in self.fourier_exponents):
+      raise ValueError(f"fourier_exponents must be ints, got {self.fourier_exponents!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+    if not isinstance(self.num_classes, int) or self.num_classes < 0:
+      raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+    if self.block_impl not in BLOCK_IMPLS:
+      raise ValueError(f"block_impl must be one of {BLOCK_IMPLS}, got {self.block_impl!r}")
+    _check_dtype(self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, z: ArrayLike, t: ArrayLike, label: Optional[ArrayLike] = None, *,
+               train: bool) -> jax.Array:
+    """eps_hat for z [B, H, W, C] (any C), t [B] (normalised gamma_t), label [B] int or None.
+
+    Returns:
+      eps_hat [B, H, W, C] float32; exactly zero at initialisation.
+    """
+    z = jnp.asarray(z)
+    if z.ndim != 4:
+      raise ValueError(f"z must be [B, H, W, C], got shape {z.shape}")
+    batch = z.shape[0]
+    t = _check_time(t, batch)
+    ids = _label_ids(label, batch, self.num_classes) if self.num_classes else None
+    cond = Conditioning(self.channels, self.num_classes, self.dtype, name="cond")(t, ids)
+
+    h = z.astype(jnp.float32)
+    if self.fourier_exponents:
+      h = jnp.concatenate([h, fourier_features(h, exponents=self.fourier_exponents)], axis=-1)
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+    h = self._stacks(h, cond, train)
+    h = nn.swish(nn.GroupNorm(num_groups(self.channels), dtype=self.dtype, name="norm_out")(h))
+    eps_hat = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                      name="conv_out")(h)
+    return eps_hat.astype(jnp.float32)
+
+  def _stacks(self, h: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
+    """Down stack, middle (block, attention, block), up stack with the U-Net skips."""
+    kw = dict(channels=self.channels, dropout=self.dropout, attention=self.attention_everywhere,
+              train=train, dtype=self.dtype)
+    n = self.num_blocks
+    down, up = DownBlock, UpBlock
+    if self.block_impl == "scan":
+      h0 = h
+      h, skips = _scanned(down, length=n, in_axes=nn.broadcast, remat=self.remat)(
+          **kw, name="down")(h, cond)
+      skips = jnp.concatenate([h0[None], skips], axis=0)[::-1]   # [n + 1, B, H, W, C], last first
+      h = self._middle(h, cond, train)
+      h, _ = _scanned(up, length=n + 1, in_axes=(0, nn.broadcast), remat=self.remat)(
+          **kw, name="up")(h, skips, cond)
+      return h
+    if self.remat:
+      down, up = nn.remat(down), nn.remat(up)
+    skips = [h]
+    for i in range(n):
+      h, skip = down(**kw, name=f"down_{i}")(h, cond)
+      skips.append(skip)
+    h = self._middle(h, cond, train)
+    for i in range(n + 1):
+      h, _ = up(**kw, name=f"up_{i}")(h, skips.pop(), cond)
+    return h
+
+  def _middle(self, h: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
+    h = ResnetBlock(self.channels, self.dropout, train, self.dtype, name="mid_block1")(h, cond)
+    h = AttentionBlock(self.dtype, name="mid_attn")(h)
+    return ResnetBlock(self.channels, self.dropout, train, self.dtype, name="mid_block2")(h, cond)
+
+
+class NoisyClassifier(nn.Module):
+  """Noise-conditional classifier log p(y | z_t) for classifier guidance (Dhariwal & Nichol 2021).
+
+  3x3 conv, `num_blocks` residual blocks conditioned on t, GroupNorm, swish, global average
+  pooling, dense to logits.
+
+  Attributes:
+    num_classes: number of classes (>= 2).
+    channels: width of the residual blocks.
+    num_blocks: number of residual blocks (>= 1).
+    dtype: computation dtype; params are always float32.
+  """
+  num_classes: int
+  channels: int = 32
+  num_blocks: int = 2
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if not isinstance(self.num_classes, int) or self.num_classes < 2:
+      raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
+    if not isinstance(self.channels, int) or self.channels <= 0:
+      raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+    if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+      raise ValueError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
+    _check_dtype(self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, z: ArrayLike, t: ArrayLike, *, train: bool) -> jax.Array:
+    """Logits [B, num_classes] float32 for z [B, H, W, C] and t [B] (no dropout: `train` unused)."""
+    del train
+    z = jnp.asarray(z)
+    if z.ndim != 4:
+      raise ValueError(f"z must be [B, H, W, C], got shape {z.shape}")
+    cond = Conditioning(self.channels, dtype=self.dtype, name="cond")(_check_time(t, z.shape[0]))
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+    for i in range(self.num_blocks):
+      h = ResnetBlock(self.channels, 0.0, False, self.dtype, name=f"block_{i}")(h, cond)
+    h = nn.swish(nn.GroupNorm(num_groups(self.channels), dtype=self.dtype, name="norm_out")(h))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(h.mean(axis=(1, 2)))
+    return logits.astype(jnp.float32)
