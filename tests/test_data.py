@@ -1,0 +1,351 @@
+"""Tests for vdm_jax.data: digits offline, TFDS through mock_data, order, sharding, eval padding."""
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from vdm_jax import data
+
+ONE = {"process_index": 0, "process_count": 1}
+
+
+def _take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def _digits_train(**kwargs):
+  kwargs = {"global_batch_size": 16, "seed": 0, **ONE, **kwargs}
+  return data.train_iterator("digits", **kwargs)
+
+
+def _index_source(n):
+  """Image i is the constant i: the batches show which examples they hold."""
+  images = np.broadcast_to(np.arange(n, dtype=np.int32)[:, None, None, None], (n, 1, 1, 1))
+  info = data.DatasetInfo("index", (1, 1, 1), n, 0, {"train": n})
+  return data.ArraySource(images, np.zeros(n, np.int32)), info
+
+
+def _rows(batches):
+  return np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+
+
+# ----------------------------------------------------------------------------------------------
+# Digits: info, split, shapes and ranges.
+
+
+def test_digits_info():
+  info = data.get_info("digits")
+  assert info == data.DatasetInfo("digits", (8, 8, 1), 17, 10, {"train": 1500, "test": 297})
+
+
+def test_digits_split_is_the_fixed_permutation():
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  order = np.random.default_rng(0).permutation(1797)
+  for split, idx in [("train", order[:1500]), ("test", order[1500:])]:
+    src = data.get_source("digits", split=split)
+    images = np.stack([src[i]["image"] for i in range(len(src))])
+    labels = np.array([src[i]["label"] for i in range(len(src))])
+    np.testing.assert_array_equal(images[..., 0], digits.images[idx])
+    np.testing.assert_array_equal(labels, digits.target[idx])
+
+
+def test_train_batch_shapes_dtypes_and_ranges():
+  for batch in _take(_digits_train(), 5):
+    assert set(batch) == {"image", "label"}
+    chex.assert_shape(batch["image"], (16, 8, 8, 1))
+    chex.assert_shape(batch["label"], (16,))
+    assert batch["image"].dtype == np.int32 and batch["label"].dtype == np.int32
+    assert batch["image"].min() >= 0 and batch["image"].max() < 17
+    assert batch["label"].min() >= 0 and batch["label"].max() < 10
+  assert max(b["image"].max() for b in _take(_digits_train(), 5)) == 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Order: determinism, resumption, epochs.
+
+
+def test_same_seed_same_batches_different_seed_different():
+  first, again = _take(_digits_train(seed=3), 4), _take(_digits_train(seed=3), 4)
+  other = _take(_digits_train(seed=4), 4)
+  chex.assert_trees_all_equal(first, again)
+  assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+@pytest.mark.parametrize("k", [1, 7, 200])  # 200 * 16 examples: past the first epoch of 1500
+def test_start_step_resumes_at_step_k(k):
+  fresh = _take(_digits_train(flip=True), k + 3)[k:]
+  resumed = _take(_digits_train(flip=True, start_step=k), 3)
+  chex.assert_trees_all_equal(resumed, fresh)
+
+
+def test_epochs_are_fresh_permutations_and_batches_wrap():
+  source, info = _index_source(10)
+  ds = data.make_train_dataset(source, info=info, global_batch_size=4, seed=0, **ONE)
+  stream = _rows([ds[k] for k in range(15)])  # 60 elements = 6 epochs of 10
+  epochs = stream.reshape(6, 10)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(10))
+  assert len({tuple(e) for e in epochs}) == 6
+  # Batch 2 holds the last 2 examples of epoch 0 and the first 2 of epoch 1.
+  np.testing.assert_array_equal(ds[2]["image"][:, 0, 0, 0], stream[8:12])
+
+
+def test_bad_train_arguments():
+  source, info = _index_source(10)
+  with pytest.raises(ValueError, match="seed"):
+    data.make_train_dataset(source, info=info, global_batch_size=4, seed=-1, **ONE)
+  with pytest.raises(ValueError, match="start_step"):
+    data.make_train_dataset(source, info=info, global_batch_size=4, seed=0, start_step=-1, **ONE)
+  with pytest.raises(ValueError, match="process_count"):
+    data.make_train_dataset(source, info=info, global_batch_size=4, seed=0, process_index=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-process sharding.
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_process_slices_concatenate_to_the_global_batch(num_processes):
+  kwargs = {"global_batch_size": 8, "seed": 5, "flip": True, "start_step": 180}
+  global_batches = _take(_digits_train(**kwargs), 10)  # crosses the epoch boundary at step 187
+  local = [_take(_digits_train(**kwargs, process_index=p, process_count=num_processes), 10)
+           for p in range(num_processes)]
+  for step, batch in enumerate(global_batches):
+    for key in ("image", "label"):
+      parts = [local[p][step][key] for p in range(num_processes)]
+      chex.assert_shape(parts, [(8 // num_processes,) + batch[key].shape[1:]] * num_processes)
+      np.testing.assert_array_equal(np.concatenate(parts), batch[key])
+
+
+def test_global_batch_not_divisible_by_process_count():
+  with pytest.raises(ValueError, match=r"global_batch_size=10.*process_count=4"):
+    _digits_train(global_batch_size=10, process_index=1, process_count=4)
+  with pytest.raises(ValueError, match=r"process_index=4"):
+    _digits_train(global_batch_size=8, process_index=4, process_count=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: one ordered, padded pass.
+
+
+@pytest.mark.parametrize("num_processes,max_examples", [(1, None), (2, None), (4, 50)])
+def test_eval_covers_the_split_exactly_once(num_processes, max_examples):
+  src = data.get_source("digits", split="test")
+  n = 297 if max_examples is None else max_examples
+  expected = np.stack([src[i]["image"] for i in range(n)])
+  per_process = [list(data.eval_iterator(
+      "digits", global_batch_size=64, process_index=p, process_count=num_processes,
+      max_examples=max_examples)) for p in range(num_processes)]
+  assert all(len(batches) == -(-n // 64) for batches in per_process)
+  images, masks = [], []
+  for step in range(len(per_process[0])):
+    for p in range(num_processes):
+      batch = per_process[p][step]
+      chex.assert_shape(batch["image"], (64 // num_processes, 8, 8, 1))
+      assert batch["mask"].dtype == bool
+      images.append(batch["image"])
+      masks.append(batch["mask"])
+  images, masks = np.concatenate(images), np.concatenate(masks)
+  assert masks.sum() == n and masks[:n].all() and not masks[n:].any()
+  np.testing.assert_array_equal(images[:n], expected)
+  assert not images[n:].any()
+
+
+def test_eval_max_examples_must_be_positive():
+  with pytest.raises(ValueError, match="max_examples"):
+    data.eval_iterator("digits", global_batch_size=8, max_examples=0, **ONE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flips.
+
+
+def test_flips_are_deterministic_and_flip_about_half():
+  kwargs = {"global_batch_size": 64, "seed": 9}
+  plain = np.concatenate([b["image"] for b in _take(_digits_train(**kwargs), 8)])
+  flipped = np.concatenate([b["image"] for b in _take(_digits_train(flip=True, **kwargs), 8)])
+  again = np.concatenate([b["image"] for b in _take(_digits_train(flip=True, **kwargs), 8)])
+  np.testing.assert_array_equal(flipped, again)
+  mirrored = plain[:, :, ::-1]
+  same = (flipped == plain).all(axis=(1, 2, 3))
+  was_mirrored = (flipped == mirrored).all(axis=(1, 2, 3))
+  assert (same | was_mirrored).all()
+  asymmetric = ~(plain == mirrored).all(axis=(1, 2, 3))
+  fraction = was_mirrored[asymmetric].mean()
+  assert 0.4 < fraction < 0.6, fraction
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and errors.
+
+
+@pytest.mark.parametrize("images,match", [
+    (np.zeros((2, 8, 8, 1), np.float32), "dtype float32"),
+    (np.zeros((2, 8, 8, 3), np.int32), r"got \(2, 8, 8, 3\)"),
+    (np.zeros((8, 8), np.int32), r"got \(8, 8\)"),
+    (np.full((2, 8, 8, 1), 17, np.int32), r"value 17 at index \(0, 0, 0, 0\)"),
+    (np.pad(np.full((1, 8, 8, 1), 3), ((1, 0), (0, 0), (0, 0), (0, 0)), constant_values=-1),
+     "value -1"),
+])
+def test_validate_images_rejects(images, match):
+  with pytest.raises(ValueError, match=match):
+    data.validate_images(images, info=data.get_info("digits"))
+
+
+def test_validate_images_accepts_batch_and_single_image():
+  info = data.get_info("digits")
+  data.validate_images(np.full((3, 8, 8, 1), 16, np.uint8), info=info)
+  data.validate_images(np.zeros((8, 8, 1), np.int64), info=info)
+
+
+def test_pipeline_checks_every_batch():
+  _, info = _index_source(10)
+  images = np.zeros((10, 1, 1, 1), np.int32)
+  images[7] = 10  # == vocab_size
+  source = data.ArraySource(images, np.zeros(10, np.int32))
+  ds = data.make_eval_dataset(source, info=info, global_batch_size=4, **ONE)
+  ds[0]  # rows 0..3 are fine
+  with pytest.raises(ValueError, match="value 10"):
+    ds[1]
+  wrong_shape = data.ArraySource(np.zeros((10, 2, 1, 1), np.int32), np.zeros(10, np.int32))
+  with pytest.raises(ValueError, match=r"shape \(1, 1, 1\), got \(2, 1, 1\)"):
+    data.make_eval_dataset(wrong_shape, info=info, global_batch_size=4, **ONE)[0]
+  floats = data.ArraySource(np.zeros((10, 1, 1, 1), np.float32), np.zeros(10, np.int32))
+  it = data._iterate(data.make_train_dataset(
+      floats, info=info, global_batch_size=4, seed=0, **ONE), num_threads=2, prefetch=2)
+  with pytest.raises(ValueError, match="dtype float32"):
+    next(it)
+
+
+def test_empty_split_is_an_error():
+  _, info = _index_source(10)
+  empty = data.ArraySource(np.zeros((0, 1, 1, 1), np.int32), np.zeros(0, np.int32))
+  with pytest.raises(ValueError, match="empty"):
+    data.make_train_dataset(empty, info=info, global_batch_size=4, seed=0, **ONE)
+  with pytest.raises(ValueError, match="empty"):
+    data.make_eval_dataset(empty, info=info, global_batch_size=4, **ONE)
+
+
+def test_unknown_name_or_split():
+  with pytest.raises(ValueError, match=r"'svhn'.*digits.*cifar10.*downsampled_imagenet/64x64"):
+    data.get_info("svhn")
+  with pytest.raises(ValueError, match=r"'validation'.*\['train', 'test'\]"):
+    data.eval_iterator("digits", split="validation", global_batch_size=8, **ONE)
+  with pytest.raises(ValueError, match="'train'"):
+    data.get_source("downsampled_imagenet/32x32", split="test")
+
+
+def test_import_is_light():
+  code = ("import sys; import vdm_jax.data as d; d.get_info('digits'); "
+          "assert 'tensorflow_datasets' not in sys.modules and 'tensorflow' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS (mocked: no files, no network, no TensorFlow).
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Refuses connections, and fails the test afterwards if any was attempted (even if the code
+  under test caught the error)."""
+  attempts = []
+
+  def refuse(*args, **kwargs):
+    attempts.append(args)
+    raise OSError(f"network access attempted in a test: {args}")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  monkeypatch.setattr(socket, "getaddrinfo", refuse)
+  yield
+  assert not attempts, attempts
+
+
+@pytest.mark.parametrize("name,shape,num_classes,eval_split", [
+    ("cifar10", (32, 32, 3), 10, "test"),
+    ("mnist", (28, 28, 1), 10, "test"),
+    ("downsampled_imagenet/32x32", (32, 32, 3), 0, "validation"),
+])
+def test_tfds_through_mock_data(no_network, name, shape, num_classes, eval_split):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  as_data_source_fn = None
+  if name.startswith("downsampled_imagenet"):  # its features leave the image size open, so the
+    # generated mock images have random sizes: serve 32x32 ones instead (no "label" feature).
+    def as_data_source_fn(builder, split, **kwargs):
+      del builder, split, kwargs
+      rng = np.random.default_rng(0)
+      return [{"image": rng.integers(0, 256, shape, np.uint8)} for _ in range(21)]
+  with tfds.testing.mock_data(num_examples=21, policy=tfds.testing.MockPolicy.USE_CODE,
+                              as_data_source_fn=as_data_source_fn):
+    info = data.get_info(name)
+    assert info.shape == shape and info.vocab_size == 256 and info.num_classes == num_classes
+    assert set(info.num_examples.values()) == {21}
+    train = _take(data.train_iterator(name, global_batch_size=8, seed=0, flip=True, **ONE), 3)
+    evals = list(data.eval_iterator(name, split=eval_split, global_batch_size=8, **ONE))
+  for batch in train + evals:
+    chex.assert_shape(batch["image"], (8, *shape))
+    assert batch["image"].dtype == np.int32 and 0 <= batch["image"].min()
+    assert batch["image"].max() < 256
+    assert 0 <= batch["label"].min() and batch["label"].max() < max(num_classes, 1)
+  assert len(evals) == 3 and sum(b["mask"].sum() for b in evals) == 21
+  assert "tensorflow" not in sys.modules
+
+
+def test_tfds_images_of_the_wrong_size_are_rejected(no_network):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    iterator = data.train_iterator("downsampled_imagenet/32x32", global_batch_size=4, seed=0, **ONE)
+    with pytest.raises(ValueError, match=r"expected an image of shape \(32, 32, 3\), got"):
+      next(iterator)
+
+
+def test_unprepared_tfds_data_set_is_a_clear_error(no_network, tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  original, downloads = tfds.data_source, []
+
+  def data_source_without_download(*args, **kwargs):
+    downloads.append(kwargs.get("download", True))
+    if downloads[-1] is not False:  # fail fast rather than retry downloads for minutes
+      raise OSError("a download was requested")
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(tfds, "data_source", data_source_without_download)
+  with pytest.raises(data.DatasetNotPreparedError) as excinfo:
+    data.train_iterator("cifar10", global_batch_size=8, seed=0, data_dir=str(tmp_path), **ONE)
+  message = str(excinfo.value)
+  for needle in ['pip install "vdm-jax[tf]"', f"tfds build cifar10 --data_dir {tmp_path}",
+                 "--file_format array_record", "cifar-10-binary.tar.gz", "--manual_dir"]:
+    assert needle in message, (needle, message)
+  assert downloads == [False] and not any(tmp_path.rglob("*.tar.gz"))
+
+
+def test_tfds_errors_are_diagnosed(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class PreparedBuilder:
+    def is_prepared(self):
+      return True
+
+  def tfrecord_only(*args, **kwargs):
+    raise NotImplementedError("Random access data source for file format TFRECORD")
+
+  monkeypatch.setattr(tfds, "builder", lambda *args, **kwargs: PreparedBuilder())
+  monkeypatch.setattr(tfds, "data_source", tfrecord_only)
+  with pytest.raises(data.DatasetNotPreparedError, match="not in array_record format"):
+    data.get_source("mnist", split="train", data_dir="/nowhere")
+
+  def other_failure(*args, **kwargs):
+    raise KeyError("something else")
+
+  monkeypatch.setattr(tfds, "data_source", other_failure)
+  with pytest.raises(KeyError, match="something else"):  # not hidden behind a wrong diagnosis
+    data.get_source("mnist", split="train", data_dir="/nowhere")

@@ -1,0 +1,412 @@
+"""Input pipelines: TFDS data sets read with `tfds.data_source` + grain, and an offline default.
+
+Images stay integers k in {0..K-1} (K = `vocab_size`) all the way to the model, which encodes them
+to bin centres x = 2(k + 0.5)/K - 1 (VDM paper, Kingma et al. 2021, appendix C): the discrete
+decoder needs no dequantization. Batches are dicts of NumPy arrays:
+
+  "image": int32 [B_local, H, W, C], values in [0, vocab_size)
+  "label": int32 [B_local] (0 for data sets without labels)
+  "mask":  bool  [B_local] (eval only; False on padding rows)
+
+Known data sets: "digits" (scikit-learn's bundled 8x8 digits, offline, K = 17), "cifar10",
+"mnist", "downsampled_imagenet/32x32" and "downsampled_imagenet/64x64" (8-bit, K = 256). TFDS data
+is read with `tfds.data_source(..., download=False)` (array_record files, images decoded by
+Pillow): TensorFlow is never imported, and nothing is ever downloaded here.
+
+Training order. The training stream is the concatenation of epochs, each a fresh permutation of
+the split (grain's `MapDataset.shuffle(...).repeat()`); global batch k holds stream elements
+[k B, (k + 1) B). No example is dropped or repeated within an epoch; when B does not divide the
+split size the batch at the end of an epoch wraps into the next one. Every batch is therefore a
+pure function of (seed, k), `start_step` resumes by random access without reading skipped batches,
+and process p of P reads rows [p B/P, (p + 1) B/P) of each global batch, so the processes'
+batches concatenate to the single-process one. Flips are keyed on (seed, stream position).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import grain
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+Example = dict[str, Any]
+
+
+class DatasetInfo(NamedTuple):
+  """Static description of a data set.
+
+  Attributes:
+    name: the vdm_jax name, e.g. "cifar10".
+    shape: (H, W, C) of one image.
+    vocab_size: K, the number of pixel values; images take values in [0, K).
+    num_classes: number of labels (0 for data sets without labels).
+    num_examples: examples per split, e.g. {"train": 50000, "test": 10000}.
+  """
+  name: str
+  shape: tuple[int, int, int]
+  vocab_size: int
+  num_classes: int
+  num_examples: dict[str, int]
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """A TFDS data set is not prepared (in array_record format) under the data directory."""
+
+
+class _Spec(NamedTuple):
+  shape: tuple[int, int, int]
+  vocab_size: int
+  num_classes: int
+  splits: tuple[str, ...]
+  archive: str | None = None  # what the TFDS builder downloads, for the offline hint
+
+
+_SPECS: dict[str, _Spec] = {
+    "digits": _Spec((8, 8, 1), 17, 10, ("train", "test")),
+    "cifar10": _Spec((32, 32, 3), 256, 10, ("train", "test"), "cifar-10-binary.tar.gz"),
+    "mnist": _Spec((28, 28, 1), 256, 10, ("train", "test")),
+    "downsampled_imagenet/32x32": _Spec((32, 32, 3), 256, 0, ("train", "validation"),
+                                        "train_32x32.tar and valid_32x32.tar"),
+    "downsampled_imagenet/64x64": _Spec((64, 64, 3), 256, 0, ("train", "validation"),
+                                        "train_64x64.tar and valid_64x64.tar"),
+}
+KNOWN_DATASETS: tuple[str, ...] = tuple(_SPECS)
+
+DIGITS_NUM_TRAIN = 1500  # of 1797; the split is np.random.default_rng(0).permutation(1797)
+
+
+def _spec(name: str) -> _Spec:
+  if name not in _SPECS:
+    raise ValueError(f"unknown data set {name!r}; expected one of {list(KNOWN_DATASETS)}")
+  return _SPECS[name]
+
+
+def _check_split(name: str, split: str) -> None:
+  base = split.split("[", 1)[0]  # TFDS slicing syntax, e.g. "train[:90%]"
+  splits = _spec(name).splits
+  if base not in splits or (name == "digits" and base != split):
+    raise ValueError(
+        f"unknown split {split!r} for data set {name!r}; expected one of {list(splits)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-access sources.
+
+
+class ArraySource:
+  """A grain-compatible random-access source over in-memory arrays.
+
+  Attributes:
+    images: integer [N, H, W, C].
+    labels: integer [N].
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+      raise ValueError(f"expected images [N, H, W, C] and labels [N], got shapes "
+                       f"{images.shape} and {labels.shape}")
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> Example:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+  def __repr__(self) -> str:
+    return f"ArraySource(images={self.images.shape}, labels={self.labels.shape})"
+
+
+class _TfdsSource:
+  """Keeps only "image" (uint8 [H, W, C]) and "label" from a `tfds.data_source` split."""
+
+  def __init__(self, source: Sequence[Example], has_label: bool):
+    self._source, self._has_label = source, has_label
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Example:
+    example = self._source[index]  # one record, decoded by Pillow
+    label = example["label"] if self._has_label else 0
+    return {"image": np.asarray(example["image"]), "label": label}
+
+  def __repr__(self) -> str:
+    return f"_TfdsSource({self._source!r})"
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """All 1797 digits: uint8 [1797, 8, 8, 1] in {0..16} and labels int32 [1797] (read-only)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.rint(digits.images).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
+
+
+def _digits_source(split: str) -> ArraySource:
+  images, labels = _digits_arrays()
+  order = np.random.default_rng(0).permutation(len(labels))
+  idx = order[:DIGITS_NUM_TRAIN] if split == "train" else order[DIGITS_NUM_TRAIN:]
+  return ArraySource(images[idx], labels[idx])
+
+
+def _how_to_prepare(name: str, data_dir: str | None) -> str:
+  root = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  archive = _spec(name).archive or "the files the TFDS builder downloads"
+  return (
+      f"Prepare it once, on a machine with TensorFlow (vdm_jax itself never downloads):\n"
+      f'  pip install "vdm-jax[tf]"\n'
+      f"  tfds build {name} --data_dir {root} --file_format array_record\n"
+      f"Without network access, download {archive} elsewhere, copy it (them) into a "
+      f"manual directory and add `--manual_dir DIR` (default: {root}/downloads/manual).")
+
+
+def _open_tfds(name: str, split: str, data_dir: str | None) -> Sequence[Example]:
+  """`tfds.data_source(name, split=split, download=False)`, with a clear error when unprepared."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow; lazy)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless diagnosed below)
+    try:
+      prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # pylint: disable=broad-except
+      prepared = False
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "the default TFDS data_dir")
+    if not prepared:
+      raise DatasetNotPreparedError(
+          f"data set {name!r} (split {split!r}) is not prepared under {where}.\n"
+          f"{_how_to_prepare(name, data_dir)}") from e
+    if isinstance(e, NotImplementedError):  # prepared, but as TFRecord: no random access
+      raise DatasetNotPreparedError(
+          f"data set {name!r} is prepared under {where}, but not in array_record format, "
+          f"which random access needs: build it again with the command below (into another "
+          f"data_dir, or after deleting the TFRecord copy).\n{_how_to_prepare(name, data_dir)}"
+      ) from e
+    raise
+
+
+def get_source(name: str, *, split: str, data_dir: str | None = None) -> Any:
+  """Returns a random-access source (`len`, `[i]`) of {"image": [H, W, C], "label": int} dicts.
+
+  Raises:
+    ValueError: unknown data set or split.
+    DatasetNotPreparedError: a TFDS data set that is not prepared under `data_dir`.
+  """
+  _check_split(name, split)
+  if name == "digits":
+    return _digits_source(split)
+  return _TfdsSource(_open_tfds(name, split, data_dir), has_label=_spec(name).num_classes > 0)
+
+
+def get_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
+  """Returns the `DatasetInfo` of a known data set (opening each TFDS split to count it)."""
+  spec = _spec(name)
+  counts = {split: len(get_source(name, split=split, data_dir=data_dir)) for split in spec.splits}
+  return DatasetInfo(name=name, shape=spec.shape, vocab_size=spec.vocab_size,
+                     num_classes=spec.num_classes, num_examples=counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and batching.
+
+
+def validate_images(images: Any, *, info: DatasetInfo) -> np.ndarray:
+  """Checks a batch [B, H, W, C] (or one image [H, W, C]) against `info`; returns it as ndarray.
+
+  Raises:
+    ValueError: non-integer dtype, a shape other than info.shape, or a value outside
+      [0, info.vocab_size).
+  """
+  images = np.asarray(images)
+  if not np.issubdtype(images.dtype, np.integer):
+    raise ValueError(f"{info.name}: expected integer images, got dtype {images.dtype}")
+  if images.ndim not in (3, 4) or tuple(images.shape[-3:]) != tuple(info.shape):
+    raise ValueError(f"{info.name}: expected images of shape [B, *{tuple(info.shape)}] or "
+                     f"{tuple(info.shape)}, got {images.shape}")
+  if images.size:
+    lo, hi = images.min(), images.max()
+    if lo < 0 or hi >= info.vocab_size:
+      bad = lo if lo < 0 else hi
+      where = tuple(int(i) for i in np.argwhere(images == bad)[0])
+      raise ValueError(f"{info.name}: image value {bad} at index {where} is outside "
+                       f"[0, {info.vocab_size})")
+  return images
+
+
+def _make_batch(examples: Sequence[Example], *, info: DatasetInfo) -> Batch:
+  """Stacks examples into {"image": int32 [B, H, W, C], "label": int32 [B], ("mask": bool [B])}."""
+  for ex in examples:
+    if np.shape(ex["image"]) != tuple(info.shape):
+      raise ValueError(f"{info.name}: expected an image of shape {tuple(info.shape)}, "
+                       f"got {np.shape(ex['image'])}")
+  images = validate_images(np.stack([ex["image"] for ex in examples]), info=info)
+  batch = {"image": images.astype(np.int32),
+           "label": np.asarray([ex["label"] for ex in examples], dtype=np.int32)}
+  if "mask" in examples[0]:
+    batch["mask"] = np.asarray([ex["mask"] for ex in examples], dtype=bool)
+  return batch
+
+
+def _splitmix64(x: int) -> int:
+  """A 64-bit integer hash (Steele et al. 2014), for per-example random bits."""
+  mask = (1 << 64) - 1
+  x = (x + 0x9E3779B97F4A7C15) & mask
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+  return x ^ (x >> 31)
+
+
+def _maybe_flip(index: int, example: Example, *, key: int) -> Example:
+  """Reverses the width axis of example["image"] [H, W, C] iff bit 0 of hash(key, index) is 1."""
+  if _splitmix64(key ^ index) & 1:
+    example = dict(example, image=np.asarray(example["image"])[:, ::-1])
+  return example
+
+
+def _process(process_index: int | None, process_count: int | None,
+             global_batch_size: int) -> tuple[int, int, int]:
+  """Returns (p, P, B/P), defaulting to jax.process_index() / jax.process_count()."""
+  if process_index is None and process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  elif process_index is None or process_count is None:
+    raise ValueError(f"give both process_index and process_count or neither, got "
+                     f"process_index={process_index}, process_count={process_count}")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"expected 0 <= process_index < process_count, got "
+                     f"process_index={process_index}, process_count={process_count}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}")
+  return process_index, process_count, global_batch_size // process_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def make_train_dataset(source: Any, *, info: DatasetInfo, global_batch_size: int, seed: int,
+                       start_step: int = 0, flip: bool = False, process_index: int | None = None,
+                       process_count: int | None = None) -> grain.MapDataset:
+  """The infinite training pipeline as a grain MapDataset: element j is this process's batch at
+  step start_step + j (see the module docstring for the order and the epoch boundaries).
+
+  Args:
+    source: random-access source of {"image": [H, W, C], "label": int} dicts.
+    info: the data set's description (shape and vocab_size are checked on every batch).
+    global_batch_size: B, summed over processes.
+    seed: non-negative integer; fixes the per-epoch permutations and the flips.
+    start_step: first step to serve (random access: skipped batches are never read).
+    flip: flip each image horizontally with probability 1/2.
+    process_index, process_count: p and P (default: jax.process_index() / process_count()).
+
+  Returns:
+    MapDataset of {"image": int32 [B/P, H, W, C], "label": int32 [B/P]}.
+  """
+  p, num_processes, local_batch = _process(process_index, process_count, global_batch_size)
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"expected a non-negative integer seed, got {seed!r}")
+  if start_step < 0:
+    raise ValueError(f"expected start_step >= 0, got {start_step}")
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f"{info.name}: the training split is empty")
+  # Hash the seed so that seeds s and s + 1 do not share permutations (grain seeds epoch e with
+  # seed + e).
+  shuffle_seed, flip_hi, flip_lo = np.random.SeedSequence(int(seed)).generate_state(3)
+  ds = grain.MapDataset.source(source).shuffle(seed=int(shuffle_seed)).repeat()
+  if flip:
+    ds = ds.map_with_index(functools.partial(_maybe_flip, key=(int(flip_hi) << 32) | int(flip_lo)))
+  ds = ds.batch(local_batch, batch_fn=functools.partial(_make_batch, info=info))
+  # Local batches of size B/P: global batch k is local batches kP .. kP + P - 1, in order.
+  return ds[start_step * num_processes + p::num_processes]
+
+
+class _PaddedSource:
+  """The first n examples of `source` with mask=True, then zero images with mask=False."""
+
+  def __init__(self, source: Any, *, n: int, length: int, info: DatasetInfo):
+    self._source, self._n, self._length = source, n, length
+    self._pad = {"image": np.zeros(info.shape, np.uint8), "label": 0, "mask": False}
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> Example:
+    if index >= self._n:
+      return self._pad
+    return dict(self._source[index], mask=True)
+
+
+def make_eval_dataset(source: Any, *, info: DatasetInfo, global_batch_size: int,
+                      process_index: int | None = None, process_count: int | None = None,
+                      max_examples: int | None = None) -> grain.MapDataset:
+  """One ordered pass over the first min(len(source), max_examples) = n examples.
+
+  The pass is padded to ceil(n / B) global batches with mask=False rows, so every process gets
+  the same number of batches and sum(mask) over all processes and batches is exactly n.
+
+  Returns:
+    MapDataset of {"image": int32 [B/P, H, W, C], "label": int32 [B/P], "mask": bool [B/P]}.
+  """
+  p, num_processes, local_batch = _process(process_index, process_count, global_batch_size)
+  if max_examples is not None and max_examples < 1:
+    raise ValueError(f"expected max_examples >= 1 or None, got {max_examples}")
+  n = len(source) if max_examples is None else min(len(source), max_examples)
+  if n == 0:
+    raise ValueError(f"{info.name}: the evaluation split is empty")
+  length = math.ceil(n / global_batch_size) * global_batch_size
+  ds = grain.MapDataset.source(_PaddedSource(source, n=n, length=length, info=info))
+  ds = ds.batch(local_batch, batch_fn=functools.partial(_make_batch, info=info))
+  return ds[p::num_processes]
+
+
+def _iterate(ds: grain.MapDataset, num_threads: int, prefetch: int) -> Iterator[Batch]:
+  """Threaded, ordered prefetching over the batches of `ds`."""
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def train_iterator(name: str, *, global_batch_size: int, seed: int, start_step: int = 0,
+                   flip: bool = False, data_dir: str | None = None,
+                   process_index: int | None = None, process_count: int | None = None,
+                   split: str = "train", num_threads: int = 8,
+                   prefetch_buffer_size: int = 16) -> Iterator[Batch]:
+  """Infinite iterator over this process's training batches from step `start_step` on.
+
+  Yields:
+    {"image": int32 [B/P, H, W, C] in [0, vocab_size), "label": int32 [B/P]}; see
+    `make_train_dataset` for the arguments and the module docstring for the order.
+  """
+  info = get_info(name, data_dir=data_dir)
+  ds = make_train_dataset(
+      get_source(name, split=split, data_dir=data_dir), info=info,
+      global_batch_size=global_batch_size, seed=seed, start_step=start_step, flip=flip,
+      process_index=process_index, process_count=process_count)
+  return _iterate(ds, num_threads, prefetch_buffer_size)
+
+
+def eval_iterator(name: str, *, split: str = "test", global_batch_size: int,
+                  data_dir: str | None = None, process_index: int | None = None,
+                  process_count: int | None = None, max_examples: int | None = None,
+                  num_threads: int = 8, prefetch_buffer_size: int = 16) -> Iterator[Batch]:
+  """One ordered, padded pass over a split (see `make_eval_dataset`).
+
+  Yields:
+    {"image": int32 [B/P, H, W, C], "label": int32 [B/P], "mask": bool [B/P]}, for
+    ceil(n / B) batches, n = min(split size, max_examples).
+  """
+  info = get_info(name, data_dir=data_dir)
+  ds = make_eval_dataset(
+      get_source(name, split=split, data_dir=data_dir), info=info,
+      global_batch_size=global_batch_size, process_index=process_index,
+      process_count=process_count, max_examples=max_examples)
+  return _iterate(ds, num_threads, prefetch_buffer_size)
