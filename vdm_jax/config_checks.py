@@ -1,0 +1,130 @@
+"""Config validation before any compilation, and the run directory's memory of its config.
+
+`check_config` reports every bad field at once. `check_workdir_config` stores the config in the
+run directory and refuses to resume it with a different model or data config (listing the fields
+that differ) unless `training.allow_config_change` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from vdm_jax import data, model as model_lib
+
+DTYPES = ("float32", "bfloat16")
+BLOCK_IMPLS = ("auto", "unrolled", "scan")
+# Fields that define what is being trained: a resumed run must agree on them.
+PINNED_SECTIONS = ("data", "model")
+PINNED_FIELDS = ("seed",)
+
+
+class ConfigError(ValueError):
+  """One or more config fields are invalid; the message lists each."""
+
+
+def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
+  """(field, value, ok, expectation) for every checked field."""
+  known = data.KNOWN_DATASETS
+  return [
+      ("data.name", c.data.name, c.data.name in known, f"one of {known}"),
+      ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
+       f"one of {model_lib.SCHEDULES}"),
+      ("model.gamma_min", c.model.gamma_min, c.model.gamma_min < c.model.gamma_max,
+       f"< model.gamma_max={c.model.gamma_max}"),
+      ("model.channels", c.model.channels, c.model.channels > 0, "> 0"),
+      ("model.num_blocks", c.model.num_blocks, c.model.num_blocks > 0, "> 0"),
+      ("model.dropout", c.model.dropout, 0 <= c.model.dropout < 1, "in [0, 1)"),
+      ("model.block_impl", c.model.block_impl, c.model.block_impl in BLOCK_IMPLS,
+       f"one of {BLOCK_IMPLS}"),
+      ("model.dtype", c.model.dtype, c.model.dtype in DTYPES, f"one of {DTYPES}"),
+      ("model.num_steps", c.model.num_steps, c.model.num_steps >= 0, ">= 0 (0 = continuous)"),
+      ("model.p_uncond", c.model.p_uncond, 0 <= c.model.p_uncond < 1, "in [0, 1)"),
+      ("optim.learning_rate", c.optim.learning_rate, c.optim.learning_rate > 0, "> 0"),
+      ("optim.warmup_steps", c.optim.warmup_steps, c.optim.warmup_steps >= 0, ">= 0"),
+      ("optim.weight_decay", c.optim.weight_decay, c.optim.weight_decay >= 0, ">= 0"),
+      ("optim.ema_decay", c.optim.ema_decay, 0 <= c.optim.ema_decay < 1, "in [0, 1)"),
+      ("optim.schedule_lr_multiplier", c.optim.schedule_lr_multiplier,
+       c.optim.schedule_lr_multiplier > 0, "> 0"),
+      ("training.batch_size", c.training.batch_size, c.training.batch_size > 0, "> 0"),
+      ("training.num_steps", c.training.num_steps, c.training.num_steps > 0, "> 0"),
+      ("training.log_every", c.training.log_every, c.training.log_every > 0, "> 0"),
+      ("training.eval_every", c.training.eval_every, c.training.eval_every > 0, "> 0"),
+      ("training.sample_every", c.training.sample_every, c.training.sample_every > 0, "> 0"),
+      ("training.checkpoint_every", c.training.checkpoint_every,
+       c.training.checkpoint_every > 0, "> 0"),
+      ("training.keep_checkpoints", c.training.keep_checkpoints,
+       c.training.keep_checkpoints > 0, "> 0"),
+      ("eval.batch_size", c.eval.batch_size, c.eval.batch_size > 0, "> 0"),
+      ("eval.t_samples", c.eval.t_samples, c.eval.t_samples > 0, "> 0"),
+      ("eval.num_steps", c.eval.num_steps, c.eval.num_steps >= 0, ">= 0 (0 = continuous)"),
+      ("sample.num_steps", c.sample.num_steps, c.sample.num_steps > 0, "> 0"),
+      ("sample.num_images", c.sample.num_images, c.sample.num_images > 0, "> 0"),
+  ]
+
+
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Raises ConfigError listing every invalid field (value and expectation), or returns.
+
+  Args:
+    config: the full training config.
+    num_devices: when given, the batch sizes must be divisible by it.
+  """
+  errors = [f"{name}={value!r}: expected {expect}"
+            for name, value, ok, expect in _rules(config) if not ok]
+  if num_devices:
+    for name, value in (("training.batch_size", config.training.batch_size),
+                        ("eval.batch_size", config.eval.batch_size)):
+      if value > 0 and value % num_devices:
+        errors.append(f"{name}={value}: expected a multiple of the {num_devices} devices")
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def pinned(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The flattened fields a resumed run must keep."""
+  d = json.loads(config.to_json())
+  out = {k: d[k] for k in PINNED_FIELDS}
+  for section in PINNED_SECTIONS:
+    out.update(_flatten(d[section], f"{section}."))
+  return out
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, *,
+                         write: bool = True) -> None:
+  """Compares `config` with the one stored in `workdir/config.json`, then stores it.
+
+  Raises:
+    ConfigError: the stored run used different model/data fields (each listed with both values),
+      and `training.allow_config_change` is False.
+  """
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    old, new = stored.get("pinned", {}), pinned(config)
+    diff = [f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff and not config.training.allow_config_change:
+      raise ConfigError(
+          f"{workdir} holds a run with a different config; differing fields:\n  "
+          + "\n  ".join(diff)
+          + "\nUse another --workdir, or pass --config.training.allow_config_change=True.")
+  if write:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"pinned": pinned(config), "config": json.loads(config.to_json())}, f, indent=2)
+    os.replace(tmp, path)

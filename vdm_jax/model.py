@@ -1,0 +1,140 @@
+"""The VDM as a Flax (Linen) module: a noise schedule with its parameters, and a score network.
+
+The module owns parameters only; every loss term comes from `vdm_jax.elbo` (nothing is written
+twice). Parameter tree: {"gamma": schedule parameters, "score_net": network parameters}; the
+optimiser keys on "gamma" for its schedule learning-rate multiplier and weight-decay mask.
+
+Use from outside (sampling, evaluation) through pure closures, so the samplers' `lax.scan` never
+sees a bound module:
+
+    eps_fn = lambda z, g: model.apply(variables, z, g, labels, method=VDM.eps)
+    gamma_fn = lambda t: model.apply(variables, t, method=VDM.gamma)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from vdm_jax import elbo, schedules
+from vdm_jax.networks import ScoreUNet
+
+FIXED_SCHEDULES = ("fixed_linear", "beta_linear", "cosine")
+SCHEDULES = FIXED_SCHEDULES + ("learned_linear", "learned_monotone")
+
+
+class NoiseSchedule(nn.Module):
+  """gamma(t) as a Flax module; returns a pure callable t -> gamma(t) over its parameters.
+
+  Attributes:
+    kind: "fixed_linear", "beta_linear", "cosine" (no parameters), "learned_linear" (learned
+      endpoints) or "learned_monotone" (monotone network with exactly the learned endpoints).
+    gamma_min, gamma_max: endpoints (initial values for the learned kinds).
+    hidden: width of the monotone network.
+  """
+
+  kind: str = "learned_linear"
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  hidden: int = 1024
+
+  @nn.compact
+  def __call__(self) -> schedules.GammaFn:
+    gmin, gmax = self.gamma_min, self.gamma_max
+    if self.kind == "fixed_linear":
+      return functools.partial(schedules.linear_gamma, gamma_min=gmin, gamma_max=gmax)
+    if self.kind == "beta_linear":
+      return schedules.BetaLinear(gamma_min=gmin, gamma_max=gmax)
+    if self.kind == "cosine":
+      return schedules.Cosine(gamma_min=gmin, gamma_max=gmax)
+    init = schedules.init_learned_linear(gamma_min=gmin, gamma_max=gmax)
+    params = {"gamma_min": self.param("gamma_min", lambda _: init["gamma_min"]),
+              "delta": self.param("delta", lambda _: init["delta"])}
+    if self.kind == "learned_linear":
+      return functools.partial(schedules.learned_linear_gamma, params=params)
+    if self.kind == "learned_monotone":
+      params["net"] = self.param("net", lambda key: schedules.init_monotone(
+          key, gamma_min=gmin, gamma_max=gmax, hidden=self.hidden)["net"])
+      return functools.partial(schedules.monotone_gamma, params=params)
+    raise ValueError(f"unknown schedule {self.kind!r}; expected one of {SCHEDULES}")
+
+
+class VDM(nn.Module):
+  """Variational Diffusion Model: discrete encoder/decoder, schedule, score network.
+
+  Attributes:
+    vocab_size: K, the number of values of each data dimension.
+    schedule: a NoiseSchedule.
+    score_net: a network (z [B, H, W, C], t_cond [B], label [B] | None, *, train) -> eps_hat.
+    num_steps: T for the training loss; 0 = continuous time.
+    cond_gamma_min, cond_gamma_max: the network sees t_cond = (gamma - min) / (max - min), fixed
+      constants (the initial endpoints), so conditioning does not move with a learned schedule.
+  """
+
+  vocab_size: int
+  schedule: NoiseSchedule
+  score_net: nn.Module
+  num_steps: int = 0
+  cond_gamma_min: float = -13.3
+  cond_gamma_max: float = 5.0
+
+  def gamma_fn(self) -> schedules.GammaFn:
+    return self.schedule()
+
+  def gamma(self, t: ArrayLike) -> jax.Array:
+    """gamma(t), shape of `t`."""
+    return self.schedule()(t)
+
+  def eps(self, z: ArrayLike, gamma: ArrayLike, label: Optional[ArrayLike] = None, *,
+          train: bool = False) -> jax.Array:
+    """eps_hat(z_t; gamma_t[, label]): z [B, H, W, C], gamma [B] (or scalar) -> [B, H, W, C]."""
+    z = jnp.asarray(z)
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (z.shape[0],))
+    t_cond = (gamma - self.cond_gamma_min) / (self.cond_gamma_max - self.cond_gamma_min)
+    return self.score_net(z, t_cond, label, train=train)
+
+  def __call__(self, images: ArrayLike, label: Optional[ArrayLike] = None, *, train: bool,
+               num_steps: Optional[int] = None, t: Optional[ArrayLike] = None) -> elbo.ELBOTerms:
+    """Per-example ELBO terms in nats for integer images [B, H, W, C] (rng stream "diffusion").
+
+    Args:
+      images: integer data in [0, vocab_size).
+      label: [B] int labels for a class-conditional network, or None.
+      train: enables dropout (rng stream "dropout").
+      num_steps: overrides the module's T (e.g. to evaluate a continuous model with T steps).
+      t: optional explicit times [B].
+    """
+    gamma_fn = self.schedule()
+    eps_fn = lambda z, g: self.eps(z, g, label, train=train)
+    steps = self.num_steps if num_steps is None else num_steps
+    return elbo.elbo_terms(self.make_rng("diffusion"), images, eps_fn=eps_fn, gamma_fn=gamma_fn,
+                           vocab_size=self.vocab_size, num_steps=steps, t=t)
+
+  def endpoints(self) -> tuple[jax.Array, jax.Array]:
+    """(gamma(0), gamma(1))."""
+    fn = self.schedule()
+    return fn(jnp.zeros((), jnp.float32)), fn(jnp.ones((), jnp.float32))
+
+
+def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: float,
+                channels: int, num_blocks: int, fourier_exponents: tuple[int, ...],
+                attention_everywhere: bool, dropout: float, num_classes: int, block_impl: str,
+                remat: bool, dtype: Any, num_steps: int = 0, schedule_hidden: int = 1024) -> VDM:
+  """A VDM from typed hyperparameters (train.py unpacks the config into these)."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+  schedules.check_endpoints(gamma_min, gamma_max)
+  net = ScoreUNet(channels=channels, num_blocks=num_blocks,
+                  fourier_exponents=tuple(fourier_exponents),
+                  attention_everywhere=attention_everywhere, dropout=dropout,
+                  num_classes=num_classes, block_impl=block_impl, remat=remat, dtype=dtype)
+  return VDM(vocab_size=vocab_size,
+             schedule=NoiseSchedule(kind=schedule, gamma_min=gamma_min, gamma_max=gamma_max,
+                                    hidden=schedule_hidden),
+             score_net=net, num_steps=num_steps, cond_gamma_min=gamma_min,
+             cond_gamma_max=gamma_max)
