@@ -1,0 +1,240 @@
+"""Metric writers, a progress bar, image grids and a NaN guard for the trainer.
+
+- `MetricWriter`: one JSON object per line in `workdir/metrics.jsonl` (`{"step": s, ...}`,
+  appended to on resume, as in big_vision) and TensorBoard event files in `workdir/tb`
+  (tensorboardX, no TensorFlow needed). Only process 0 writes by default.
+- `ProgressBar`: step, bpd, steps/s and ETA; a single updating line on a terminal, plain log
+  lines every `log_every` steps otherwise (log files, pods).
+- `image_grid` / `save_image_grid`: integer images in {0..K-1} -> one uint8 PNG.
+- `check_finite`: raises FloatingPointError naming the step and the non-finite metrics.
+"""
+
+from collections.abc import Mapping
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+from PIL import Image
+import tensorboardX
+
+__all__ = ["MetricWriter", "ProgressBar", "check_finite", "image_grid", "save_image_grid"]
+
+JSONL_NAME = "metrics.jsonl"
+TB_SUBDIR = "tb"
+
+
+def _now() -> float:
+  return time.perf_counter()
+
+
+class MetricWriter:
+  """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard files in `workdir/tb`.
+
+  Values are converted to Python floats; a NaN / Inf is written as JSON `NaN` / `Infinity`
+  (read back by Python's `json` and pandas). Each JSONL line is flushed as it is written, so the
+  file is complete up to the last call even after a crash.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+    """Opens the writers.
+
+    Args:
+      workdir: run directory (created if needed).
+      enabled: write anything at all; None means "on process 0 only".
+    """
+    self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
+    self.workdir = os.fspath(workdir)
+    self._jsonl: TextIO | None = None
+    self._tb: tensorboardX.SummaryWriter | None = None
+    if self.enabled:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
+      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(self.workdir, TB_SUBDIR))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes `{"step": step, **scalars}` as one JSONL line and one TB scalar per name.
+
+    Args:
+      step: global training step.
+      scalars: name -> number (Python, NumPy or 0-d jax values).
+    """
+    if not self.enabled:
+      return
+    values = {str(name): float(value) for name, value in scalars.items()}
+    if "step" in values:
+      raise ValueError("scalars may not contain the reserved name 'step'.")
+    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, global_step=int(step))
+
+  def flush(self) -> None:
+    if self.enabled and self._jsonl is not None:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes both writers; further writes are errors. Idempotent."""
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._tb.close()
+      self._jsonl = self._tb = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressBar:
+  """Training progress: step, scalars (e.g. bpd), steps/s and ETA.
+
+  The rate is measured from the first `update` (so the compilation of step 1 does not count):
+  steps/s = (step - first_step) / (now - first_time), ETA = (total - step) / rate.
+  Interactive streams (a terminal) get one line redrawn with `\\r` (at most 10 times a second,
+  and always at the last step); other streams get one line per `log_every` steps.
+  """
+
+  def __init__(self, *, total: int, initial: int = 0, enabled: bool | None = None,
+               interactive: bool | None = None, log_every: int = 100,
+               stream: TextIO = sys.stderr):
+    if total < 0 or initial < 0:
+      raise ValueError(f"total and initial must be >= 0, got total={total}, initial={initial}.")
+    if log_every < 1:
+      raise ValueError(f"log_every must be >= 1, got {log_every}.")
+    self.total, self.log_every, self.stream = total, log_every, stream
+    self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
+    if interactive is None:
+      interactive = bool(getattr(stream, "isatty", lambda: False)())
+    self.interactive = interactive
+    self.initial = initial
+    self._first: tuple[int, float] | None = None  # (step, time) of the first update
+    self._last_draw = -math.inf
+    self._width = 0
+
+  def format(self, step: int, **scalars: float) -> str:
+    """The progress line for `step` (without line ending)."""
+    first_step, first_time = self._first or (self.initial, _now())
+    elapsed = _now() - first_time
+    rate = (step - first_step) / elapsed if step > first_step and elapsed > 0 else float("nan")
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    percent = 100.0 * step / self.total if self.total else 100.0
+    parts = [f"step {step}/{self.total} ({percent:.1f}%)"]
+    parts += [f"{name} {float(value):.4f}" for name, value in scalars.items()]
+    parts.append(f"{rate:.2f} steps/s" if math.isfinite(rate) else "- steps/s")
+    parts.append(f"ETA {_format_duration(eta)}")
+    return " | ".join(parts)
+
+  def update(self, step: int, **scalars: float) -> None:
+    """Reports that `step` is done, with e.g. `bpd=3.05`."""
+    if not self.enabled:
+      return
+    if self._first is None:  # time from the first report, after compilation
+      self._first = (step, _now())
+    last = step >= self.total
+    if self.interactive:
+      if last or _now() - self._last_draw >= 0.1:
+        line = self.format(step, **scalars)
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width, self._last_draw = len(line), _now()
+    elif step % self.log_every == 0 or last:
+      self.stream.write(self.format(step, **scalars) + "\n")
+      self.stream.flush()
+
+  def close(self) -> None:
+    """Ends the updating line (interactive mode). Idempotent."""
+    if self.enabled and self.interactive and self._width:
+      self.stream.write("\n")
+      self.stream.flush()
+      self._width = 0
+
+
+def _to_display_channels(images: np.ndarray) -> np.ndarray:
+  """[N, H, W, C] -> [N, H, W, 1] (C in {1, 2}: first channel) or [N, H, W, 3] (C >= 3)."""
+  channels = images.shape[-1]
+  if channels in (1, 3):
+    return images
+  return images[..., :1] if channels == 2 else images[..., :3]
+
+
+def image_grid(images: np.ndarray, *, vocab_size: int, num_cols: int | None = None,
+               padding: int = 1, pad_value: int = 255) -> np.ndarray:
+  """Tiles integer images into one uint8 picture.
+
+  Pixel k in {0..K-1} becomes round(255 k / (K - 1)), so 0 -> 0 and K - 1 -> 255 for any K.
+  Channels: C = 1 stays grayscale and C = 3 RGB; C = 2 shows its first channel (grayscale)
+  and C > 3 its first three (RGB).
+
+  Args:
+    images: integers in [0, K), shape [N, H, W, C].
+    vocab_size: K >= 2.
+    num_cols: images per row; default ceil(sqrt(N)).
+    padding: pixels of `pad_value` between the images and around the grid.
+    pad_value: colour of the padding, 0..255.
+
+  Returns:
+    uint8 array [rows * (H + p) + p, cols * (W + p) + p, C'] with C' in {1, 3}.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"images must have shape [N, H, W, C] with N >= 1, got {images.shape}.")
+  if vocab_size < 2:
+    raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
+  if images.min() < 0 or images.max() >= vocab_size:
+    raise ValueError(f"image values must lie in [0, {vocab_size}), got "
+                     f"[{images.min()}, {images.max()}].")
+  if padding < 0:
+    raise ValueError(f"padding must be >= 0, got {padding}.")
+  n, h, w, _ = images.shape
+  cols = math.ceil(math.sqrt(n)) if num_cols is None else num_cols
+  if cols < 1:
+    raise ValueError(f"num_cols must be >= 1, got {num_cols}.")
+  rows = math.ceil(n / cols)
+  pixels = np.round(images.astype(np.float64) * 255.0 / (vocab_size - 1)).astype(np.uint8)
+  pixels = _to_display_channels(pixels)
+  p = padding
+  grid = np.full((rows * (h + p) + p, cols * (w + p) + p, pixels.shape[-1]), pad_value, np.uint8)
+  for i, image in enumerate(pixels):
+    top, left = p + (i // cols) * (h + p), p + (i % cols) * (w + p)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def save_image_grid(path: str | os.PathLike, images: np.ndarray, *, vocab_size: int,
+                    num_cols: int | None = None) -> None:
+  """Writes `image_grid(images, ...)` as a PNG (grayscale or RGB); creates the directory."""
+  grid = image_grid(images, vocab_size=vocab_size, num_cols=num_cols)
+  directory = os.path.dirname(os.fspath(path))
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  picture.save(path, format="PNG")
+
+
+def check_finite(step: int, scalars: Mapping[str, Any]) -> None:
+  """Raises FloatingPointError if any value is NaN or infinite, naming the step and the names.
+
+  Args:
+    step: the training step the values belong to.
+    scalars: name -> number (host values; call after `jax.device_get`).
+  """
+  bad = {name: float(value) for name, value in scalars.items()
+         if not math.isfinite(float(value))}
+  if bad:
+    raise FloatingPointError(f"non-finite loss at step {step}: {bad}")
