@@ -265,6 +265,8 @@ def test_bad_inputs_raise():
     jax.eval_shape(lambda v: model.apply(v, z[0], t, train=False), variables)
   with pytest.raises(ValueError, match="t must be"):
     jax.eval_shape(lambda v: model.apply(v, z, jnp.zeros((3,)), train=False), variables)
+  with pytest.raises(ValueError, match="unconditional"):
+    jax.eval_shape(lambda v: model.apply(v, z, t, jnp.array([0, 1]), train=False), variables)
 
 
 def test_timestep_embedding_matches_numpy():

@@ -121,7 +121,7 @@ def test_readme_main_command(tmp_path):
   """The README's main job, with fewer steps: the `vdm-jax train` entry point on digits."""
   workdir = tmp_path / "digits"
   cmd = [sys.executable, "-m", "vdm_jax.cli", "train", "--config", str(ROOT / "configs/digits.py"),
-         "--workdir", str(workdir), "--config.training.num_steps=60",
+         "--workdir", str(workdir), "--config.training.num_steps=150", "--config.optim.warmup_steps=10",
          "--config.training.log_every=20", "--config.sample.num_steps=20",
          "--config.eval.t_samples=1"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -129,5 +129,5 @@ def test_readme_main_command(tmp_path):
   assert "test bpd" in proc.stdout
   result = json.loads((workdir / "eval.json").read_text())
   assert result["bpd"] < np.log2(17)        # already below the uniform baseline
-  assert (workdir / "samples" / "step_00000060.png").exists()
-  assert (workdir / "checkpoints" / "60").exists()
+  assert (workdir / "samples" / "step_00000150.png").exists()
+  assert (workdir / "checkpoints" / "150").exists()

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import diffusion, elbo
+from vdm_jax import diffusion, elbo, schedules
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 GammaFn = Callable[[jax.Array], jax.Array]
@@ -42,24 +42,31 @@ DECODE_MODES = ("argmax", "sample")
 # Argument checks and shared pieces.
 
 
-def _check_count(name: str, value: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"expected an integer {name} >= 1, got {value!r}")
-  return int(value)
+def _check_number(name: str, value, *, integer: bool = False, low: float | None = None,
+                  high: float | None = None, strict: bool = False):
+  """Returns `value` if it is a finite (integer) number in [low, high] ((low, high] if strict)."""
+  kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+  ok = isinstance(value, kinds) and not isinstance(value, bool) and bool(np.isfinite(value))
+  ok = ok and (low is None or value > low or (not strict and value == low))
+  if not (ok and (high is None or value <= high)):
+    bounds = "" if low is None else (f" > {low}" if strict else f" >= {low}")
+    bounds += "" if high is None else f" and <= {high}"
+    kind = "an integer" if integer else "a finite number"
+    raise ValueError(f"expected {name} to be {kind}{bounds}, got {value!r}")
+  return value
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
   shape = tuple(shape)
-  if not shape or any(not isinstance(d, (int, np.integer)) or d < 1 for d in shape):
+  if not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                      for d in shape):
     raise ValueError(f"expected shape [B, ...] of positive integers, got {shape!r}")
   return tuple(int(d) for d in shape)
 
 
 def _check_vocab(vocab_size: int | None) -> None:
-  if vocab_size is not None and (isinstance(vocab_size, bool)
-                                 or not isinstance(vocab_size, (int, np.integer))
-                                 or vocab_size < 2):
-    raise ValueError(f"expected vocab_size None or an integer >= 2, got {vocab_size!r}")
+  if vocab_size is not None:
+    _check_number("vocab_size", vocab_size, integer=True, low=2)
 
 
 def _gammas(gamma_fn: GammaFn, t: np.ndarray) -> jax.Array:
@@ -67,12 +74,8 @@ def _gammas(gamma_fn: GammaFn, t: np.ndarray) -> jax.Array:
   return jnp.asarray(gamma_fn(jnp.asarray(t, jnp.float32)), jnp.float32)
 
 
-def _per_example(g: jax.Array, batch: int) -> jax.Array:
-  return jnp.broadcast_to(g, (batch,))
-
-
 def _call_eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
-  eps_hat = eps_fn(z, _per_example(gamma, z.shape[0]))
+  eps_hat = eps_fn(z, jnp.broadcast_to(gamma, z.shape[:1]))
   if jnp.shape(eps_hat) != z.shape:
     raise ValueError(f"eps_fn returned shape {jnp.shape(eps_hat)}; expected {z.shape}")
   return jnp.asarray(eps_hat, z.dtype)
@@ -130,6 +133,15 @@ def _ancestral_step(z, eps_hat, noise, gamma_t, gamma_s, clip_x: bool):
   return mean + jnp.sqrt(var) * noise
 
 
+def _scan(key: jax.Array, shape: tuple[int, ...], body: Callable, xs: tuple) -> jax.Array:
+  """z_1 ~ N(0, I) from split(key)[0], then ONE lax.scan of z <- body(z, *xs_i, noise_i), with
+  noise_i ~ N(0, I) from split(key)[1] (unused draws are removed by the compiler)."""
+  key_init, key_loop = jax.random.split(key)
+  keys = jax.random.split(key_loop, xs[0].shape[0])
+  step = lambda z, a: (body(z, *a[:-1], jax.random.normal(a[-1], shape)), None)
+  return jax.lax.scan(step, jax.random.normal(key_init, shape), xs + (keys,))[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers.
 
@@ -154,24 +166,276 @@ def ancestral_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape:
   Returns:
     [*shape] int32 data (vocab_size given) or float32 z_0.
   """
-  shape, num_steps = _check_shape(shape), _check_count("num_steps", num_steps)
+  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
   _check_vocab(vocab_size)
   t, s = _step_grid(num_steps)
-  gamma_t, gamma_s = _gammas(gamma_fn, t), _gammas(gamma_fn, s)
-  key_init, key_loop = jax.random.split(key)
 
-  def body(z, xs):
-    g_t, g_s, k = xs
-    eps_hat = _call_eps(eps_fn, z, g_t)
-    return _ancestral_step(z, eps_hat, jax.random.normal(k, shape), g_t, g_s, clip_x), None
+  def body(z, g_t, g_s, noise):
+    return _ancestral_step(z, _call_eps(eps_fn, z, g_t), noise, g_t, g_s, clip_x)
 
-  xs = (gamma_t, gamma_s, jax.random.split(key_loop, num_steps))
-  z_0, _ = jax.lax.scan(body, jax.random.normal(key_init, shape), xs)
+  z_0 = _scan(key, shape, body, (_gammas(gamma_fn, t), _gammas(gamma_fn, s)))
   return _finish(z_0, gamma_fn, vocab_size)
+
+
+def ddim_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
+                num_steps: int, eta: float = 0.0, vocab_size: int | None = None) -> jax.Array:
+  """DDIM sampling (Song et al. 2021, eq. 12 and 16) in VDM notation.
+
+  For t = 1, ..., 1/T and s = t - 1/T, with x_hat = (z_t - sigma_t eps_hat) / alpha_t and
+  c^2 = eta^2 sigma_Q^2 (sigma_Q^2 = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, the variance of
+  q(z_s | z_t, x)):
+    z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c xi,   xi ~ N(0, I).
+  sigma_s^2 - c^2 is computed as sigma_s^2 (1 - eta^2 + eta^2 alpha_{t|s}^2 sigma_s^2 / sigma_t^2)
+  (using sigma_t^2 = sigma_{t|s}^2 + alpha_{t|s}^2 sigma_s^2), free of cancellation.
+  eta = 0 is the deterministic DDIM (a first-order solver of the probability-flow ODE); eta = 1
+  gives exactly the mean and variance of q(z_s | z_t, x_hat), i.e. the ancestral sampler (with
+  the same key it draws the same samples as `ancestral_sample`).
+
+  Args and returns as `ancestral_sample`, plus eta in [0, 1].
+  """
+  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
+  eta = float(_check_number("eta", eta, low=0.0, high=1.0))
+  _check_vocab(vocab_size)
+  t, s = _step_grid(num_steps)
+
+  def body(z, g_t, g_s, noise):
+    eps_hat = _call_eps(eps_fn, z, g_t)
+    x_hat = diffusion.x_from_eps(z, eps_hat, gamma=g_t)
+    alpha_s, sigma_s = diffusion.alpha_sigma(g_s)
+    _, sigma_t = diffusion.alpha_sigma(g_t)
+    alpha_ts, sigma2_ts = diffusion.transition(gamma_s=g_s, gamma_t=g_t)
+    keep = (1.0 - eta**2) + eta**2 * (alpha_ts * sigma_s / sigma_t)**2
+    c = eta * sigma_s * jnp.sqrt(sigma2_ts) / sigma_t
+    return alpha_s * x_hat + sigma_s * jnp.sqrt(keep) * eps_hat + c * noise
+
+  z_0 = _scan(key, shape, body, (_gammas(gamma_fn, t), _gammas(gamma_fn, s)))
+  return _finish(z_0, gamma_fn, vocab_size)
+
+
+def _flow_drift(z: jax.Array, eps_hat: jax.Array, gamma: jax.Array,
+                gamma_prime: jax.Array) -> jax.Array:
+  """dz/dt = 1/2 gamma'(t) sigma_t (eps_hat - sigma_t z): the VP probability-flow ODE."""
+  _, sigma = diffusion.alpha_sigma(gamma)
+  return 0.5 * gamma_prime * sigma * (eps_hat - sigma * z)
+
+
+ODE_METHODS = ("euler", "heun")
+
+
+def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
+               num_steps: int, method: str = "heun", vocab_size: int | None = None) -> jax.Array:
+  """Probability-flow ODE from t = 1 to t = 0 with fixed steps (Song et al. 2021 SDE, eq. 13).
+
+  The forward process q(z_t | x) = N(alpha_t x, sigma_t^2) is the SDE dz = f z dt + g dW with
+  f = d log alpha_t / dt = -1/2 sigma_t^2 gamma'(t) and g^2 = d sigma_t^2/dt - 2 f sigma_t^2
+  = sigma_t^2 gamma'(t) (from alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)). Its
+  probability-flow ODE dz/dt = f z - g^2 / 2 score, with score = -eps_hat / sigma_t, is
+
+      dz/dt = 1/2 gamma'(t) sigma_t (eps_hat(z, gamma_t) - sigma_t z),
+
+  integrated on the uniform grid t_i = 1 - i/T by Euler (T evaluations) or Heun's second-order
+  method (2T evaluations, run as 2T stages of one scan). gamma'(t) comes from
+  `schedules.gamma_and_derivative` (one jvp of gamma_fn over the grid). The only randomness is
+  z_1 ~ N(0, I), drawn as in every sampler here from `jax.random.split(key)[0]`, so samplers
+  called with the same key start from the same z_1.
+
+  Args and returns as `ancestral_sample`, plus method "heun" or "euler".
+  """
+  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
+  if method not in ODE_METHODS:
+    raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS}")
+  _check_vocab(vocab_size)
+  t, s = _step_grid(num_steps)
+  h = jnp.asarray(s - t)                                         # -1/T per step
+  z_1 = jax.random.normal(jax.random.split(key)[0], shape)
+  if method == "euler":
+    g, g_prime = schedules.gamma_and_derivative(gamma_fn, jnp.asarray(t))
+
+    def euler(z, xs):
+      g_i, gp_i, h_i = xs
+      return z + h_i * _flow_drift(z, _call_eps(eps_fn, z, g_i), g_i, gp_i), None
+
+    z_0, _ = jax.lax.scan(euler, z_1, (g, g_prime, h))
+    return _finish(z_0, gamma_fn, vocab_size)
+
+  # Heun: stage 2i evaluates d1 = f(z, t_i) and predicts z + h d1; stage 2i+1 evaluates
+  # d2 = f(z + h d1, t_{i+1}) and corrects z + h/2 (d1 + d2).
+  t_eval = np.stack([t, s], axis=1).reshape(-1)
+  g, g_prime = schedules.gamma_and_derivative(gamma_fn, jnp.asarray(t_eval))
+  first = jnp.asarray(np.arange(2 * num_steps) % 2 == 0)
+
+  def heun(carry, xs):
+    z, z_pred, d1 = carry
+    g_i, gp_i, h_i, first_i = xs
+    z_in = jnp.where(first_i, z, z_pred)
+    d = _flow_drift(z_in, _call_eps(eps_fn, z_in, g_i), g_i, gp_i)
+    return (jnp.where(first_i, z, z + 0.5 * h_i * (d1 + d)),
+            jnp.where(first_i, z + h_i * d, z_pred),
+            jnp.where(first_i, d, d1)), None
+
+  (z_0, _, _), _ = jax.lax.scan(heun, (z_1, z_1, jnp.zeros_like(z_1)),
+                                (g, g_prime, jnp.repeat(h, 2), first))
+  return _finish(z_0, gamma_fn, vocab_size)
+
+
+def _langevin_step(z: jax.Array, eps_hat: jax.Array, noise: jax.Array, gamma: jax.Array, *,
+                   snr: float, step_size: float | None) -> jax.Array:
+  """One Langevin step z + delta score + sqrt(2 delta) xi towards q(z_t), score = -eps_hat/sigma_t.
+
+  delta = step_size sigma_t^2 when step_size is given (Song & Ermon 2019's alpha_i proportional
+  to sigma_i^2); otherwise delta = 2 (snr ||xi|| / ||score||)^2 with the per-example norms
+  averaged over the batch (Song et al. 2021 SDE, algorithm 5), so the step adapts to the
+  distribution but is shared by the whole batch.
+  """
+  score = diffusion.score_from_eps(eps_hat, gamma=gamma)
+  if step_size is None:
+    norm = lambda a: jnp.mean(jnp.linalg.norm(a.reshape(a.shape[0], -1), axis=-1))
+    delta = 2.0 * (snr * norm(noise) / jnp.maximum(norm(score), 1e-20))**2
+  else:
+    delta = step_size * diffusion.alpha_sigma(gamma)[1]**2
+  return z + delta * score + jnp.sqrt(2.0 * delta) * noise
+
+
+def langevin_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
+                    num_levels: int, steps_per_level: int, snr: float = 0.16,
+                    step_size: float | None = None, vocab_size: int | None = None) -> jax.Array:
+  """Annealed Langevin dynamics over VP noise levels (Song & Ermon 2019, algorithm 1).
+
+  Levels t_j = 1 - j/L for j = 1..L (the last one is t = 0), starting from z ~ N(0, I) ~ q(z_1);
+  at each level `steps_per_level` steps of `_langevin_step` towards q(z_{t_j}), with score
+  -eps_hat/sigma_t. z is carried from one level to the next unscaled: the VP process keeps
+  E[z_t^2] = alpha_t^2 E[x^2] + sigma_t^2 near 1 at every t, so the previous level's samples are
+  a good start. (Rescaling by alpha_s/alpha_t, i.e. annealing in VE coordinates z/alpha, inflates
+  the variance where noise dominates, and the adaptive step then diverges.)
+
+  Args:
+    key, eps_fn, gamma_fn, shape, vocab_size: as `ancestral_sample`.
+    num_levels: L >= 1.
+    steps_per_level: Langevin steps per level, >= 1.
+    snr: target signal-to-noise ratio of the adaptive step (used when step_size is None).
+    step_size: if given, the fixed step is step_size * sigma_t^2 at level t.
+
+  Returns:
+    [*shape] int32 data (vocab_size given) or float32 z at t = 0.
+  """
+  shape = _check_shape(shape)
+  levels = _check_number("num_levels", num_levels, integer=True, low=1)
+  per = _check_number("steps_per_level", steps_per_level, integer=True, low=1)
+  snr = float(_check_number("snr", snr, low=0.0, strict=True))
+  if step_size is not None:
+    step_size = float(_check_number("step_size", step_size, low=0.0, strict=True))
+  _check_vocab(vocab_size)
+  gamma = jnp.repeat(_gammas(gamma_fn, _step_grid(levels)[1]), per)
+
+  def body(z, g, noise):
+    return _langevin_step(z, _call_eps(eps_fn, z, g), noise, g, snr=snr, step_size=step_size)
+
+  z_0 = _scan(key, shape, body, (gamma,))
+  return _finish(z_0, gamma_fn, vocab_size)
+
+
+def pc_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
+              num_steps: int, corrector_steps: int = 1, snr: float = 0.16,
+              vocab_size: int | None = None) -> jax.Array:
+  """Predictor-corrector sampling (Song et al. 2021 SDE, algorithm 2/3) with the ancestral
+  predictor and a Langevin corrector.
+
+  For t = 1, ..., 1/T: `corrector_steps` Langevin steps towards q(z_t) (adaptive step with
+  `snr`, see `_langevin_step`), then one ancestral step z_s ~ q(z_s | z_t, x_hat). One scan of
+  T (corrector_steps + 1) stages, one eps_fn evaluation each. With corrector_steps = 0 it is
+  `ancestral_sample` (same key, same samples).
+
+  Args and returns as `ancestral_sample`, plus corrector_steps >= 0 and snr > 0.
+  """
+  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
+  corrector_steps = _check_number("corrector_steps", corrector_steps, integer=True, low=0)
+  snr = float(_check_number("snr", snr, low=0.0, strict=True))
+  _check_vocab(vocab_size)
+  per = corrector_steps + 1
+  t, s = _step_grid(num_steps)
+  gamma_t, gamma_s = jnp.repeat(_gammas(gamma_fn, t), per), jnp.repeat(_gammas(gamma_fn, s), per)
+  predict = jnp.asarray(np.arange(num_steps * per) % per == corrector_steps)
+
+  def body(z, g_t, g_s, predict_i, noise):
+    eps_hat = _call_eps(eps_fn, z, g_t)
+    z_pred = _ancestral_step(z, eps_hat, noise, g_t, g_s, False)
+    if corrector_steps == 0:
+      return z_pred
+    z_corr = _langevin_step(z, eps_hat, noise, g_t, snr=snr, step_size=None)
+    return jnp.where(predict_i, z_pred, z_corr)
+
+  z_0 = _scan(key, shape, body, (gamma_t, gamma_s, predict))
+  return _finish(z_0, gamma_fn, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Guidance.
+
+
+def classifier_free_eps_fn(cond_eps_fn: EpsFn, uncond_eps_fn: EpsFn, *,
+                           guidance: float) -> EpsFn:
+  """Classifier-free guidance (Ho & Salimans 2021, eq. 6): (1 + w) eps(z, y) - w eps(z, null).
+
+  w = 0 is the conditional model; w > 0 samples (approximately) from
+  p(z | y)^(1 + w) / p(z)^w, i.e. p(z | y) p(y | z)^w, sharper around class y.
+
+  Args:
+    cond_eps_fn: (z [B, ...], gamma [B]) -> eps_hat given the requested labels.
+    uncond_eps_fn: the same without labels (the null label).
+    guidance: w.
+
+  Returns:
+    eps_fn(z, gamma) -> [B, ...].
+  """
+  w = float(_check_number("guidance", guidance))
+
+  def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
+    return (1.0 + w) * cond_eps_fn(z, gamma) - w * uncond_eps_fn(z, gamma)
+
+  return eps_fn
+
+
+def classifier_guided_eps_fn(eps_fn: EpsFn, log_prob_fn: Callable[[jax.Array, jax.Array],
+                                                                   jax.Array], *,
+                             guidance: float) -> EpsFn:
+  """Classifier guidance (Dhariwal & Nichol 2021, algorithm 2; survey eq. 163-166).
+
+  Since grad log p(z_t | y) = grad log p(z_t) + grad log p(y | z_t) and eps = -sigma_t score,
+    eps_guided = eps_hat - w sigma_t grad_z log p(y | z_t, gamma_t).
+  With w = 1 and exact eps_hat and classifier this is exactly the conditional eps(z_t | y).
+
+  Args:
+    eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...], the unconditional model.
+    log_prob_fn: (z [B, ...], gamma [B]) -> [B] log p(y | z_t) of the requested labels (close
+      over them).
+    guidance: w.
+
+  Returns:
+    eps_fn(z, gamma) -> [B, ...].
+  """
+  w = float(_check_number("guidance", guidance))
+
+  def total_log_prob(z, gamma):
+    log_prob = log_prob_fn(z, gamma)
+    if jnp.shape(log_prob) != z.shape[:1]:
+      raise ValueError(f"log_prob_fn returned shape {jnp.shape(log_prob)}; expected "
+                       f"[B] = {z.shape[:1]}")
+    return jnp.sum(log_prob)
+
+  def guided(z: jax.Array, gamma: jax.Array) -> jax.Array:
+    grad = jax.grad(total_log_prob)(z, gamma)
+    _, sigma = diffusion.alpha_sigma(diffusion.broadcast_to_data(gamma, z))
+    return eps_fn(z, gamma) - w * sigma * grad
+
+  return guided
 
 
 SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "ancestral": ancestral_sample,
+    "ddim": ddim_sample,
+    "ode": ode_sample,
+    "langevin": langevin_sample,
+    "pc": pc_sample,
 }
 
 

@@ -25,7 +25,6 @@ import numpy as np
 import optax
 
 from vdm_jax import checkpointing, data, elbo, metrics, model as model_lib, optim, parallel
-from vdm_jax import sampling
 from vdm_jax.config_checks import check_config, check_workdir_config
 
 PyTree = Any
@@ -196,6 +195,7 @@ def evaluate(model, params, config, info, mesh, *, num_steps: int | None = None,
 def sample_images(model, params, *, key, info, num_images: int, num_steps: int,
                   labels=None, sampler: str = "ancestral", **sampler_kwargs) -> np.ndarray:
   """Integer samples [N, H, W, C] from the model's reverse process (one compiled loop)."""
+  from vdm_jax import sampling   # pylint: disable=g-import-not-at-top
   variables = {"params": params}
   eps_fn = lambda z, g: model.apply(variables, z, g, labels, method=model_lib.VDM.eps)
   gamma_fn = lambda t: model.apply(variables, t, method=model_lib.VDM.gamma)
