@@ -131,3 +131,18 @@ def test_readme_main_command(tmp_path):
   assert result["bpd"] < np.log2(17)        # already below the uniform baseline
   assert (workdir / "samples" / "step_00000150.png").exists()
   assert (workdir / "checkpoints" / "150").exists()
+
+
+def test_cli_rejects_a_typo_in_an_override(tmp_path):
+  cmd = [sys.executable, "-m", "vdm_jax.cli", "train", "--config", str(ROOT / "configs/smoke.py"),
+         "--workdir", str(tmp_path / "w"), "--config.training.num_stepz=3"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "num_stepz" in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_usage_without_a_command():
+  proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli"], capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 2 and "usage: vdm-jax" in proc.stderr
