@@ -169,31 +169,34 @@ def eps_from_v(z: ArrayLike, v: ArrayLike, *, gamma: ArrayLike) -> jax.Array:
   return sigma * z + alpha * v
 
 
+_TO_EPS = {
+    "eps": lambda pred, z, gamma: jnp.asarray(pred),
+    "x": lambda pred, z, gamma: eps_from_x(z, pred, gamma=gamma),
+    "score": lambda pred, z, gamma: eps_from_score(pred, gamma=gamma),
+    "v": lambda pred, z, gamma: eps_from_v(z, pred, gamma=gamma),
+}
+_FROM_EPS = {
+    "eps": lambda eps, z, gamma: jnp.asarray(eps),
+    "x": lambda eps, z, gamma: x_from_eps(z, eps, gamma=gamma),
+    "score": lambda eps, z, gamma: score_from_eps(eps, gamma=gamma),
+    "v": lambda eps, z, gamma: v_from_eps(z, eps, gamma=gamma),
+}
+
+
+def _lookup(table: dict, parameterization: str):
+  if parameterization not in table:
+    raise ValueError(f"unknown parameterization {parameterization!r}; expected one of "
+                     f"{PARAMETERIZATIONS}")
+  return table[parameterization]
+
+
 def to_eps(prediction: ArrayLike, *, parameterization: str, z: ArrayLike,
            gamma: ArrayLike) -> jax.Array:
   """Converts a network output in `parameterization` ("eps", "x", "score", "v") to eps_hat."""
-  if parameterization == "eps":
-    return jnp.asarray(prediction)
-  if parameterization == "x":
-    return eps_from_x(z, prediction, gamma=gamma)
-  if parameterization == "score":
-    return eps_from_score(prediction, gamma=gamma)
-  if parameterization == "v":
-    return eps_from_v(z, prediction, gamma=gamma)
-  raise ValueError(f"unknown parameterization {parameterization!r}; expected one of "
-                   f"{PARAMETERIZATIONS}")
+  return _lookup(_TO_EPS, parameterization)(prediction, z, gamma)
 
 
 def from_eps(eps: ArrayLike, *, parameterization: str, z: ArrayLike,
              gamma: ArrayLike) -> jax.Array:
   """Converts eps_hat to `parameterization` ("eps", "x", "score", "v"); inverse of `to_eps`."""
-  if parameterization == "eps":
-    return jnp.asarray(eps)
-  if parameterization == "x":
-    return x_from_eps(z, eps, gamma=gamma)
-  if parameterization == "score":
-    return score_from_eps(eps, gamma=gamma)
-  if parameterization == "v":
-    return v_from_eps(z, eps, gamma=gamma)
-  raise ValueError(f"unknown parameterization {parameterization!r}; expected one of "
-                   f"{PARAMETERIZATIONS}")
+  return _lookup(_FROM_EPS, parameterization)(eps, z, gamma)
