@@ -1,31 +1,28 @@
-"""Samplers for the learned reverse process, and guidance wrappers.
+"""Samplers for the learned reverse process, and guidance wrappers (imports jax only).
 
-Every sampler is a pure function
-`sampler(key, *, eps_fn, gamma_fn, shape, <steps>, ..., vocab_size=None) -> jax.Array` with
-  eps_fn(z [B, ...], gamma [B]) -> eps_hat [B, ...]   (the network's noise prediction),
-  gamma_fn(t) -> gamma(t) = -log SNR(t)               (elementwise, increasing on [0, 1]),
-and `shape` = [B, ...] including the batch axis. The whole loop is ONE `jax.lax.scan` over
-"stages", and each stage calls eps_fn exactly once, so the network is traced (and compiled) once
-whatever the sampler: samplers that need several evaluations per step (Heun, predictor-corrector)
-run one stage per evaluation and select the update with `jnp.where`.
-The schedule is evaluated once, outside the loop, on the whole time grid.
+Every sampler is a pure function `sampler(key, *, eps_fn, gamma_fn, shape, <steps>, ...,
+vocab_size=None) -> jax.Array` with eps_fn(z [B, ...], gamma [B]) -> eps_hat [B, ...],
+gamma_fn(t) -> gamma(t) = -log SNR(t) (elementwise, increasing) and `shape` = [B, ...] including
+the batch axis. The whole loop is ONE `jax.lax.scan` over "stages" and each stage calls eps_fn
+once, so the network is traced and compiled once whatever the sampler: samplers with several
+evaluations per step (Heun, predictor-corrector) run one stage per evaluation and select the
+update with `jnp.where`. gamma_fn is evaluated once, outside the loop, on the whole time grid.
+All samplers draw z_1 ~ N(0, I) from `jax.random.split(key)[0]`: same key, same starting noise.
 
-Output: when `vocab_size` is given, the final latent z_0 (at t = 0) is decoded to int32 data with
-the discrete decoder (`decode`, argmax); otherwise the float z_0 itself is returned (not the
-denoised x_hat: z_0 ~ q(z_0 | x) = N(alpha_0 x, sigma_0^2), which is what the tests compare).
-
-Only jax is imported (no Flax). The maths comes from `vdm_jax.diffusion` and `vdm_jax.elbo`.
+Output: with `vocab_size` the final latent z_0 (t = 0) is decoded to int32 data (`decode`,
+argmax of the discrete decoder); without it the float z_0 itself is returned (not x_hat), a draw
+of q(z_0) = E_x N(alpha_0 x, sigma_0^2) for an exact eps_fn.
 
 References:
   Kingma et al. 2021, Variational Diffusion Models (VDM), eq. 23-24 and appendix C.
   Luo 2022, Understanding Diffusion Models: A Unified Perspective (survey), eq. 84, 133-151.
   Song et al. 2021, Denoising Diffusion Implicit Models (DDIM), eq. 12 and 16.
-  Song et al. 2021, Score-Based Generative Modeling through SDEs, eq. 13 and algorithms 2-3.
+  Song et al. 2021, Score-Based Generative Modeling through SDEs, eq. 13, algorithms 2-5.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +33,16 @@ from vdm_jax import diffusion, elbo, schedules
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 GammaFn = Callable[[jax.Array], jax.Array]
 DECODE_MODES = ("argmax", "sample")
+ODE_METHODS = ("euler", "heun")
 
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks and shared pieces.
 
 
-def _check_number(name: str, value, *, integer: bool = False, low: float | None = None,
-                  high: float | None = None, strict: bool = False):
-  """Returns `value` if it is a finite (integer) number in [low, high] ((low, high] if strict)."""
+def _check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                  high: float | None = None, strict: bool = False) -> Any:
+  """`value` as int / float if it is finite and in [low, high] ((low, high] if strict)."""
   kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
   ok = isinstance(value, kinds) and not isinstance(value, bool) and bool(np.isfinite(value))
   ok = ok and (low is None or value > low or (not strict and value == low))
@@ -53,20 +51,18 @@ def _check_number(name: str, value, *, integer: bool = False, low: float | None 
     bounds += "" if high is None else f" and <= {high}"
     kind = "an integer" if integer else "a finite number"
     raise ValueError(f"expected {name} to be {kind}{bounds}, got {value!r}")
-  return value
+  return int(value) if integer else float(value)
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+def _check_common(shape: Sequence[int], vocab_size: int | None) -> tuple[int, ...]:
+  """Validates `shape` ([B, ...] of positive ints) and `vocab_size` (None or >= 2)."""
   shape = tuple(shape)
   if not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
                       for d in shape):
     raise ValueError(f"expected shape [B, ...] of positive integers, got {shape!r}")
-  return tuple(int(d) for d in shape)
-
-
-def _check_vocab(vocab_size: int | None) -> None:
   if vocab_size is not None:
     _check_number("vocab_size", vocab_size, integer=True, low=2)
+  return tuple(int(d) for d in shape)
 
 
 def _gammas(gamma_fn: GammaFn, t: np.ndarray) -> jax.Array:
@@ -104,9 +100,7 @@ def decode(key: jax.Array | None, z_0: jax.Array, *, gamma_0: jax.Array, vocab_s
   Returns:
     [B, ...] int32 values in [0, K).
   """
-  _check_vocab(vocab_size)
-  if vocab_size is None:
-    raise ValueError("expected an integer vocab_size >= 2, got None")
+  _check_number("vocab_size", vocab_size, integer=True, low=2)
   if mode not in DECODE_MODES:
     raise ValueError(f"unknown decode mode {mode!r}; expected one of {DECODE_MODES}")
   logits = elbo.decoder_logits(z_0, gamma_0=gamma_0, vocab_size=vocab_size)
@@ -124,7 +118,16 @@ def _step_grid(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
   return t.astype(np.float32), s.astype(np.float32)
 
 
-def _ancestral_step(z, eps_hat, noise, gamma_t, gamma_s, clip_x: bool):
+def _scan(key: jax.Array, shape: tuple[int, ...], body: Callable, xs: tuple) -> jax.Array:
+  """z_1 ~ N(0, I) from split(key)[0], then ONE lax.scan of z <- body(z, *xs_i, noise_i), with
+  noise_i ~ N(0, I) from split(key)[1] (draws a body ignores are removed by the compiler)."""
+  key_init, key_loop = jax.random.split(key)
+  keys = jax.random.split(key_loop, xs[0].shape[0])
+  step = lambda z, a: (body(z, *a[:-1], jax.random.normal(a[-1], shape)), None)
+  return jax.lax.scan(step, jax.random.normal(key_init, shape), xs + (keys,))[0]
+
+
+def _ancestral_step(z, eps_hat, noise, gamma_t, gamma_s, clip_x: bool) -> jax.Array:
   """z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) (VDM eq. 23-24; survey eq. 84)."""
   x_hat = diffusion.x_from_eps(z, eps_hat, gamma=gamma_t)
   if clip_x:
@@ -133,13 +136,20 @@ def _ancestral_step(z, eps_hat, noise, gamma_t, gamma_s, clip_x: bool):
   return mean + jnp.sqrt(var) * noise
 
 
-def _scan(key: jax.Array, shape: tuple[int, ...], body: Callable, xs: tuple) -> jax.Array:
-  """z_1 ~ N(0, I) from split(key)[0], then ONE lax.scan of z <- body(z, *xs_i, noise_i), with
-  noise_i ~ N(0, I) from split(key)[1] (unused draws are removed by the compiler)."""
-  key_init, key_loop = jax.random.split(key)
-  keys = jax.random.split(key_loop, xs[0].shape[0])
-  step = lambda z, a: (body(z, *a[:-1], jax.random.normal(a[-1], shape)), None)
-  return jax.lax.scan(step, jax.random.normal(key_init, shape), xs + (keys,))[0]
+def _langevin_step(z, eps_hat, noise, gamma, *, snr: float, step_size: float | None):
+  """One Langevin step z + delta score + sqrt(2 delta) xi towards q(z_t), score = -eps_hat/sigma.
+
+  delta = step_size sigma_t^2 when step_size is given (Song & Ermon 2019: alpha_i proportional
+  to sigma_i^2); otherwise delta = 2 (snr ||xi|| / ||score||)^2 with per-example norms averaged
+  over the batch (Song et al. 2021 SDE, algorithm 5): adaptive, but shared by the whole batch.
+  """
+  score = diffusion.score_from_eps(eps_hat, gamma=gamma)
+  if step_size is None:
+    norm = lambda a: jnp.mean(jnp.linalg.norm(a.reshape(a.shape[0], -1), axis=-1))
+    delta = 2.0 * (snr * norm(noise) / jnp.maximum(norm(score), 1e-20))**2
+  else:
+    delta = step_size * diffusion.alpha_sigma(gamma)[1]**2
+  return z + delta * score + jnp.sqrt(2.0 * delta) * noise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,8 +166,7 @@ def ancestral_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape:
 
   Args:
     key: PRNG key.
-    eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...].
-    gamma_fn: t -> gamma(t).
+    eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...]; gamma_fn: t -> gamma(t).
     shape: [B, ...] output shape.
     num_steps: T >= 1.
     vocab_size: K; when given, z_0 is decoded to int32 data (argmax of p(k | z_0)).
@@ -166,9 +175,8 @@ def ancestral_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape:
   Returns:
     [*shape] int32 data (vocab_size given) or float32 z_0.
   """
-  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
-  _check_vocab(vocab_size)
-  t, s = _step_grid(num_steps)
+  shape = _check_common(shape, vocab_size)
+  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
 
   def body(z, g_t, g_s, noise):
     return _ancestral_step(z, _call_eps(eps_fn, z, g_t), noise, g_t, g_s, clip_x)
@@ -184,42 +192,35 @@ def ddim_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
   For t = 1, ..., 1/T and s = t - 1/T, with x_hat = (z_t - sigma_t eps_hat) / alpha_t and
   c^2 = eta^2 sigma_Q^2 (sigma_Q^2 = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, the variance of
   q(z_s | z_t, x)):
-    z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c xi,   xi ~ N(0, I).
-  sigma_s^2 - c^2 is computed as sigma_s^2 (1 - eta^2 + eta^2 alpha_{t|s}^2 sigma_s^2 / sigma_t^2)
-  (using sigma_t^2 = sigma_{t|s}^2 + alpha_{t|s}^2 sigma_s^2), free of cancellation.
-  eta = 0 is the deterministic DDIM (a first-order solver of the probability-flow ODE); eta = 1
-  gives exactly the mean and variance of q(z_s | z_t, x_hat), i.e. the ancestral sampler (with
-  the same key it draws the same samples as `ancestral_sample`).
+    z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c xi,   xi ~ N(0, I),
+  with sigma_s^2 - c^2 = sigma_s^2 (1 - eta^2 + eta^2 alpha_{t|s}^2 sigma_s^2 / sigma_t^2)
+  (from sigma_t^2 = sigma_{t|s}^2 + alpha_{t|s}^2 sigma_s^2; no cancellation). eta = 0 is the
+  deterministic DDIM, a first-order solver of the probability-flow ODE; eta = 1 has exactly the
+  mean and variance of q(z_s | z_t, x_hat): it is the ancestral sampler (same key, same samples).
 
   Args and returns as `ancestral_sample`, plus eta in [0, 1].
   """
-  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
-  eta = float(_check_number("eta", eta, low=0.0, high=1.0))
-  _check_vocab(vocab_size)
-  t, s = _step_grid(num_steps)
+  shape = _check_common(shape, vocab_size)
+  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
+  eta = _check_number("eta", eta, low=0.0, high=1.0)
 
   def body(z, g_t, g_s, noise):
     eps_hat = _call_eps(eps_fn, z, g_t)
     x_hat = diffusion.x_from_eps(z, eps_hat, gamma=g_t)
-    alpha_s, sigma_s = diffusion.alpha_sigma(g_s)
-    _, sigma_t = diffusion.alpha_sigma(g_t)
+    (alpha_s, sigma_s), (_, sigma_t) = diffusion.alpha_sigma(g_s), diffusion.alpha_sigma(g_t)
     alpha_ts, sigma2_ts = diffusion.transition(gamma_s=g_s, gamma_t=g_t)
     keep = (1.0 - eta**2) + eta**2 * (alpha_ts * sigma_s / sigma_t)**2
     c = eta * sigma_s * jnp.sqrt(sigma2_ts) / sigma_t
-    return alpha_s * x_hat + sigma_s * jnp.sqrt(keep) * eps_hat + c * noise
+    return alpha_s * x_hat + sigma_s * jnp.sqrt(keep) * eps_hat + (c * noise if eta else 0.0)
 
   z_0 = _scan(key, shape, body, (_gammas(gamma_fn, t), _gammas(gamma_fn, s)))
   return _finish(z_0, gamma_fn, vocab_size)
 
 
-def _flow_drift(z: jax.Array, eps_hat: jax.Array, gamma: jax.Array,
-                gamma_prime: jax.Array) -> jax.Array:
+def _flow_drift(z, eps_hat, gamma, gamma_prime) -> jax.Array:
   """dz/dt = 1/2 gamma'(t) sigma_t (eps_hat - sigma_t z): the VP probability-flow ODE."""
   _, sigma = diffusion.alpha_sigma(gamma)
   return 0.5 * gamma_prime * sigma * (eps_hat - sigma * z)
-
-
-ODE_METHODS = ("euler", "heun")
 
 
 def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
@@ -236,16 +237,14 @@ def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Seque
   integrated on the uniform grid t_i = 1 - i/T by Euler (T evaluations) or Heun's second-order
   method (2T evaluations, run as 2T stages of one scan). gamma'(t) comes from
   `schedules.gamma_and_derivative` (one jvp of gamma_fn over the grid). The only randomness is
-  z_1 ~ N(0, I), drawn as in every sampler here from `jax.random.split(key)[0]`, so samplers
-  called with the same key start from the same z_1.
+  z_1 ~ N(0, I).
 
   Args and returns as `ancestral_sample`, plus method "heun" or "euler".
   """
-  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
+  shape = _check_common(shape, vocab_size)
+  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
   if method not in ODE_METHODS:
     raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS}")
-  _check_vocab(vocab_size)
-  t, s = _step_grid(num_steps)
   h = jnp.asarray(s - t)                                         # -1/T per step
   z_1 = jax.random.normal(jax.random.split(key)[0], shape)
   if method == "euler":
@@ -255,45 +254,23 @@ def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Seque
       g_i, gp_i, h_i = xs
       return z + h_i * _flow_drift(z, _call_eps(eps_fn, z, g_i), g_i, gp_i), None
 
-    z_0, _ = jax.lax.scan(euler, z_1, (g, g_prime, h))
-    return _finish(z_0, gamma_fn, vocab_size)
+    return _finish(jax.lax.scan(euler, z_1, (g, g_prime, h))[0], gamma_fn, vocab_size)
 
   # Heun: stage 2i evaluates d1 = f(z, t_i) and predicts z + h d1; stage 2i+1 evaluates
   # d2 = f(z + h d1, t_{i+1}) and corrects z + h/2 (d1 + d2).
-  t_eval = np.stack([t, s], axis=1).reshape(-1)
-  g, g_prime = schedules.gamma_and_derivative(gamma_fn, jnp.asarray(t_eval))
+  g, g_prime = schedules.gamma_and_derivative(gamma_fn, jnp.asarray(np.stack([t, s], 1).ravel()))
   first = jnp.asarray(np.arange(2 * num_steps) % 2 == 0)
 
   def heun(carry, xs):
-    z, z_pred, d1 = carry
-    g_i, gp_i, h_i, first_i = xs
+    (z, z_pred, d1), (g_i, gp_i, h_i, first_i) = carry, xs
     z_in = jnp.where(first_i, z, z_pred)
     d = _flow_drift(z_in, _call_eps(eps_fn, z_in, g_i), g_i, gp_i)
     return (jnp.where(first_i, z, z + 0.5 * h_i * (d1 + d)),
-            jnp.where(first_i, z + h_i * d, z_pred),
-            jnp.where(first_i, d, d1)), None
+            jnp.where(first_i, z + h_i * d, z_pred), jnp.where(first_i, d, d1)), None
 
-  (z_0, _, _), _ = jax.lax.scan(heun, (z_1, z_1, jnp.zeros_like(z_1)),
-                                (g, g_prime, jnp.repeat(h, 2), first))
+  carry = (z_1, z_1, jnp.zeros_like(z_1))
+  z_0 = jax.lax.scan(heun, carry, (g, g_prime, jnp.repeat(h, 2), first))[0][0]
   return _finish(z_0, gamma_fn, vocab_size)
-
-
-def _langevin_step(z: jax.Array, eps_hat: jax.Array, noise: jax.Array, gamma: jax.Array, *,
-                   snr: float, step_size: float | None) -> jax.Array:
-  """One Langevin step z + delta score + sqrt(2 delta) xi towards q(z_t), score = -eps_hat/sigma_t.
-
-  delta = step_size sigma_t^2 when step_size is given (Song & Ermon 2019's alpha_i proportional
-  to sigma_i^2); otherwise delta = 2 (snr ||xi|| / ||score||)^2 with the per-example norms
-  averaged over the batch (Song et al. 2021 SDE, algorithm 5), so the step adapts to the
-  distribution but is shared by the whole batch.
-  """
-  score = diffusion.score_from_eps(eps_hat, gamma=gamma)
-  if step_size is None:
-    norm = lambda a: jnp.mean(jnp.linalg.norm(a.reshape(a.shape[0], -1), axis=-1))
-    delta = 2.0 * (snr * norm(noise) / jnp.maximum(norm(score), 1e-20))**2
-  else:
-    delta = step_size * diffusion.alpha_sigma(gamma)[1]**2
-  return z + delta * score + jnp.sqrt(2.0 * delta) * noise
 
 
 def langevin_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
@@ -302,11 +279,13 @@ def langevin_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: 
   """Annealed Langevin dynamics over VP noise levels (Song & Ermon 2019, algorithm 1).
 
   Levels t_j = 1 - j/L for j = 1..L (the last one is t = 0), starting from z ~ N(0, I) ~ q(z_1);
-  at each level `steps_per_level` steps of `_langevin_step` towards q(z_{t_j}), with score
-  -eps_hat/sigma_t. z is carried from one level to the next unscaled: the VP process keeps
-  E[z_t^2] = alpha_t^2 E[x^2] + sigma_t^2 near 1 at every t, so the previous level's samples are
-  a good start. (Rescaling by alpha_s/alpha_t, i.e. annealing in VE coordinates z/alpha, inflates
-  the variance where noise dominates, and the adaptive step then diverges.)
+  at each level `steps_per_level` steps of `_langevin_step` towards q(z_{t_j}) with score
+  -eps_hat/sigma_t. z is carried from level to level unscaled: the VP process keeps
+  E[z_t^2] = alpha_t^2 E[x^2] + sigma_t^2 near 1 at every t, so the last level's samples are a good
+  start. (Rescaling by alpha_s/alpha_t, i.e. annealing z/alpha as in VE models, inflates the
+  variance where noise dominates, and the adaptive step then diverges.) The adaptive step needs
+  enough steps in all (~1000 on the tests' 1-D and 2-D cases): with too few, stragglers dominate
+  the batch-mean score norm and the step collapses for everyone.
 
   Args:
     key, eps_fn, gamma_fn, shape, vocab_size: as `ancestral_sample`.
@@ -318,43 +297,40 @@ def langevin_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: 
   Returns:
     [*shape] int32 data (vocab_size given) or float32 z at t = 0.
   """
-  shape = _check_shape(shape)
+  shape = _check_common(shape, vocab_size)
   levels = _check_number("num_levels", num_levels, integer=True, low=1)
   per = _check_number("steps_per_level", steps_per_level, integer=True, low=1)
-  snr = float(_check_number("snr", snr, low=0.0, strict=True))
+  snr = _check_number("snr", snr, low=0.0, strict=True)
   if step_size is not None:
-    step_size = float(_check_number("step_size", step_size, low=0.0, strict=True))
-  _check_vocab(vocab_size)
+    step_size = _check_number("step_size", step_size, low=0.0, strict=True)
   gamma = jnp.repeat(_gammas(gamma_fn, _step_grid(levels)[1]), per)
 
   def body(z, g, noise):
     return _langevin_step(z, _call_eps(eps_fn, z, g), noise, g, snr=snr, step_size=step_size)
 
-  z_0 = _scan(key, shape, body, (gamma,))
-  return _finish(z_0, gamma_fn, vocab_size)
+  return _finish(_scan(key, shape, body, (gamma,)), gamma_fn, vocab_size)
 
 
 def pc_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
               num_steps: int, corrector_steps: int = 1, snr: float = 0.16,
               vocab_size: int | None = None) -> jax.Array:
-  """Predictor-corrector sampling (Song et al. 2021 SDE, algorithm 2/3) with the ancestral
-  predictor and a Langevin corrector.
+  """Predictor-corrector sampling (Song et al. 2021 SDE, algorithms 2-3): ancestral predictor,
+  Langevin corrector.
 
-  For t = 1, ..., 1/T: `corrector_steps` Langevin steps towards q(z_t) (adaptive step with
-  `snr`, see `_langevin_step`), then one ancestral step z_s ~ q(z_s | z_t, x_hat). One scan of
+  For t = 1, ..., 1/T: `corrector_steps` Langevin steps towards q(z_t) (adaptive step with `snr`,
+  see `_langevin_step`), then one ancestral step to z_s ~ q(z_s | z_t, x_hat). One scan of
   T (corrector_steps + 1) stages, one eps_fn evaluation each. With corrector_steps = 0 it is
   `ancestral_sample` (same key, same samples).
 
   Args and returns as `ancestral_sample`, plus corrector_steps >= 0 and snr > 0.
   """
-  shape, num_steps = _check_shape(shape), _check_number("num_steps", num_steps, integer=True, low=1)
+  shape = _check_common(shape, vocab_size)
+  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
   corrector_steps = _check_number("corrector_steps", corrector_steps, integer=True, low=0)
-  snr = float(_check_number("snr", snr, low=0.0, strict=True))
-  _check_vocab(vocab_size)
+  snr = _check_number("snr", snr, low=0.0, strict=True)
   per = corrector_steps + 1
-  t, s = _step_grid(num_steps)
   gamma_t, gamma_s = jnp.repeat(_gammas(gamma_fn, t), per), jnp.repeat(_gammas(gamma_fn, s), per)
-  predict = jnp.asarray(np.arange(num_steps * per) % per == corrector_steps)
+  predict = jnp.asarray(np.arange(len(t) * per) % per == corrector_steps)
 
   def body(z, g_t, g_s, predict_i, noise):
     eps_hat = _call_eps(eps_fn, z, g_t)
@@ -364,8 +340,19 @@ def pc_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequen
     z_corr = _langevin_step(z, eps_hat, noise, g_t, snr=snr, step_size=None)
     return jnp.where(predict_i, z_pred, z_corr)
 
-  z_0 = _scan(key, shape, body, (gamma_t, gamma_s, predict))
-  return _finish(z_0, gamma_fn, vocab_size)
+  return _finish(_scan(key, shape, body, (gamma_t, gamma_s, predict)), gamma_fn, vocab_size)
+
+
+SAMPLERS: dict[str, Callable[..., jax.Array]] = {
+    "ancestral": ancestral_sample, "ddim": ddim_sample, "ode": ode_sample,
+    "langevin": langevin_sample, "pc": pc_sample}
+
+
+def get_sampler(name: str) -> Callable[..., jax.Array]:
+  """The sampler registered under `name` (see SAMPLERS)."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
+  return SAMPLERS[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,17 +364,17 @@ def classifier_free_eps_fn(cond_eps_fn: EpsFn, uncond_eps_fn: EpsFn, *,
   """Classifier-free guidance (Ho & Salimans 2021, eq. 6): (1 + w) eps(z, y) - w eps(z, null).
 
   w = 0 is the conditional model; w > 0 samples (approximately) from
-  p(z | y)^(1 + w) / p(z)^w, i.e. p(z | y) p(y | z)^w, sharper around class y.
+  p(z | y)^(1 + w) / p(z)^w = p(z | y) p(y | z)^w, sharper around class y.
 
   Args:
-    cond_eps_fn: (z [B, ...], gamma [B]) -> eps_hat given the requested labels.
-    uncond_eps_fn: the same without labels (the null label).
+    cond_eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...] given the requested labels.
+    uncond_eps_fn: the same with the null label.
     guidance: w.
 
   Returns:
     eps_fn(z, gamma) -> [B, ...].
   """
-  w = float(_check_number("guidance", guidance))
+  w = _check_number("guidance", guidance)
 
   def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
     return (1.0 + w) * cond_eps_fn(z, gamma) - w * uncond_eps_fn(z, gamma)
@@ -395,31 +382,29 @@ def classifier_free_eps_fn(cond_eps_fn: EpsFn, uncond_eps_fn: EpsFn, *,
   return eps_fn
 
 
-def classifier_guided_eps_fn(eps_fn: EpsFn, log_prob_fn: Callable[[jax.Array, jax.Array],
-                                                                   jax.Array], *,
-                             guidance: float) -> EpsFn:
+def classifier_guided_eps_fn(eps_fn: EpsFn, log_prob_fn: EpsFn, *, guidance: float) -> EpsFn:
   """Classifier guidance (Dhariwal & Nichol 2021, algorithm 2; survey eq. 163-166).
 
   Since grad log p(z_t | y) = grad log p(z_t) + grad log p(y | z_t) and eps = -sigma_t score,
     eps_guided = eps_hat - w sigma_t grad_z log p(y | z_t, gamma_t).
-  With w = 1 and exact eps_hat and classifier this is exactly the conditional eps(z_t | y).
+  With w = 1 and an exact eps_hat and classifier this is exactly the conditional eps(z_t | y).
 
   Args:
     eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...], the unconditional model.
-    log_prob_fn: (z [B, ...], gamma [B]) -> [B] log p(y | z_t) of the requested labels (close
-      over them).
+    log_prob_fn: (z [B, ...], gamma [B]) -> [B] log p(y | z_t) of the requested labels (closed
+      over).
     guidance: w.
 
   Returns:
     eps_fn(z, gamma) -> [B, ...].
   """
-  w = float(_check_number("guidance", guidance))
+  w = _check_number("guidance", guidance)
 
   def total_log_prob(z, gamma):
     log_prob = log_prob_fn(z, gamma)
     if jnp.shape(log_prob) != z.shape[:1]:
-      raise ValueError(f"log_prob_fn returned shape {jnp.shape(log_prob)}; expected "
-                       f"[B] = {z.shape[:1]}")
+      raise ValueError(f"log_prob_fn returned shape {jnp.shape(log_prob)}; expected [B] = "
+                       f"{z.shape[:1]}")
     return jnp.sum(log_prob)
 
   def guided(z: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -428,19 +413,3 @@ def classifier_guided_eps_fn(eps_fn: EpsFn, log_prob_fn: Callable[[jax.Array, ja
     return eps_fn(z, gamma) - w * sigma * grad
 
   return guided
-
-
-SAMPLERS: dict[str, Callable[..., jax.Array]] = {
-    "ancestral": ancestral_sample,
-    "ddim": ddim_sample,
-    "ode": ode_sample,
-    "langevin": langevin_sample,
-    "pc": pc_sample,
-}
-
-
-def get_sampler(name: str) -> Callable[..., jax.Array]:
-  """The sampler registered under `name` (see SAMPLERS)."""
-  if name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
-  return SAMPLERS[name]
