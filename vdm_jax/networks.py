@@ -9,7 +9,7 @@ t, optionally with a class embedding, through a 2-layer MLP) enters every residu
 
 Compared with the official code: any number of channels; the output is eps_hat itself (no `+ z`
 base measure), so it is exactly zero at init; GroupNorm uses the largest group count <= 32 that
-divides the channels; the class label is an embedding (with a "null" class for classifier-free
+divides the channels and leaves >= 2 channels per group (32 for the official widths); the class label is an embedding (with a "null" class for classifier-free
 guidance) rather than a scalar concatenated to the time embedding; Fourier features are
 sin/cos(2^n pi z), whereas the official code uses sin/cos(2^n 2 pi z) (its exponents 6, 7 are
 exponents 7, 8 here). Params are float32; `dtype` sets the computation dtype.
@@ -232,7 +232,10 @@ class ScoreUNet(nn.Module):
     dropout: dropout rate in the residual blocks (active only when train=True).
     num_classes: 0 = unconditional; else an Embed(num_classes + 1), id num_classes = null label.
     block_impl: "unrolled" (Python loop) or "scan" (nn.scan over the identical blocks: the same
-      function and parameter count, parameters stacked on a leading axis; faster compiles).
+      function and parameter count, parameters stacked on a leading axis; faster lowering).
+      On CPU prefer "unrolled": XLA:CPU runs convolutions inside a loop body on a slow path
+      (jax-ml/jax#12868), and the scanned backward pass was 20-30x slower in
+      experiments/bench_scan.py.
     remat: rematerialise the blocks in the backward pass (nn.remat).
     dtype: computation dtype (bfloat16 for mixed precision); params are always float32.
   """
@@ -275,6 +278,9 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"z must be [B, H, W, C], got shape {z.shape}")
     batch = z.shape[0]
     t = _check_time(t, batch)
+    if label is not None and not self.num_classes:
+      raise ValueError("label given to an unconditional ScoreUNet (num_classes=0); pass "
+                       "label=None or set num_classes")
     ids = _label_ids(label, batch, self.num_classes) if self.num_classes else None
     cond = Conditioning(self.channels, self.num_classes, self.dtype, name="cond")(t, ids)
 
