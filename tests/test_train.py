@@ -52,6 +52,8 @@ def test_mock_cifar10_end_to_end(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path / "cifar"))
   assert np.isfinite(result["bpd"])
   assert result["num_examples"] == 16
+  assert "4" in os.listdir(tmp_path / "cifar" / "checkpoints")
+  assert (tmp_path / "cifar" / "samples" / "step_00000004.png").exists()
 
 
 def _one_step(num_devices):
