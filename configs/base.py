@@ -11,6 +11,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "vdm"                   # vdm | classifier (noise-conditional, for classifier guidance)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"          # digits | cifar10 | mnist | downsampled_imagenet/32x32 | /64x64

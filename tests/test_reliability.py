@@ -86,7 +86,7 @@ def test_skipped_update_leaves_state_unchanged(monkeypatch):
   state = train.init_state(model, tx, seed=0, info=info)
   batch = next(data.train_iterator("digits", global_batch_size=8, seed=0))
   _nan_loss(monkeypatch)
-  new, out = jax.jit(train.make_train_step(model, tx, num_dims=64, ema_decay=0.9))(state, batch)
+  new, out = jax.jit(train.make_train_step(model, tx, info=info, ema_decay=0.9))(state, batch)
   assert float(out["finite"]) == 0.0 and int(new.nonfinite_count) == 1 and int(new.step) == 1
   chex.assert_trees_all_equal(new.params, state.params)
   chex.assert_tree_all_finite(new.params)

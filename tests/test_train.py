@@ -63,7 +63,7 @@ def _one_step(num_devices):
   mesh = parallel.make_mesh(num_devices)
   rep = parallel.replicated(mesh)
   state = jax.jit(lambda: train.init_state(model, tx, seed=0, info=info), out_shardings=rep)()
-  step = jax.jit(train.make_train_step(model, tx, num_dims=64, ema_decay=0.9),
+  step = jax.jit(train.make_train_step(model, tx, info=info, ema_decay=0.9),
                  in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep))
   batch = next(data.train_iterator("digits", global_batch_size=8, seed=0))
   for _ in range(2):

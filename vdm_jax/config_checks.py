@@ -13,13 +13,13 @@ from typing import Any
 
 import ml_collections
 
-from vdm_jax import data, model as model_lib
+from vdm_jax import data, model as model_lib, tasks
 
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
 # Fields that define what is being trained: a resumed run must agree on them.
 PINNED_SECTIONS = ("data", "model")
-PINNED_FIELDS = ("seed",)
+PINNED_FIELDS = ("seed", "task")
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,7 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
   """(field, value, ok, expectation) for every checked field."""
   known = data.KNOWN_DATASETS
   return [
+      ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS}"),
       ("data.name", c.data.name, c.data.name in known, f"one of {known}"),
       ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
        f"one of {model_lib.SCHEDULES}"),
@@ -97,7 +98,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def pinned(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The flattened fields a resumed run must keep."""
   d = json.loads(config.to_json())
-  out = {k: d[k] for k in PINNED_FIELDS}
+  out = {k: d.get(k) for k in PINNED_FIELDS}
   for section in PINNED_SECTIONS:
     out.update(_flatten(d[section], f"{section}."))
   return out

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from vdm_jax import elbo, schedules
+from vdm_jax import diffusion, elbo, schedules
 from vdm_jax.networks import ScoreUNet
 
 FIXED_SCHEDULES = ("fixed_linear", "beta_linear", "cosine")
@@ -138,3 +138,49 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
                                     hidden=schedule_hidden),
              score_net=net, num_steps=num_steps, cond_gamma_min=gamma_min,
              cond_gamma_max=gamma_max)
+
+
+class NoisyClassifierModel(nn.Module):
+  """A noise-conditional classifier p(y | z_t, gamma_t) for classifier guidance.
+
+  It sees z_t = alpha_t x + sigma_t eps (VDM eq. 1, `diffusion.q_sample`) at gamma ~
+  Uniform(gamma_min, gamma_max), conditioned like the VDM's score net on
+  t_cond = (gamma - cond_gamma_min) / (cond_gamma_max - cond_gamma_min), so its gradient can be
+  added to a VDM's eps at the same gamma (survey eq. 163-166; Dhariwal & Nichol 2021).
+
+  Attributes:
+    vocab_size: K of the data.
+    classifier: a network (z [B, H, W, C], t_cond [B], *, train) -> logits [B, num_classes].
+    gamma_min, gamma_max: training range of gamma (cover the diffusion model's endpoints).
+  """
+
+  vocab_size: int
+  classifier: nn.Module
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+
+  def log_probs(self, z: ArrayLike, gamma: ArrayLike, *, train: bool = False) -> jax.Array:
+    """log p(y | z_t, gamma_t): z [B, H, W, C], gamma [B] or scalar -> [B, num_classes]."""
+    z = jnp.asarray(z)
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (z.shape[0],))
+    t_cond = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+    return jax.nn.log_softmax(self.classifier(z, t_cond, train=train), axis=-1)
+
+  def __call__(self, images: ArrayLike, labels: ArrayLike, *, train: bool,
+               gamma: Optional[ArrayLike] = None) -> tuple[jax.Array, jax.Array]:
+    """(cross-entropy [B] in nats, correct [B] in {0, 1}) on noised integer images [B, H, W, C].
+
+    gamma: [B] noise levels; None draws them from Uniform(gamma_min, gamma_max) (rng "diffusion").
+    """
+    x = elbo.encode(elbo.check_data(images, vocab_size=self.vocab_size),
+                    vocab_size=self.vocab_size)
+    key_gamma, key_eps = jax.random.split(self.make_rng("diffusion"))
+    if gamma is None:
+      gamma = jax.random.uniform(key_gamma, x.shape[:1], minval=self.gamma_min,
+                                 maxval=self.gamma_max)
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), x.shape[:1])
+    z = diffusion.q_sample(x, gamma, jax.random.normal(key_eps, x.shape))
+    log_p = self.log_probs(z, gamma, train=train)
+    labels = jnp.asarray(labels, jnp.int32)
+    nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    return nll, (jnp.argmax(log_p, axis=-1) == labels).astype(jnp.float32)

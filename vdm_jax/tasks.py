@@ -1,0 +1,209 @@
+"""What the one trainer optimises: a task turns a config into a module and pure closures.
+
+`train.py` runs every task through the same jitted step, checkpointing, evaluation loop and
+metrics. A task provides (all pure, traced under jit):
+
+  init(key)                          -> (params, frozen)   frozen: {} or parameters kept fixed
+  loss(params, frozen, batch, key)   -> (scalar loss, metrics dict)      (train mode)
+  eval_terms(params, frozen, batch, key, *, num_steps) -> {name: [B] per-example values}
+  param_metrics(params)              -> {name: scalar} logged every step (e.g. gamma endpoints)
+  sampler_fns(params, frozen, labels) -> (eps_fn, gamma_fn, latent_shape, decode) or raises
+
+`headline` names the eval value whose standard error is reported (bpd for generative tasks).
+Tasks: "vdm" (the VDM bound or another objective, optionally class-conditional) and
+"classifier" (a noise-conditional classifier for classifier guidance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vdm_jax import data, elbo, model as model_lib
+from vdm_jax.networks import NoisyClassifier, ScoreUNet
+
+PyTree = Any
+TASKS = ("vdm", "classifier")
+
+
+def _dummy_images(info: data.DatasetInfo, batch: int = 1) -> jax.Array:
+  return jnp.zeros((batch,) + tuple(info.shape), jnp.int32)
+
+
+def terms_bpd(terms: elbo.ELBOTerms, *, num_dims: int) -> dict[str, jax.Array]:
+  """Per-example bound and terms in bits per dimension ([B] each)."""
+  return {"bpd": elbo.bits_per_dim(terms.total, num_dims=num_dims),
+          "prior_bpd": elbo.bits_per_dim(terms.prior, num_dims=num_dims),
+          "reconstruction_bpd": elbo.bits_per_dim(terms.reconstruction, num_dims=num_dims),
+          "diffusion_bpd": elbo.bits_per_dim(terms.diffusion, num_dims=num_dims)}
+
+
+@dataclasses.dataclass(frozen=True)
+class VDMTask:
+  """A (possibly class-conditional) VDM trained on its bound.
+
+  Class-conditional training replaces each label by the null label with probability p_uncond
+  (classifier-free guidance, Ho & Salimans 2021). Evaluation reports the unconditional bound
+  (null label), i.e. a bound on -log p(x).
+  """
+
+  model: model_lib.VDM
+  info: data.DatasetInfo
+  p_uncond: float = 0.0
+  name: str = "vdm"
+  headline: str = "bpd"
+
+  @property
+  def num_dims(self) -> int:
+    return int(np.prod(self.info.shape))
+
+  @property
+  def num_classes(self) -> int:
+    return self.model.score_net.num_classes
+
+  def init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
+    k_params, k_diff = jax.random.split(key)
+    params = self.model.init({"params": k_params, "diffusion": k_diff, "dropout": k_diff},
+                             _dummy_images(self.info), train=False)["params"]
+    return params, {}
+
+  def _labels(self, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array | None:
+    if not self.num_classes:
+      return None
+    drop = jax.random.bernoulli(key, self.p_uncond, batch["label"].shape)
+    return jnp.where(drop, self.num_classes, batch["label"])
+
+  def loss(self, params, frozen, batch, key):
+    del frozen
+    k_diff, k_drop, k_label = jax.random.split(key, 3)
+    terms = self.model.apply({"params": params}, batch["image"], self._labels(batch, k_label),
+                             train=True, rngs={"diffusion": k_diff, "dropout": k_drop})
+    out = {k: jnp.mean(v) for k, v in terms_bpd(terms, num_dims=self.num_dims).items()}
+    return out["bpd"], out
+
+  def eval_terms(self, params, frozen, batch, key, *, num_steps: int) -> dict[str, jax.Array]:
+    del frozen
+    terms = self.model.apply({"params": params}, batch["image"], None, train=False,
+                             num_steps=num_steps, rngs={"diffusion": key})
+    return terms_bpd(terms, num_dims=self.num_dims)
+
+  def param_metrics(self, params) -> dict[str, jax.Array]:
+    gamma_0, gamma_1 = self.model.apply({"params": params}, method=model_lib.VDM.endpoints)
+    return {"gamma_0": gamma_0, "gamma_1": gamma_1}
+
+  def sampler_fns(self, params, frozen, labels=None):
+    """(eps_fn, gamma_fn, shape of one sample, decode or None: samplers decode z_0 themselves)."""
+    del frozen
+    if labels is not None and not self.num_classes:
+      raise ValueError("labels were given but this VDM is unconditional (model.conditional="
+                       "False); train with configs/digits_cond.py-style configs for labels")
+    variables = {"params": params}
+    eps_fn = lambda z, g: self.model.apply(variables, z, g, labels, method=model_lib.VDM.eps)
+    gamma_fn = lambda t: self.model.apply(variables, t, method=model_lib.VDM.gamma)
+    return eps_fn, gamma_fn, tuple(self.info.shape), None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTask:
+  """A noise-conditional classifier p(y | z_t, gamma_t), trained with cross-entropy over noise
+  levels gamma ~ Uniform(gamma_min, gamma_max); evaluated at random noise levels ("accuracy",
+  "nll") and at gamma_min, the cleanest level ("accuracy_clean")."""
+
+  model: model_lib.NoisyClassifierModel
+  info: data.DatasetInfo
+  name: str = "classifier"
+  headline: str = "accuracy"
+  num_classes: int = 0
+
+  def init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
+    k_params, k_diff = jax.random.split(key)
+    labels = jnp.zeros((1,), jnp.int32)
+    params = self.model.init({"params": k_params, "diffusion": k_diff},
+                             _dummy_images(self.info), labels, train=False)["params"]
+    return params, {}
+
+  def loss(self, params, frozen, batch, key):
+    del frozen
+    nll, correct = self.model.apply({"params": params}, batch["image"], batch["label"],
+                                    train=True, rngs={"diffusion": key})
+    out = {"nll": jnp.mean(nll), "accuracy": jnp.mean(correct)}
+    return out["nll"], out
+
+  def eval_terms(self, params, frozen, batch, key, *, num_steps: int) -> dict[str, jax.Array]:
+    del frozen, num_steps
+    apply = lambda **kw: self.model.apply({"params": params}, batch["image"], batch["label"],
+                                          train=False, rngs={"diffusion": key}, **kw)
+    nll, correct = apply()
+    _, clean = apply(gamma=jnp.full(batch["label"].shape, self.model.gamma_min))
+    return {"accuracy": correct, "nll": nll, "accuracy_clean": clean}
+
+  def param_metrics(self, params) -> dict[str, jax.Array]:
+    del params
+    return {}
+
+  def sampler_fns(self, params, frozen, labels=None):
+    raise ValueError("a classifier run cannot sample; sample from a VDM run and pass this run "
+                     "as --classifier_workdir for classifier guidance")
+
+  def log_prob_fn(self, params, labels: jax.Array) -> Callable:
+    """(z [B, ...], gamma [B]) -> log p(labels | z_t, gamma_t) [B], for classifier guidance."""
+    def fn(z, gamma):
+      log_p = self.model.apply({"params": params}, z, gamma,
+                               method=model_lib.NoisyClassifierModel.log_probs)
+      return jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    return fn
+
+
+def block_impl(config: ml_collections.ConfigDict) -> str:
+  """Scanned blocks on accelerators (compile time), unrolled on CPU (XLA:CPU is slower with the
+  convolution weight-gradients inside a scan; see experiments/bench_scan.py)."""
+  if config.model.block_impl != "auto":
+    return config.model.block_impl
+  return "unrolled" if jax.default_backend() == "cpu" else "scan"
+
+
+def build_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> model_lib.VDM:
+  """The VDM module of a config (the config is unpacked here; models get typed arguments)."""
+  m = config.model
+  return model_lib.build_model(
+      vocab_size=info.vocab_size, schedule=m.schedule, gamma_min=m.gamma_min,
+      gamma_max=m.gamma_max, schedule_hidden=m.schedule_hidden, channels=m.channels,
+      num_blocks=m.num_blocks, fourier_exponents=tuple(m.fourier_exponents),
+      attention_everywhere=m.attention_everywhere, dropout=m.dropout,
+      num_classes=info.num_classes if m.conditional else 0, block_impl=block_impl(config),
+      remat=m.remat, dtype=jnp.dtype(m.dtype), num_steps=m.num_steps)
+
+
+def build_classifier(config: ml_collections.ConfigDict,
+                     info: data.DatasetInfo) -> model_lib.NoisyClassifierModel:
+  if info.num_classes < 2:
+    raise ValueError(f"data set {info.name!r} has no class labels (num_classes="
+                     f"{info.num_classes}); a classifier needs >= 2 classes")
+  m = config.model
+  net = NoisyClassifier(num_classes=info.num_classes, channels=m.channels,
+                        num_blocks=m.num_blocks, dtype=jnp.dtype(m.dtype))
+  return model_lib.NoisyClassifierModel(vocab_size=info.vocab_size, classifier=net,
+                                        gamma_min=m.gamma_min, gamma_max=m.gamma_max)
+
+
+def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """The task named by config.task."""
+  if config.task == "vdm":
+    return VDMTask(build_vdm(config, info), info, p_uncond=config.model.p_uncond)
+  if config.task == "classifier":
+    return ClassifierTask(build_classifier(config, info), info, num_classes=info.num_classes)
+  raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
+
+
+def as_task(model_or_task, *, info: data.DatasetInfo | None = None, p_uncond: float = 0.0):
+  """A task for a bare VDM module (the older VDM-only API of train.py), else the task itself."""
+  if isinstance(model_or_task, model_lib.VDM):
+    if info is None:
+      raise ValueError("a bare VDM module needs `info` to become a task")
+    return VDMTask(model_or_task, info, p_uncond=p_uncond)
+  return model_or_task
