@@ -1,6 +1,10 @@
 """`vdm-jax train | eval | sample | bench`: flag parsing and a call, nothing else.
 
   vdm-jax train --config configs/digits.py --workdir runs/digits [--config.training.num_steps=100]
+  vdm-jax eval --workdir runs/digits [--checkpoint 3000] [--num_steps 1000] [--t_samples 4]
+  vdm-jax sample --workdir runs/digits --sampler ddim --steps 100 --num 64 [--out DIR]
+      [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
+  vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
 """
 
 from __future__ import annotations
@@ -14,16 +18,80 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+# eval
+flags.DEFINE_integer("checkpoint", None, "eval/sample: checkpoint step (default: the newest).")
+flags.DEFINE_integer("num_steps", None, "eval: T of the bound (0 = continuous; default: config).")
+flags.DEFINE_integer("t_samples", None, "eval: time samples per image (default: config).")
+flags.DEFINE_integer("max_examples", None, "eval: evaluate only the first N examples.")
+flags.DEFINE_string("split", "test", "eval: data split.")
+flags.DEFINE_integer("batch_size", None, "eval: batch size; sample: images per compiled batch.")
+flags.DEFINE_integer("seed", 0, "eval/sample: random seed.")
+# sample
+flags.DEFINE_string("sampler", "ancestral", "sample: ancestral | ddim | ode | langevin | pc | ...")
+flags.DEFINE_integer("steps", None, "sample: reverse steps (langevin: noise levels; default "
+                     "1000); bench: timed train steps (default 10).")
+flags.DEFINE_integer("num", 64, "sample: number of samples.")
+flags.DEFINE_string("out", None, "eval: JSON path; sample: output directory "
+                    "(default: inside the workdir).")
+flags.DEFINE_integer("label", None, "sample: class to draw (conditional model or classifier).")
+flags.DEFINE_float("guidance", 0.0, "sample: guidance weight w >= 0.")
+flags.DEFINE_string("classifier_workdir", None, "sample: a classifier run for classifier guidance.")
+# bench
+flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's).")
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "eval", "sample", "bench")
+
+
+def _need(command: str, *names: str) -> None:
+  missing = [n for n in names if getattr(FLAGS, n) is None]
+  if missing:
+    raise app.UsageError(f"{command} needs " + " and ".join(f"--{n}" for n in missing))
 
 
 def _train(argv):
   del argv
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError("train needs --config and --workdir")
+  _need("train", "config", "workdir")
   from vdm_jax import train   # imported late: keeps `--help` fast
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def _eval(argv):
+  del argv
+  _need("eval", "workdir")
+  from vdm_jax import evaluation
+  evaluation.run_eval(FLAGS.workdir, checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
+                      t_samples=FLAGS.t_samples, max_examples=FLAGS.max_examples,
+                      split=FLAGS.split, batch_size=FLAGS.batch_size, out=FLAGS.out,
+                      seed=FLAGS.seed)
+
+
+def _sample(argv):
+  del argv
+  _need("sample", "workdir")
+  from vdm_jax import evaluation
+  evaluation.run_sample(FLAGS.workdir, sampler=FLAGS.sampler, steps=1000 if FLAGS.steps is None else FLAGS.steps, num=FLAGS.num,
+                        out=FLAGS.out, label=FLAGS.label, guidance=FLAGS.guidance,
+                        classifier_workdir=FLAGS.classifier_workdir,
+                        checkpoint=FLAGS.checkpoint, seed=FLAGS.seed,
+                        batch_size=FLAGS.batch_size or 256)
+
+
+def _bench(argv):
+  del argv
+  _need("bench", "config")
+  from vdm_jax import bench
+  bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=FLAGS.steps or 10, out_path=FLAGS.out)
+
+
+def _friendly(fn):
+  """Bad input (ValueError and its subclasses) -> one line on stderr and exit 2, no traceback."""
+  def wrapped(argv):
+    try:
+      fn(argv)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
 
 
 def main(argv=None) -> None:
@@ -34,7 +102,9 @@ def main(argv=None) -> None:
     sys.exit(2)
   command = argv.pop(1)
   logging.set_verbosity(logging.INFO)
-  app.run({"train": _train}[command], argv=argv)
+  commands = {"train": _train, "eval": _friendly(_eval), "sample": _friendly(_sample),
+              "bench": _bench}
+  app.run(commands[command], argv=argv)
 
 
 if __name__ == "__main__":

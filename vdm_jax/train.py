@@ -172,32 +172,40 @@ def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
   return result
 
 
-def sample_images(task, params, *, key, info, num_images: int, num_steps: int,
-                  labels=None, sampler: str = "ancestral", frozen: PyTree = None,
-                  eps_transform: Callable | None = None, **sampler_kwargs) -> np.ndarray:
-  """Integer samples [N, H, W, C] from the model's reverse process (one compiled loop).
+def draw_samples(fns, *, sampler: str, key: jax.Array, num_images: int, num_steps: int,
+                 info: data.DatasetInfo, **sampler_kwargs) -> np.ndarray:
+  """Integer samples [N, H, W, C] with `sampler` (one compiled loop) from task closures.
 
-  `num_steps` is the number of reverse steps (for "langevin": the number of noise levels).
-  `eps_transform(eps_fn) -> eps_fn` wraps the model's eps_fn (guidance).
+  Args:
+    fns: (eps_fn, gamma_fn, shape of one sample, decode or None) from `task.sampler_fns`;
+      decode maps the final latents to integer data (None: the sampler's discrete decoder).
+    num_steps: reverse steps (for "langevin": noise levels, with steps_per_level default 5).
   """
   from vdm_jax import sampling   # pylint: disable=g-import-not-at-top
-  task = tasks.as_task(task, info=info)
-  eps_fn, gamma_fn, shape, decode = task.sampler_fns(params, {} if frozen is None else frozen,
-                                                     labels)
-  if eps_transform is not None:
-    eps_fn = eps_transform(eps_fn)
+  eps_fn, gamma_fn, shape, decode = fns
   fn = sampling.get_sampler(sampler)
-  steps = {"num_levels" if sampler == "langevin" else "num_steps": num_steps}
   if sampler == "langevin":
-    sampler_kwargs.setdefault("steps_per_level", 5)
+    sampler_kwargs = dict({"num_levels": num_steps, "steps_per_level": 5}, **sampler_kwargs)
+  else:
+    sampler_kwargs = dict(sampler_kwargs, num_steps=num_steps)
   vocab = None if decode is not None else info.vocab_size
   run = jax.jit(lambda k: fn(k, eps_fn=eps_fn, gamma_fn=gamma_fn,
                              shape=(num_images,) + tuple(shape), vocab_size=vocab,
-                             **steps, **sampler_kwargs))
+                             **sampler_kwargs))
   out = run(key)
   if decode is not None:
     out = jax.jit(decode)(out)
   return np.asarray(jax.device_get(out))
+
+
+def sample_images(task, params, *, key, info, num_images: int, num_steps: int,
+                  labels=None, sampler: str = "ancestral", frozen: PyTree = None,
+                  **sampler_kwargs) -> np.ndarray:
+  """Integer samples [N, H, W, C] from a task's (or bare VDM's) reverse process."""
+  task = tasks.as_task(task, info=info)
+  fns = task.sampler_fns(params, {} if frozen is None else frozen, labels)
+  return draw_samples(fns, sampler=sampler, key=key, num_images=num_images,
+                      num_steps=num_steps, info=info, **sampler_kwargs)
 
 
 class _Preemption:

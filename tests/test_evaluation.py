@@ -1,0 +1,180 @@
+"""`vdm-jax eval` / `vdm-jax sample` on tiny trained runs: JSON and files written, every sampler,
+both kinds of guidance, the classifier task, and a clear error for each bad input."""
+
+import json
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vdm_jax import evaluation, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name="smoke", **overrides):
+  c = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
+  c.training.num_steps = 2
+  c.training.checkpoint_every = 1
+  c.sample.num_steps = 4
+  c.sample.num_images = 4
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("runs")
+  out = {"uncond": str(base / "uncond"), "cond": str(base / "cond"),
+         "classifier": str(base / "classifier")}
+  train.train_and_evaluate(_config(), out["uncond"])
+  # 5 steps: the zero-initialised output convs let the label reach eps only from step 4 on.
+  train.train_and_evaluate(_config(model__conditional=True, training__num_steps=5), out["cond"])
+  clf = _config(model__channels=8, model__num_blocks=1)
+  clf.task = "classifier"
+  train.train_and_evaluate(clf, out["classifier"])
+  return out
+
+
+def test_eval_writes_bound_and_terms(runs, tmp_path):
+  out = str(tmp_path / "e.json")
+  result = evaluation.run_eval(runs["uncond"], num_steps=10, t_samples=2, max_examples=16,
+                               out=out)
+  with open(out) as f:
+    stored = json.load(f)
+  for key in ("bpd", "bpd_se", "prior_bpd", "reconstruction_bpd", "diffusion_bpd"):
+    assert np.isfinite(stored[key]) and stored[key] == result[key]
+  assert stored["num_steps"] == 10 and stored["t_samples"] == 2 and stored["num_examples"] == 16
+  terms = stored["prior_bpd"] + stored["reconstruction_bpd"] + stored["diffusion_bpd"]
+  assert abs(terms - stored["bpd"]) < 1e-4
+  assert stored["checkpoint"] == 2 and stored["bpd_se"] > 0
+
+
+def test_eval_default_path_and_older_checkpoint(runs):
+  result = evaluation.run_eval(runs["uncond"], checkpoint=1, max_examples=16)
+  assert result["checkpoint"] == 1 and result["num_steps"] == 0
+  assert os.path.exists(os.path.join(runs["uncond"], "eval", "step1_T0_K1_test.json"))
+
+
+def test_classifier_task_reports_accuracy(runs):
+  result = evaluation.run_eval(runs["classifier"], max_examples=16)
+  assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["accuracy_clean"] <= 1.0
+  assert result["task"] == "classifier" and np.isfinite(result["nll"])
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "ode", "langevin", "pc"])
+def test_every_sampler_writes_png_and_npz(runs, tmp_path, sampler):
+  out = evaluation.run_sample(runs["uncond"], sampler=sampler, steps=3, num=5, batch_size=4,
+                              out=str(tmp_path))
+  assert os.path.exists(out["png"])
+  samples = np.load(out["npz"])["samples"]
+  assert samples.shape == (5, 8, 8, 1) and samples.dtype == np.int32
+  assert samples.min() >= 0 and samples.max() < 17
+  np.testing.assert_array_equal(samples, out["samples"])
+
+
+def test_guided_eps_is_the_guidance_formula(runs):
+  """eps_w = (1 + w) eps(z, y) - w eps(z, null) (classifier-free); eps - w sigma grad log p(y|z)
+  (classifier); checked against the task's own closures on random z."""
+  import jax
+  import jax.numpy as jnp
+  from vdm_jax import diffusion
+  run, clf = evaluation.load_run(runs["cond"]), evaluation.load_run(runs["classifier"])
+  z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  g = jnp.full((4,), 1.0)
+  y, null = jnp.full((4,), 3, jnp.int32), jnp.full((4,), 10, jnp.int32)
+  cond = run.task.sampler_fns(run.params, run.frozen, y)[0](z, g)
+  uncond = run.task.sampler_fns(run.params, run.frozen, null)[0](z, g)
+  assert float(jnp.max(jnp.abs(cond - uncond))) > 0   # the label matters after training
+  guided = evaluation.guided_fns(run, labels=y, guidance=3.0)[0](z, g)
+  np.testing.assert_allclose(guided, 4.0 * cond - 3.0 * uncond, rtol=1e-5, atol=1e-6)
+  plain = evaluation.guided_fns(run, labels=y, guidance=0.0)[0](z, g)
+  np.testing.assert_allclose(plain, cond, rtol=1e-6, atol=1e-7)
+  clf_eps = evaluation.guided_fns(run, labels=y, guidance=2.0, classifier=clf)[0](z, g)
+  grad = jax.grad(lambda zz: jnp.sum(clf.task.log_prob_fn(clf.params, y)(zz, g)))(z)
+  sigma = diffusion.alpha_sigma(1.0)[1]
+  np.testing.assert_allclose(clf_eps, uncond - 2.0 * sigma * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_classifier_free_guidance_sample_files(runs, tmp_path):
+  out = evaluation.run_sample(runs["cond"], sampler="ddim", steps=4, num=4, label=3,
+                              guidance=3.0, out=str(tmp_path), seed=1)
+  assert out["samples"].shape == (4, 8, 8, 1) and "label3_w3" in out["png"]
+
+
+def test_classifier_guidance_on_unconditional_model(runs, tmp_path):
+  out = evaluation.run_sample(runs["uncond"], sampler="ancestral", steps=4, num=4, label=2,
+                              guidance=1.0, classifier_workdir=runs["classifier"],
+                              out=str(tmp_path))
+  assert out["samples"].shape == (4, 8, 8, 1) and out["png"].endswith("_clf.png")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sampler="euler_maruyama"), r"unknown sampler 'euler_maruyama'"),
+    (dict(steps=0), r"steps must be a positive integer, got 0"),
+    (dict(num=-1), r"num must be a positive integer, got -1"),
+    (dict(label=10), r"label 10 is outside the classes of 'digits'.*\[0, 10\)"),
+    (dict(label=-1, guidance=1.0), r"label -1 is outside"),
+    (dict(label=3, guidance=1.0), r"unconditional"),
+    (dict(label=3), r"needs a class-conditional model"),
+    (dict(guidance=-1.0), r"guidance must be a finite number >= 0, got -1.0"),
+])
+def test_sample_bad_input(runs, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    evaluation.run_sample(runs["uncond"], **dict(dict(steps=2, num=2), **kwargs))
+
+
+def test_classifier_run_cannot_sample_and_must_be_a_classifier(runs):
+  with pytest.raises(ValueError, match="cannot sample"):
+    evaluation.run_sample(runs["classifier"], steps=2, num=2)
+  with pytest.raises(evaluation.RunError, match="expected a 'classifier' run"):
+    evaluation.run_sample(runs["uncond"], steps=2, num=2, label=1, guidance=1.0,
+                          classifier_workdir=runs["cond"])
+
+
+def test_missing_run_or_checkpoint(runs, tmp_path):
+  with pytest.raises(evaluation.RunError, match="not a vdm-jax run directory"):
+    evaluation.run_eval(str(tmp_path / "nothing"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "config.json").write_text(
+      (pathlib.Path(runs["uncond"]) / "config.json").read_text())
+  with pytest.raises(evaluation.RunError, match="holds no checkpoint"):
+    evaluation.run_sample(str(empty), steps=2, num=2)
+  assert not (empty / "checkpoints").exists()   # nothing created as a side effect
+  with pytest.raises(evaluation.RunError, match=r"no checkpoint for step 7.*\[1, 2\]"):
+    evaluation.run_eval(runs["uncond"], checkpoint=7)
+
+
+def test_cli_errors_are_one_line(runs, tmp_path):
+  """Bad input through the CLI: exit 2, the message, no traceback."""
+  for args, match in [
+      (["sample", "--workdir", runs["uncond"], "--sampler", "nope"], "unknown sampler 'nope'"),
+      (["eval", "--workdir", str(tmp_path / "none")], "not a vdm-jax run directory"),
+      (["sample", "--workdir", runs["uncond"], "--steps", "0"], "steps must be a positive"),
+  ]:
+    proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cli_eval_and_sample(runs, tmp_path):
+  out = tmp_path / "cli.json"
+  proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", "eval", "--workdir", runs["uncond"],
+                         "--num_steps", "5", "--t_samples", "1", "--max_examples", "16",
+                         "--out", str(out)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "bpd" in proc.stdout and json.loads(out.read_text())["num_steps"] == 5
+  proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", "sample", "--workdir",
+                         runs["cond"], "--sampler", "ddim", "--steps", "3", "--num", "4",
+                         "--label", "7", "--guidance", "1", "--out", str(tmp_path / "s")],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert len(list((tmp_path / "s").glob("*.npz"))) == 1

@@ -1,0 +1,217 @@
+"""What a user does with a trained run: `vdm-jax eval` and `vdm-jax sample`.
+
+  load_run(workdir)  -> Run: the stored config, the task, the EMA parameters of a checkpoint
+  run_eval(workdir, ...)   -> bound (bpd mean, standard error, three terms), written to JSON
+  run_sample(workdir, ...) -> a PNG grid and an .npz of integer samples, with any sampler and
+                              optional classifier-free or classifier guidance
+
+Every bad input (unknown sampler, steps <= 0, a label outside the classes, guidance on an
+unconditional model, a directory without checkpoints) raises `RunError` or `ValueError` with a
+message naming the problem, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vdm_jax import checkpointing, data, metrics, parallel, sampling, tasks, train
+
+PyTree = Any
+
+
+class RunError(ValueError):
+  """The run directory cannot be used as asked (no config, no checkpoint, wrong kind of run)."""
+
+
+class Run(NamedTuple):
+  """A trained run, restored: EMA parameters of checkpoint `step`."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  info: data.DatasetInfo
+  task: Any
+  step: int
+  params: PyTree
+  frozen: PyTree
+  mesh: Any
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config stored by `vdm-jax train` in workdir/config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise RunError(f"{workdir!r} is not a vdm-jax run directory: {path} does not exist (expected "
+                   f"the --workdir of a `vdm-jax train` run)")
+  with open(path) as f:
+    stored = json.load(f)
+  config = ml_collections.ConfigDict(stored["config"])
+  if "task" not in config:   # runs from before tasks existed were VDMs
+    config.task = "vdm"
+  return config
+
+
+def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | None = None) -> Run:
+  """Restores checkpoint `step` (None: the newest usable one) of the run in `workdir`.
+
+  Raises:
+    RunError: no config.json, no checkpoint, or no checkpoint `step` (the message lists them).
+  """
+  config = load_config(workdir)
+  if eval_batch_size is not None:
+    config.eval.batch_size = int(eval_batch_size)
+  info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
+  task, tx = train.build_task(config, info), train.build_optimizer(config)
+  mesh = parallel.make_mesh()
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise RunError(f"{workdir!r} holds no checkpoint ({ckpt_dir} does not exist); train first: "
+                   f"vdm-jax train --config CONFIG --workdir {workdir}")
+  manager = checkpointing.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise RunError(f"{workdir!r} holds no checkpoint (nothing under {ckpt_dir}); train first: "
+                     f"vdm-jax train --config CONFIG --workdir {workdir}")
+    if step is not None and step not in steps:
+      raise RunError(f"{workdir!r} has no checkpoint for step {step}; available steps: {steps}")
+    abstract = train._abstract_state(   # pylint: disable=protected-access
+        lambda: train.init_state(task, tx, seed=config.seed), mesh)
+    step, state, _ = manager.restore(abstract, step=step)
+  finally:
+    manager.close()
+  return Run(workdir, config, info, task, int(step), state.ema_params, state.frozen, mesh)
+
+
+def _check_positive(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | None = None,
+             t_samples: int | None = None, max_examples: int | None = None,
+             split: str = "test", batch_size: int | None = None, out: str | None = None,
+             seed: int = 0) -> dict[str, Any]:
+  """The task's evaluation (for a VDM: the bound with EMA parameters) on `split`.
+
+  num_steps: T of the bound (0 = continuous time; None = the config's eval.num_steps);
+  t_samples: time samples per image. Writes JSON to `out` (default
+  workdir/eval/step{S}_T{T}_K{K}_{split}.json) and returns the result.
+  """
+  if num_steps is not None and (isinstance(num_steps, bool) or num_steps < 0):
+    raise ValueError(f"num_steps must be >= 0 (0 = continuous time), got {num_steps!r}")
+  if t_samples is not None:
+    _check_positive("t_samples", t_samples)
+  run = load_run(workdir, step=checkpoint, eval_batch_size=batch_size)
+  if run.config.eval.batch_size % run.mesh.size:
+    raise ValueError(f"eval batch size {run.config.eval.batch_size} is not a multiple of the "
+                     f"{run.mesh.size} devices; pass --batch_size")
+  result = train.evaluate(run.task, run.params, run.config, run.info, run.mesh,
+                          num_steps=num_steps, t_samples=t_samples, max_examples=max_examples,
+                          split=split, frozen=run.frozen, seed=seed)
+  result = {"workdir": workdir, "checkpoint": run.step, "split": split, "task": run.task.name,
+            **result}
+  if out is None:
+    out = os.path.join(workdir, "eval", f"step{run.step}_T{result['num_steps']}_"
+                       f"K{result['t_samples']}_{split}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"checkpoint {run.step}, {split} ({result['num_examples']} examples, T="
+        f"{result['num_steps'] or 'continuous'}, {result['t_samples']} t-samples): "
+        f"{train.summary_line(result, run.task.headline)} -> {out}", flush=True)
+  return result
+
+
+def _labels(run: Run, label: int | None, num: int, classifier: Run | None) -> jax.Array | None:
+  if label is None:
+    return None
+  num_classes = run.info.num_classes
+  if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
+      0 <= label < num_classes):
+    raise ValueError(f"label {label!r} is outside the classes of {run.info.name!r}: expected an "
+                     f"integer in [0, {num_classes})")
+  if not getattr(run.task, "num_classes", 0) and classifier is None:
+    raise ValueError(f"--label needs a class-conditional model (model.conditional=True) or a "
+                     f"classifier (--classifier_workdir); {run.workdir!r} is unconditional")
+  return jnp.full((num,), int(label), jnp.int32)
+
+
+def guided_fns(run: Run, *, labels: jax.Array | None, guidance: float,
+               classifier: Run | None = None):
+  """(eps_fn, gamma_fn, shape, decode) of `run`, with guidance towards `labels`.
+
+  Conditional model, no classifier: classifier-free guidance (1 + w) eps(z, y) - w eps(z, null).
+  With a classifier run: classifier guidance eps - w sigma grad log p(y | z_t) on the model's
+  unconditional eps (the null label for a conditional model).
+  """
+  conditional = bool(getattr(run.task, "num_classes", 0))
+  if guidance and labels is None:
+    raise ValueError(f"guidance {guidance} needs --label (the class to guide towards)")
+  if guidance and not conditional and classifier is None:
+    raise ValueError(f"guidance on an unconditional model ({run.workdir!r}) needs a classifier: "
+                     f"pass --classifier_workdir, or train a conditional model "
+                     f"(configs/digits_cond.py)")
+  null = None if labels is None else jnp.full_like(labels, run.info.num_classes)
+  if classifier is not None:
+    if classifier.task.name != "classifier" or classifier.info.name != run.info.name:
+      raise RunError(f"--classifier_workdir {classifier.workdir!r} is a {classifier.task.name!r} "
+                     f"run on {classifier.info.name!r}; expected a 'classifier' run on "
+                     f"{run.info.name!r}")
+    eps_fn, gamma_fn, shape, decode = run.task.sampler_fns(
+        run.params, run.frozen, null if conditional else None)
+    log_prob = classifier.task.log_prob_fn(classifier.params, labels)
+    return (sampling.classifier_guided_eps_fn(eps_fn, log_prob, guidance=guidance), gamma_fn,
+            shape, decode)
+  if labels is None or not guidance:
+    return run.task.sampler_fns(run.params, run.frozen, labels if conditional else None)
+  cond, gamma_fn, shape, decode = run.task.sampler_fns(run.params, run.frozen, labels)
+  uncond = run.task.sampler_fns(run.params, run.frozen, null)[0]
+  return (sampling.classifier_free_eps_fn(cond, uncond, guidance=guidance), gamma_fn, shape,
+          decode)
+
+
+def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, num: int = 64,
+               out: str | None = None, label: int | None = None, guidance: float = 0.0,
+               classifier_workdir: str | None = None, checkpoint: int | None = None,
+               seed: int = 0, batch_size: int = 256, **sampler_kwargs) -> dict[str, Any]:
+  """Draws `num` samples with `sampler` in `steps` steps; writes a PNG grid and an .npz.
+
+  Returns {"png": path, "npz": path, "samples": int array [num, H, W, C]}.
+  """
+  sampling.get_sampler(sampler)   # unknown names fail here, before loading anything
+  steps, num = _check_positive("steps", steps), _check_positive("num", num)
+  batch_size = _check_positive("batch_size", batch_size)
+  if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+    raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+  run = load_run(workdir, step=checkpoint)
+  classifier = None if classifier_workdir is None else load_run(classifier_workdir)
+  labels = _labels(run, label, num, classifier)
+  key, chunks = jax.random.PRNGKey(seed), []
+  for i, start in enumerate(range(0, num, batch_size)):
+    n = min(batch_size, num - start)
+    fns = guided_fns(run, labels=None if labels is None else labels[start:start + n],
+                     guidance=float(guidance), classifier=classifier)
+    chunks.append(train.draw_samples(fns, sampler=sampler, key=jax.random.fold_in(key, i),
+                                     num_images=n, num_steps=steps, info=run.info,
+                                     **sampler_kwargs))
+  samples = np.concatenate(chunks)
+  out = out or os.path.join(workdir, "samples")
+  os.makedirs(out, exist_ok=True)
+  stem = f"{sampler}_steps{steps}_n{num}_ckpt{run.step}"
+  if label is not None:
+    stem += f"_label{label}_w{guidance:g}" + ("_clf" if classifier is not None else "")
+  png, npz = os.path.join(out, stem + ".png"), os.path.join(out, stem + ".npz")
+  metrics.save_image_grid(png, samples, vocab_size=run.info.vocab_size)
+  np.savez(npz, samples=samples, label=-1 if label is None else label, guidance=guidance,
+           sampler=sampler, steps=steps, checkpoint=run.step)
+  print(f"{num} samples ({sampler}, {steps} steps) from checkpoint {run.step} -> {png}, {npz}",
+        flush=True)
+  return {"png": png, "npz": npz, "samples": samples}
