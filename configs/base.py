@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.dtype = "float32"        # float32 | bfloat16 (activations; params and losses stay float32)
   c.model.num_steps = 0            # T of the training loss; 0 = continuous time
+  c.model.objective = "elbo"       # elbo | simple (DDPM L_simple, needs num_steps) | weighted
+  c.model.weighting = "sigmoid"    # weighted objective: uniform | sigmoid (w of log-SNR)
+  c.model.weighting_bias = 0.0
   c.model.conditional = False      # class-conditional network (label embedding with a null label)
   c.model.p_uncond = 0.1           # label-drop probability for classifier-free guidance
 
@@ -66,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 1000
   c.sample.num_images = 64
+  c.sample.sampler = "ancestral"   # sample grids written during training
+  c.sample.ddpm_variance = "beta"  # sampler "ddpm": sigma_t^2 = beta | posterior
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False

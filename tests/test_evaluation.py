@@ -68,7 +68,7 @@ def test_classifier_task_reports_accuracy(runs):
   assert result["task"] == "classifier" and np.isfinite(result["nll"])
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "ode", "langevin", "pc"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "ode", "langevin", "pc", "ddpm"])
 def test_every_sampler_writes_png_and_npz(runs, tmp_path, sampler):
   out = evaluation.run_sample(runs["uncond"], sampler=sampler, steps=3, num=5, batch_size=4,
                               out=str(tmp_path))

@@ -35,6 +35,8 @@ flags.DEFINE_string("out", None, "eval: JSON path; sample: output directory "
                     "(default: inside the workdir).")
 flags.DEFINE_integer("label", None, "sample: class to draw (conditional model or classifier).")
 flags.DEFINE_float("guidance", 0.0, "sample: guidance weight w >= 0.")
+flags.DEFINE_enum("ddpm_variance", "beta", ["beta", "posterior"],
+                  "sample --sampler ddpm: sigma_t^2 = beta_t or the posterior variance.")
 flags.DEFINE_string("classifier_workdir", None, "sample: a classifier run for classifier guidance.")
 # bench
 flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's).")
@@ -73,7 +75,8 @@ def _sample(argv):
                         out=FLAGS.out, label=FLAGS.label, guidance=FLAGS.guidance,
                         classifier_workdir=FLAGS.classifier_workdir,
                         checkpoint=FLAGS.checkpoint, seed=FLAGS.seed,
-                        batch_size=FLAGS.batch_size or 256)
+                        batch_size=FLAGS.batch_size or 256,
+                        **({"variance": FLAGS.ddpm_variance} if FLAGS.sampler == "ddpm" else {}))
 
 
 def _bench(argv):

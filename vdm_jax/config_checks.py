@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from vdm_jax import data, model as model_lib, tasks
+from vdm_jax import data, elbo, model as model_lib, sampling, tasks
 
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
@@ -43,6 +43,21 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
        f"one of {BLOCK_IMPLS}"),
       ("model.dtype", c.model.dtype, c.model.dtype in DTYPES, f"one of {DTYPES}"),
       ("model.num_steps", c.model.num_steps, c.model.num_steps >= 0, ">= 0 (0 = continuous)"),
+      ("model.objective", c.model.objective, c.model.objective in elbo.OBJECTIVES,
+       f"one of {elbo.OBJECTIVES}"),
+      ("model.weighting", c.model.weighting, c.model.weighting in elbo.WEIGHTINGS,
+       f"one of {elbo.WEIGHTINGS}"),
+      ("model.schedule", c.model.schedule,
+       c.model.objective == "elbo" or c.model.schedule in model_lib.FIXED_SCHEDULES,
+       f"a fixed schedule {model_lib.FIXED_SCHEDULES} with objective {c.model.objective!r} "
+       "(only the ELBO gives a learned schedule a meaningful gradient)"),
+      ("model.num_steps", c.model.num_steps,
+       c.model.objective != "simple" or c.model.num_steps >= 1,
+       ">= 1 with objective 'simple' (t ~ Uniform{1..T})"),
+      ("sample.sampler", c.sample.sampler, c.sample.sampler in sampling.SAMPLERS,
+       f"one of {tuple(sampling.SAMPLERS)}"),
+      ("sample.ddpm_variance", c.sample.ddpm_variance,
+       c.sample.ddpm_variance in sampling.DDPM_VARIANCES, f"one of {sampling.DDPM_VARIANCES}"),
       ("model.p_uncond", c.model.p_uncond, 0 <= c.model.p_uncond < 1, "in [0, 1)"),
       ("optim.learning_rate", c.optim.learning_rate, c.optim.learning_rate > 0, "> 0"),
       ("optim.warmup_steps", c.optim.warmup_steps, c.optim.warmup_steps >= 0, ">= 0"),

@@ -27,6 +27,12 @@ from vdm_jax import checkpointing, data, metrics, parallel, sampling, tasks, tra
 PyTree = Any
 
 
+# Config fields added after the first release, with the value older runs implicitly used.
+_ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"), ("model", "objective", "elbo"),
+                 ("model", "weighting", "sigmoid"), ("model", "weighting_bias", 0.0),
+                 ("sample", "sampler", "ancestral"))
+
+
 class RunError(ValueError):
   """The run directory cannot be used as asked (no config, no checkpoint, wrong kind of run)."""
 
@@ -52,8 +58,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     stored = json.load(f)
   config = ml_collections.ConfigDict(stored["config"])
-  if "task" not in config:   # runs from before tasks existed were VDMs
-    config.task = "vdm"
+  for section, field, value in _ADDED_FIELDS:   # runs stored before these fields existed
+    target = config[section] if section else config
+    if field not in target:
+      target[field] = value
   return config
 
 

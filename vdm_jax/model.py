@@ -74,6 +74,9 @@ class VDM(nn.Module):
     num_steps: T for the training loss; 0 = continuous time.
     cond_gamma_min, cond_gamma_max: the network sees t_cond = (gamma - min) / (max - min), fixed
       constants (the initial endpoints), so conditioning does not move with a learned schedule.
+    objective, weighting, weighting_bias: the training objective (`elbo.training_loss`): "elbo"
+      (the bound), "simple" (DDPM's L_simple, needs num_steps = T) or "weighted" (w(log-SNR) on
+      the continuous loss). The reported bound (`__call__`) is always the unweighted ELBO.
   """
 
   vocab_size: int
@@ -82,6 +85,9 @@ class VDM(nn.Module):
   num_steps: int = 0
   cond_gamma_min: float = -13.3
   cond_gamma_max: float = 5.0
+  objective: str = "elbo"
+  weighting: str = "sigmoid"
+  weighting_bias: float = 0.0
 
   def gamma_fn(self) -> schedules.GammaFn:
     return self.schedule()
@@ -115,6 +121,15 @@ class VDM(nn.Module):
     return elbo.elbo_terms(self.make_rng("diffusion"), images, eps_fn=eps_fn, gamma_fn=gamma_fn,
                            vocab_size=self.vocab_size, num_steps=steps, t=t)
 
+  def training_loss(self, images: ArrayLike, label: Optional[ArrayLike] = None, *,
+                    train: bool) -> jax.Array:
+    """Per-example loss [B] of `objective` (`elbo.training_loss`; rng "diffusion", "dropout")."""
+    eps_fn = lambda z, g: self.eps(z, g, label, train=train)
+    return elbo.training_loss(self.make_rng("diffusion"), images, eps_fn=eps_fn,
+                              gamma_fn=self.schedule(), vocab_size=self.vocab_size,
+                              objective=self.objective, num_steps=self.num_steps,
+                              weighting=self.weighting, weighting_bias=self.weighting_bias)
+
   def endpoints(self) -> tuple[jax.Array, jax.Array]:
     """(gamma(0), gamma(1))."""
     fn = self.schedule()
@@ -124,7 +139,9 @@ class VDM(nn.Module):
 def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: float,
                 channels: int, num_blocks: int, fourier_exponents: tuple[int, ...],
                 attention_everywhere: bool, dropout: float, num_classes: int, block_impl: str,
-                remat: bool, dtype: Any, num_steps: int = 0, schedule_hidden: int = 1024) -> VDM:
+                remat: bool, dtype: Any, num_steps: int = 0, schedule_hidden: int = 1024,
+                objective: str = "elbo", weighting: str = "sigmoid",
+                weighting_bias: float = 0.0) -> VDM:
   """A VDM from typed hyperparameters (train.py unpacks the config into these)."""
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -137,7 +154,8 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
              schedule=NoiseSchedule(kind=schedule, gamma_min=gamma_min, gamma_max=gamma_max,
                                     hidden=schedule_hidden),
              score_net=net, num_steps=num_steps, cond_gamma_min=gamma_min,
-             cond_gamma_max=gamma_max)
+             cond_gamma_max=gamma_max, objective=objective, weighting=weighting,
+             weighting_bias=weighting_bias)
 
 
 class NoisyClassifierModel(nn.Module):

@@ -79,10 +79,16 @@ class VDMTask:
     return jnp.where(drop, self.num_classes, batch["label"])
 
   def loss(self, params, frozen, batch, key):
+    """The bound in bpd (objective "elbo", its terms logged), else the objective's batch mean."""
     del frozen
     k_diff, k_drop, k_label = jax.random.split(key, 3)
-    terms = self.model.apply({"params": params}, batch["image"], self._labels(batch, k_label),
-                             train=True, rngs={"diffusion": k_diff, "dropout": k_drop})
+    args = ({"params": params}, batch["image"], self._labels(batch, k_label))
+    rngs = {"diffusion": k_diff, "dropout": k_drop}
+    if self.model.objective != "elbo":
+      loss = jnp.mean(self.model.apply(*args, train=True, rngs=rngs,
+                                       method=model_lib.VDM.training_loss))
+      return loss, {self.model.objective + "_loss": loss}
+    terms = self.model.apply(*args, train=True, rngs=rngs)
     out = {k: jnp.mean(v) for k, v in terms_bpd(terms, num_dims=self.num_dims).items()}
     return out["bpd"], out
 
@@ -176,7 +182,8 @@ def build_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> mode
       num_blocks=m.num_blocks, fourier_exponents=tuple(m.fourier_exponents),
       attention_everywhere=m.attention_everywhere, dropout=m.dropout,
       num_classes=info.num_classes if m.conditional else 0, block_impl=block_impl(config),
-      remat=m.remat, dtype=jnp.dtype(m.dtype), num_steps=m.num_steps)
+      remat=m.remat, dtype=jnp.dtype(m.dtype), num_steps=m.num_steps,
+      objective=m.objective, weighting=m.weighting, weighting_bias=m.weighting_bias)
 
 
 def build_classifier(config: ml_collections.ConfigDict,

@@ -359,11 +359,18 @@ def _write_samples(task, state, config, info, workdir, step, is_chief) -> None:
   labels = (jnp.arange(n) % info.num_classes) if getattr(task, "num_classes", 0) else None
   images = sample_images(task, state.ema_params, key=jax.random.PRNGKey(config.seed + 2),
                          info=info, num_images=n, num_steps=config.sample.num_steps,
-                         labels=labels, frozen=state.frozen)
+                         labels=labels, frozen=state.frozen, sampler=config.sample.sampler,
+                         **_sampler_options(config))
   if is_chief:
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     metrics.save_image_grid(path, images, vocab_size=info.vocab_size)
+
+
+def _sampler_options(config) -> dict:
+  if config.sample.sampler == "ddpm":
+    return {"variance": config.sample.ddpm_variance}
+  return {}
 
 
 def summary_line(result: dict, headline: str) -> str:
