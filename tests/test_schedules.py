@@ -50,21 +50,54 @@ class FixedLinearTest(parameterized.TestCase):
 
 class DDPMScheduleTest(parameterized.TestCase):
 
-  def test_beta_linear_reference(self):
-    sched = schedules.BetaLinear()
-    b0, b1, n = 1e-4, 0.02, 1000
-    m = 1.0 + (n - 1.0) * T_GRID          # tau = m / n from 1/T to 1
-    c = m * b0 + (b1 - b0) * m * (m - 1) / (2 * (n - 1))
-    chex.assert_trees_all_close(sched(T_GRID), np.log(np.expm1(c)), rtol=1e-4, atol=1e-4)
+  @parameterized.parameters((1e-4, 0.02, 1000), (2e-3, 0.02, 10), (5e-3, 0.2, 50),
+                            (2.5e-5, 0.005, 4000))
+  def test_beta_linear_exact_on_the_ddpm_grid(self, b0, b1, n):
+    # Ho et al. 2020: alpha_bar_n = prod_{i<=n} (1 - beta_i), float64 NumPy reference.
+    sched = schedules.BetaLinear(beta_start=b0, beta_end=b1, num_steps=n)
+    alpha_bar = np.cumprod(1.0 - np.linspace(b0, b1, n))
+    c = sched.neg_log_alpha_bar(np.arange(n + 1) / n)        # float64 in, float64 out
+    self.assertEqual(c.dtype, np.float64)
+    np.testing.assert_allclose(np.exp(-c[1:]), alpha_bar, rtol=1e-9)
+    self.assertEqual(c[0], 0.0)
+    np.testing.assert_allclose(np.log(np.expm1(c[1:])), np.log((1 - alpha_bar) / alpha_bar),
+                               rtol=1e-9, atol=1e-9)
 
-  def test_beta_linear_close_to_discrete_ddpm(self):
-    # DDPM's discrete alpha_bar_n = prod(1 - beta_i) at n = 1 and n = T vs the continuous form.
-    betas = np.linspace(1e-4, 0.02, 1000)
-    log_abar = np.cumsum(np.log1p(-betas))
-    discrete = np.log(-np.expm1(log_abar)) - log_abar
-    lo, hi = schedules.BetaLinear().endpoints
-    self.assertAlmostEqual(lo, discrete[0], delta=1e-3)
-    self.assertAlmostEqual(hi, discrete[-1], delta=0.2)   # sum of beta^2/2 terms: ~0.13
+  def test_beta_linear_call_gives_ddpm_levels_in_float32(self):
+    # Default endpoints: level n at t = (n - 1) / (T - 1); float32 rounding only (measured 3e-6).
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    levels = np.log((1 - alpha_bar) / alpha_bar)
+    sched = schedules.BetaLinear()
+    np.testing.assert_allclose(sched.endpoints, levels[[0, -1]], rtol=1e-10)
+    gamma = jax.jit(sched)(jnp.arange(1000, dtype=jnp.float32) / 999)
+    chex.assert_trees_all_close(np.asarray(gamma, np.float64), levels, atol=1e-5)
+
+  @parameterized.parameters(-13.3, -9.2, 0.0, 5.0, 10.1, 20.0)
+  def test_beta_linear_inverse_round_trip(self, gamma):
+    sched = schedules.BetaLinear()
+    tau = sched._tau(gamma)
+    self.assertAlmostEqual(math.log(math.expm1(sched.neg_log_alpha_bar(tau))), gamma, delta=1e-9)
+    custom = schedules.BetaLinear(gamma_min=min(gamma, 0.0) - 1.0, gamma_max=gamma + 1.0)
+    np.testing.assert_allclose(custom(jnp.asarray([0.0, 1.0])), custom.endpoints, rtol=1e-6,
+                               atol=1e-5)
+
+  def test_beta_linear_increasing_between_grid_points(self):
+    sched = schedules.BetaLinear(gamma_min=-13.3, gamma_max=20.0)   # tau from ~2e-5 to ~1.4
+    c = sched.neg_log_alpha_bar(np.linspace(0.0, 1.5, 100_001))
+    self.assertTrue(np.all(np.diff(c) > 0))
+    gamma, prime = schedules.gamma_and_derivative(sched, jnp.linspace(0.0, 1.0, 4001))
+    self.assertTrue(np.all(np.asarray(prime) > 0))
+    self.assertTrue(np.all(np.diff(np.asarray(gamma)) >= 0))
+
+  def test_beta_linear_gradients_finite_and_match_finite_differences(self):
+    sched = schedules.BetaLinear(gamma_min=-13.3, gamma_max=schedules.BetaLinear().endpoints[1])
+    t = jnp.asarray([0.0, 1e-3, 0.1, 0.5, 0.9, 1.0])
+    grads = jax.grad(lambda x: jnp.sum(jnp.stack(schedules.gamma_and_derivative(sched, x))))(t)
+    chex.assert_tree_all_finite(grads)
+    _, prime = schedules.gamma_and_derivative(sched, t[2:5])
+    h = 1e-3
+    fd = (np.asarray(sched(t[2:5] + h), np.float64) - np.asarray(sched(t[2:5] - h))) / (2 * h)
+    chex.assert_trees_all_close(prime, fd, rtol=2e-3)
 
   def test_cosine_reference(self):
     sched = schedules.Cosine()
@@ -99,6 +132,12 @@ class DDPMScheduleTest(parameterized.TestCase):
   def test_bad_ddpm_args(self):
     with self.assertRaisesRegex(ValueError, "beta_start"):
       schedules.BetaLinear(beta_start=0.1, beta_end=0.01)
+    with self.assertRaisesRegex(ValueError, r"beta_start > .*num_steps=10"):
+      schedules.BetaLinear(beta_start=1e-3, beta_end=0.1, num_steps=10)    # c'(0) < 0
+    with self.assertRaisesRegex(ValueError, "converge.*beta_end=0.999"):
+      schedules.BetaLinear(beta_start=0.5, beta_end=0.999, num_steps=2)
+    with self.assertRaisesRegex(ValueError, "increasing"):     # passes the c'(0) check at order 1
+      schedules.BetaLinear(beta_start=1 / 6 + 1e-9, beta_end=0.5, num_steps=2)
     with self.assertRaisesRegex(ValueError, "offset s"):
       schedules.Cosine(s=0.0)
 
