@@ -56,6 +56,16 @@ def test_eval_writes_bound_and_terms(runs, tmp_path):
   assert stored["checkpoint"] == 2 and stored["bpd_se"] > 0
 
 
+def test_eval_with_ode_bound_side_by_side(runs, tmp_path):
+  result = evaluation.run_eval(runs["uncond"], max_examples=8, batch_size=8, ode=True,
+                               ode_method="heun", out=str(tmp_path / "o.json"))
+  assert result["ode_num_examples"] == 8 and result["ode_method"] == "heun"
+  assert np.isfinite(result["ode_bpd"]) and result["ode_bpd"] > 0 and result["ode_bpd_se"] > 0
+  assert np.isfinite(result["bpd"])
+  with pytest.raises(ValueError, match="needs a pixel-space VDM run"):
+    evaluation.run_eval(runs["classifier"], max_examples=8, batch_size=8, ode=True)
+
+
 def test_eval_default_path_and_older_checkpoint(runs):
   result = evaluation.run_eval(runs["uncond"], checkpoint=1, max_examples=16)
   assert result["checkpoint"] == 1 and result["num_steps"] == 0

@@ -25,6 +25,9 @@ flags.DEFINE_integer("t_samples", None, "eval: time samples per image (default: 
 flags.DEFINE_integer("max_examples", None, "eval: evaluate only the first N examples.")
 flags.DEFINE_string("split", "test", "eval: data split.")
 flags.DEFINE_integer("batch_size", None, "eval: batch size; sample: images per compiled batch.")
+flags.DEFINE_bool("ode", False, "eval: also the probability-flow ODE bound (slower).")
+flags.DEFINE_string("ode_method", "rk45", "eval --ode: rk45 | rk23 (adaptive) | heun | euler.")
+flags.DEFINE_integer("ode_max_examples", 200, "eval --ode: examples for the ODE bound.")
 flags.DEFINE_integer("seed", 0, "eval/sample: random seed.")
 # sample
 flags.DEFINE_string("sampler", "ancestral", "sample: ancestral | ddim | ode | langevin | pc | ...")
@@ -64,7 +67,8 @@ def _eval(argv):
   evaluation.run_eval(FLAGS.workdir, checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
                       t_samples=FLAGS.t_samples, max_examples=FLAGS.max_examples,
                       split=FLAGS.split, batch_size=FLAGS.batch_size, out=FLAGS.out,
-                      seed=FLAGS.seed)
+                      seed=FLAGS.seed, ode=FLAGS.ode, ode_method=FLAGS.ode_method,
+                      ode_max_examples=FLAGS.ode_max_examples)
 
 
 def _sample(argv):

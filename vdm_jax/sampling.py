@@ -235,8 +235,8 @@ def ddpm_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
   algorithm 2, the last step (t = 1/T to 0) adds no noise: the result is the mean of
   p(z_0 | z_{1/T}), i.e. the ancestral sample without its last noise term.
 
-  With `schedules.BetaLinear` the grid reproduces DDPM's alpha_bar up to that schedule's
-  approximation -log alpha_bar ~ sum(beta) (gamma within 0.07 for beta 1e-4 -> 0.02, T = 1000).
+  With `schedules.BetaLinear` (DDPM's endpoints) the grid reproduces DDPM's levels exactly:
+  alpha_bar_n = prod_{i<=n} (1 - beta_i) (Ho et al. 2020, eq. 4).
 
   Args and returns as `ancestral_sample`, plus variance "beta" or "posterior".
   """
