@@ -11,7 +11,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "vdm"                   # vdm | classifier (noise-conditional, for classifier guidance)
+  c.task = "vdm"   # vdm | classifier (noise-conditional, for guidance) | vae | latent_vdm
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"          # digits | cifar10 | mnist | downsampled_imagenet/32x32 | /64x64
@@ -37,6 +37,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.weighting_bias = 0.0
   c.model.conditional = False      # class-conditional network (label embedding with a null label)
   c.model.p_uncond = 0.1           # label-drop probability for classifier-free guidance
+
+  # Latent diffusion: task "vae" trains this VAE; task "latent_vdm" trains a VDM (config.model) on
+  # the latents of the VAE run in latent.vae_workdir (frozen; its config.vae must match).
+  c.vae = ml_collections.ConfigDict()
+  c.vae.channels = 32
+  c.vae.latent_channels = 4
+  c.vae.num_down = 1               # latent H / 2^num_down x W / 2^num_down
+  c.vae.num_blocks = 1
+  c.latent = ml_collections.ConfigDict()
+  c.latent.vae_workdir = ""
+  c.latent.vae_checkpoint = 0      # 0 = the newest
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-4

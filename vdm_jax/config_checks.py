@@ -18,7 +18,7 @@ from vdm_jax import data, elbo, model as model_lib, sampling, tasks
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
 # Fields that define what is being trained: a resumed run must agree on them.
-PINNED_SECTIONS = ("data", "model")
+PINNED_SECTIONS = ("data", "model", "vae", "latent")
 PINNED_FIELDS = ("seed", "task")
 
 
@@ -31,6 +31,13 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
   known = data.KNOWN_DATASETS
   return [
       ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS}"),
+      ("vae.channels", c.vae.channels, c.vae.channels > 0, "> 0"),
+      ("vae.latent_channels", c.vae.latent_channels, c.vae.latent_channels > 0, "> 0"),
+      ("vae.num_down", c.vae.num_down, c.vae.num_down >= 0, ">= 0"),
+      ("vae.num_blocks", c.vae.num_blocks, c.vae.num_blocks >= 0, ">= 0"),
+      ("latent.vae_workdir", c.latent.vae_workdir,
+       c.task != "latent_vdm" or bool(c.latent.vae_workdir),
+       "the run directory of a trained VAE (task 'latent_vdm')"),
       ("data.name", c.data.name, c.data.name in known, f"one of {known}"),
       ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
        f"one of {model_lib.SCHEDULES}"),
@@ -115,7 +122,7 @@ def pinned(config: ml_collections.ConfigDict) -> dict[str, Any]:
   d = json.loads(config.to_json())
   out = {k: d.get(k) for k in PINNED_FIELDS}
   for section in PINNED_SECTIONS:
-    out.update(_flatten(d[section], f"{section}."))
+    out.update(_flatten(d.get(section, {}), f"{section}."))
   return out
 
 

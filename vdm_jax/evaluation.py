@@ -31,6 +31,8 @@ PyTree = Any
 _ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"), ("model", "objective", "elbo"),
                  ("model", "weighting", "sigmoid"), ("model", "weighting_bias", 0.0),
                  ("sample", "sampler", "ancestral"))
+_ADDED_SECTIONS = {"vae": {"channels": 32, "latent_channels": 4, "num_down": 1, "num_blocks": 1},
+                   "latent": {"vae_workdir": "", "vae_checkpoint": 0}}
 
 
 class RunError(ValueError):
@@ -58,6 +60,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     stored = json.load(f)
   config = ml_collections.ConfigDict(stored["config"])
+  for section, fields in _ADDED_SECTIONS.items():
+    if section not in config:
+      config[section] = ml_collections.ConfigDict(fields)
   for section, field, value in _ADDED_FIELDS:   # runs stored before these fields existed
     target = config[section] if section else config
     if field not in target:
@@ -75,8 +80,8 @@ def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | No
   if eval_batch_size is not None:
     config.eval.batch_size = int(eval_batch_size)
   info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
-  task, tx = train.build_task(config, info), train.build_optimizer(config)
-  mesh = parallel.make_mesh()
+  task = train.build_task(config, info, restoring=True)
+  tx, mesh = train.build_optimizer(config), parallel.make_mesh()
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise RunError(f"{workdir!r} holds no checkpoint ({ckpt_dir} does not exist); train first: "

@@ -10,8 +10,9 @@ metrics. A task provides (all pure, traced under jit):
   sampler_fns(params, frozen, labels) -> (eps_fn, gamma_fn, latent_shape, decode) or raises
 
 `headline` names the eval value whose standard error is reported (bpd for generative tasks).
-Tasks: "vdm" (the VDM bound or another objective, optionally class-conditional) and
-"classifier" (a noise-conditional classifier for classifier guidance).
+Tasks: "vdm" (the VDM bound or another objective, optionally class-conditional),
+"classifier" (a noise-conditional classifier for classifier guidance), "vae" (a discrete-decoder
+VAE) and "latent_vdm" (a VDM on the latents of a trained, frozen VAE; its bound is on -log p(x)).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vdm_jax import data, elbo, model as model_lib
 from vdm_jax.networks import NoisyClassifier, ScoreUNet
 
 PyTree = Any
-TASKS = ("vdm", "classifier")
+TASKS = ("vdm", "classifier", "vae", "latent_vdm")
 
 
 def _dummy_images(info: data.DatasetInfo, batch: int = 1) -> jax.Array:
@@ -165,6 +166,128 @@ class ClassifierTask:
     return fn
 
 
+def _bpd(terms: Any, *, num_dims: int, total: str = "bpd") -> dict[str, jax.Array]:
+  """{total: bound, "<field>_bpd": each term} in bits per dimension, [B] each (NamedTuple terms)."""
+  out = {total: elbo.bits_per_dim(terms.total, num_dims=num_dims)}
+  out.update({f"{k}_bpd": elbo.bits_per_dim(v, num_dims=num_dims)
+              for k, v in terms._asdict().items()})
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETask:
+  """A convolutional VAE with a discrete decoder (Kingma & Welling 2014) trained on its bound
+  (reconstruction + KL, in bpd); the first stage of latent diffusion."""
+
+  model: Any   # vae.VAE
+  info: data.DatasetInfo
+  name: str = "vae"
+  headline: str = "bpd"
+  num_classes: int = 0
+
+  @property
+  def num_dims(self) -> int:
+    return int(np.prod(self.info.shape))
+
+  def init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
+    k_params, k_latent = jax.random.split(key)
+    return self.model.init({"params": k_params, "latent": k_latent}, _dummy_images(self.info),
+                           train=False)["params"], {}
+
+  def _terms(self, params, batch, key, train):
+    terms = self.model.apply({"params": params}, batch["image"], train=train,
+                             rngs={"latent": key})
+    return _bpd(terms, num_dims=self.num_dims)
+
+  def loss(self, params, frozen, batch, key):
+    del frozen
+    out = {k: jnp.mean(v) for k, v in self._terms(params, batch, key, True).items()}
+    return out["bpd"], out
+
+  def eval_terms(self, params, frozen, batch, key, *, num_steps: int) -> dict[str, jax.Array]:
+    del frozen, num_steps
+    return self._terms(params, batch, key, False)
+
+  def param_metrics(self, params) -> dict[str, jax.Array]:
+    del params
+    return {}
+
+  def sampler_fns(self, params, frozen, labels=None):
+    """Samples y ~ N(0, I) through any sampler (the exact eps of N(0, I) data is sigma_t z), then
+    decodes them: the VAE's own generative model, for comparison with latent diffusion."""
+    del frozen
+    if labels is not None:
+      raise ValueError("labels were given but the VAE is unconditional")
+    from vdm_jax import diffusion, schedules   # pylint: disable=g-import-not-at-top
+    eps_fn = lambda z, g: diffusion.alpha_sigma(diffusion.broadcast_to_data(g, z))[1] * z
+    gamma_fn = schedules.FixedLinear(gamma_min=-10.0, gamma_max=10.0)
+    shape = self.model.latent_shape((1,) + tuple(self.info.shape))[1:]
+    decode = lambda y: self.model.apply({"params": params}, y, method=type(self.model).decode)
+    return eps_fn, gamma_fn, shape, decode
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentVDMTask:
+  """A VDM on the latents y ~ q(y|x) of a frozen, trained VAE (LSGM / latent diffusion).
+
+  Its loss and evaluation are the composed bound on -log p(x) in bpd of the data:
+  E_q[-log p(x|y)] - H[q(y|x)] + the VDM bound on -log p(y) (`latent.composed_terms_at`). The
+  VAE's parameters are the state's `frozen` part: loaded once from the VAE run, checkpointed with
+  this run, never updated.
+  """
+
+  model: Any   # vae.LatentVDM
+  info: data.DatasetInfo
+  vae_params: PyTree = None   # None: shapes only (restoring a run from its own checkpoint)
+  name: str = "latent_vdm"
+  headline: str = "bpd"
+  num_classes: int = 0
+
+  @property
+  def num_dims(self) -> int:
+    return int(np.prod(self.info.shape))
+
+  def init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
+    from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
+    k_params, k_latent, k_diff = jax.random.split(key, 3)
+    variables = self.model.init({"params": k_params, "latent": k_latent, "diffusion": k_diff,
+                                 "dropout": k_diff}, _dummy_images(self.info), train=False)
+    frozen = {k: v for k, v in variables.items() if k != "params"}
+    if self.vae_params is not None:
+      frozen = vae_lib.frozen_collections(self.vae_params)
+    return variables["params"], frozen
+
+  def _terms(self, params, frozen, batch, key, train, num_steps=None):
+    k_latent, k_diff, k_drop = jax.random.split(key, 3)
+    terms = self.model.apply({"params": params, **frozen}, batch["image"], train=train,
+                             num_steps=num_steps,
+                             rngs={"latent": k_latent, "diffusion": k_diff, "dropout": k_drop})
+    return _bpd(terms, num_dims=self.num_dims)
+
+  def loss(self, params, frozen, batch, key):
+    out = {k: jnp.mean(v) for k, v in self._terms(params, frozen, batch, key, True).items()}
+    return out["bpd"], out
+
+  def eval_terms(self, params, frozen, batch, key, *, num_steps: int) -> dict[str, jax.Array]:
+    return self._terms(params, frozen, batch, key, False, num_steps)
+
+  def param_metrics(self, params) -> dict[str, jax.Array]:
+    from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
+    gamma_0, gamma_1 = self.model.apply({"params": params}, method=vae_lib.LatentVDM.endpoints)
+    return {"gamma_0": gamma_0, "gamma_1": gamma_1}
+
+  def sampler_fns(self, params, frozen, labels=None):
+    from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
+    if labels is not None:
+      raise ValueError("labels were given but this latent VDM is unconditional")
+    variables = {"params": params, **frozen}
+    eps_fn = lambda z, g: self.model.apply(variables, z, g, None, method=vae_lib.LatentVDM.eps)
+    gamma_fn = lambda t: self.model.apply(variables, t, method=vae_lib.LatentVDM.gamma)
+    decode = lambda y: self.model.apply(variables, y, method=vae_lib.LatentVDM.decode)
+    shape = self.model.vae.latent_shape((1,) + tuple(self.info.shape))[1:]
+    return eps_fn, gamma_fn, shape, decode
+
+
 def block_impl(config: ml_collections.ConfigDict) -> str:
   """Scanned blocks on accelerators (compile time), unrolled on CPU (XLA:CPU is slower with the
   convolution weight-gradients inside a scan; see experiments/bench_scan.py)."""
@@ -198,8 +321,51 @@ def build_classifier(config: ml_collections.ConfigDict,
                                         gamma_min=m.gamma_min, gamma_max=m.gamma_max)
 
 
-def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo):
-  """The task named by config.task."""
+def build_vae(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
+  v = config.vae
+  return vae_lib.VAE(vocab_size=info.vocab_size, channels=v.channels,
+                     latent_channels=v.latent_channels, num_down=v.num_down,
+                     num_blocks=v.num_blocks, data_channels=info.shape[-1],
+                     dtype=jnp.dtype(config.model.dtype))
+
+
+def build_latent_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """A LatentVDM: the VAE of config.vae, a schedule and score net from config.model."""
+  from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
+  m = config.model
+  pixel = build_vdm(config, info)   # the same schedule and score-net construction
+  return vae_lib.LatentVDM(vae=build_vae(config, info), schedule=pixel.schedule,
+                           score_net=pixel.score_net, num_steps=m.num_steps,
+                           cond_gamma_min=m.gamma_min, cond_gamma_max=m.gamma_max)
+
+
+def load_vae_params(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> PyTree:
+  """The EMA parameters of the VAE run in config.latent.vae_workdir (checked to match)."""
+  from vdm_jax import evaluation   # pylint: disable=g-import-not-at-top
+  workdir = config.latent.vae_workdir
+  if not workdir:
+    raise ValueError("task 'latent_vdm' needs latent.vae_workdir: the run directory of a trained "
+                     "VAE (vdm-jax train --config configs/digits_vae.py --workdir runs/digits_vae)")
+  run = evaluation.load_run(workdir, step=config.latent.vae_checkpoint or None)
+  if run.task.name != "vae" or run.info.name != info.name:
+    raise ValueError(f"latent.vae_workdir={workdir!r} is a {run.task.name!r} run on "
+                     f"{run.info.name!r}; expected a 'vae' run on {info.name!r}")
+  mine, theirs = dict(config.vae), dict(run.config.vae)
+  if mine != theirs:
+    raise ValueError(f"config.vae {mine} differs from the VAE run's {theirs}")
+  return run.params
+
+
+def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo, *,
+               restoring: bool = False):
+  """The task named by config.task. `restoring`: the latent VDM's frozen VAE comes from the
+  run's own checkpoint, so the VAE run is not read."""
+  if config.task == "vae":
+    return VAETask(build_vae(config, info), info)
+  if config.task == "latent_vdm":
+    vae_params = None if restoring else load_vae_params(config, info)
+    return LatentVDMTask(build_latent_vdm(config, info), info, vae_params=vae_params)
   if config.task == "vdm":
     return VDMTask(build_vdm(config, info), info, p_uncond=config.model.p_uncond)
   if config.task == "classifier":

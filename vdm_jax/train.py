@@ -56,9 +56,10 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> mo
   return tasks.build_vdm(config, info)
 
 
-def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo, *,
+               restoring: bool = False):
   """The task of a config (`tasks.build_task`)."""
-  return tasks.build_task(config, info)
+  return tasks.build_task(config, info, restoring=restoring)
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -1,0 +1,25 @@
+"""Stage 1 of latent diffusion on CIFAR-10: a discrete-decoder VAE, 32x32x3 -> 16x16x4.
+
+Launch (then configs/cifar10_latent.py):
+  vdm-jax train --config configs/cifar10_vae.py --workdir runs/cifar10_vae
+
+Not run here (no accelerator was available); the expected bound is not measured.
+"""
+
+import pathlib
+import runpy
+
+_cifar = runpy.run_path(str(pathlib.Path(__file__).with_name("cifar10.py")))
+
+
+def get_config():
+  c = _cifar["get_config"]()
+  c.task = "vae"
+  c.vae.channels = 128
+  c.vae.latent_channels = 4
+  c.vae.num_down = 1
+  c.vae.num_blocks = 2
+  c.optim.learning_rate = 2e-4
+  c.optim.schedule_lr_multiplier = 1.0
+  c.training.num_steps = 500_000
+  return c

@@ -1,0 +1,29 @@
+"""Stage 2 of latent diffusion on digits: a VDM on the 4x4x2 latents of the frozen VAE trained by
+configs/digits_vae.py. Its bound composes: the VAE's reconstruction, minus the entropy of
+q(y|x), plus the VDM bound on -log p(y), reported in bpd of the data.
+
+Launch:
+  vdm-jax train --config configs/digits_vae.py --workdir runs/digits_vae
+  vdm-jax train --config configs/digits_latent.py --workdir runs/digits_latent \
+      --config.latent.vae_workdir=runs/digits_vae
+  vdm-jax sample --workdir runs/digits_latent --sampler ddim --steps 100 --num 64
+"""
+
+import pathlib
+import runpy
+
+_vae = runpy.run_path(str(pathlib.Path(__file__).with_name("digits_vae.py")))
+
+
+def get_config():
+  c = _vae["get_config"]()
+  c.task = "latent_vdm"
+  c.latent.vae_workdir = "runs/digits_vae"
+  c.model.gamma_min = -10.0
+  c.model.gamma_max = 6.0
+  c.model.channels = 64
+  c.model.num_blocks = 4
+  c.optim.learning_rate = 1e-3
+  c.optim.schedule_lr_multiplier = 10.0
+  c.eval.t_samples = 4
+  return c
