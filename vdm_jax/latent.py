@@ -2,12 +2,12 @@
 
 Two bounds, per example, in nats (x: integer data [B, ...]; y: continuous latent [B, ...]):
 
-VAE (Kingma & Welling 2014, eq. 3; survey eq. 8-12), encoder q(y | x) = N(mu(x), diag(v(x))),
+VAE (Kingma & Welling 2014, eq. 3; the survey's VAE section), encoder q(y | x) = N(mu(x), diag(v(x))),
 discrete decoder p(x | y) = prod_d softmax(logits_d(y))[x_d] over the K values of each dimension:
 
   -log p(x) <= E_q(y|x)[-log p(x | y)] + KL(q(y | x) || N(0, I))                          (1)
 
-Latent diffusion (Vahdat et al. 2021, LSGM, eq. 4; Rombach et al. 2022 with a VDM prior): the
+Latent diffusion (Vahdat et al. 2021, LSGM; Rombach et al. 2022; here with a VDM prior): the
 prior N(0, I) of (1) is replaced by a VDM density p_VDM(y), and KL(q || p) = E_q[log q - log p]:
 
   -log p(x) <= E_q[-log p(x | y)] - H[q(y | x)] + E_q(y|x)[-log p_VDM(y)]                   (2)
@@ -26,8 +26,9 @@ is exactly
 so (4) is used in closed form: zero variance, and the gradient d/d gamma_0 = D/2 is exact.
 Substituting (3) into (2) gives the composed bound `ComposedTerms.total`. With an exact eps_fn the
 gap of (3) vanishes as gamma_0 -> -inf and gamma_1 -> +inf (the decoder noise and the prior
-mismatch both vanish); the -H[q] and (4) terms then nearly cancel: together they are
-1/2 sum_d (gamma_0 - log v_d), the log-ratio of the decoder's and the encoder's variances.
+mismatch both vanish). -H[q] + (4) = 1/2 sum_d (gamma_0 - log v_d) is very negative then; the
+diffusion loss between gamma_0 and the scale of p(y) makes up for it. That stretch of the loss is
+a scaled chi-square with a large variance, which `diffusion_control_variate` removes (unbiased).
 
 All terms reuse `vdm_jax.elbo` (prior_kl, gaussian_kl, diffusion losses, time sampling) and
 `vdm_jax.diffusion.q_sample`. Only jax / jax.numpy are imported (no Flax): the VAE and the
