@@ -18,7 +18,8 @@ def get_config():
   c = _vae["get_config"]()
   c.task = "latent_vdm"
   c.latent.vae_workdir = "runs/cifar10_vae"
-  c.model.gamma_min = -13.3
+  c.model.gamma_min = -10.0
+  c.model.fourier_exponents = ()
   c.model.gamma_max = 5.0
   c.training.num_steps = 10_000_000
   return c

@@ -20,9 +20,12 @@ def get_config():
   c.task = "latent_vdm"
   c.latent.vae_workdir = "runs/digits_vae"
   c.model.gamma_min = -10.0
-  c.model.gamma_max = 6.0
+  c.model.gamma_max = 5.0
   c.model.channels = 64
   c.model.num_blocks = 4
+  c.model.fourier_exponents = ()     # Fourier features suit 8-bit pixels, not latents
+  c.training.num_steps = 3000
+  c.training.checkpoint_every = 1000
   c.optim.learning_rate = 1e-3
   c.optim.schedule_lr_multiplier = 10.0
   c.eval.t_samples = 4

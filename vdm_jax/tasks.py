@@ -218,8 +218,8 @@ class VAETask:
     del frozen
     if labels is not None:
       raise ValueError("labels were given but the VAE is unconditional")
-    from vdm_jax import diffusion, schedules   # pylint: disable=g-import-not-at-top
-    eps_fn = lambda z, g: diffusion.alpha_sigma(diffusion.broadcast_to_data(g, z))[1] * z
+    from vdm_jax import latent, schedules   # pylint: disable=g-import-not-at-top
+    eps_fn = lambda z, g: latent.gaussian_eps(z, g)
     gamma_fn = schedules.FixedLinear(gamma_min=-10.0, gamma_max=10.0)
     shape = self.model.latent_shape((1,) + tuple(self.info.shape))[1:]
     decode = lambda y: self.model.apply({"params": params}, y, method=type(self.model).decode)

@@ -1,0 +1,95 @@
+"""The trainer's other tasks end to end on tiny configs: the VAE, latent diffusion on its frozen
+latents (composed bound in bpd of the data, sampling, frozen parameters), and their errors."""
+
+import json
+import pathlib
+import runpy
+import shutil
+
+import chex
+import numpy as np
+import pytest
+
+from vdm_jax import config_checks, evaluation, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(task, **vae):
+  c = runpy.run_path(str(ROOT / "configs" / "smoke.py"))["get_config"]()
+  c.task = task
+  c.vae.channels = 8
+  c.vae.latent_channels = 2
+  c.vae.num_blocks = 0
+  for k, v in vae.items():
+    c.vae[k] = v
+  c.training.num_steps = 3
+  c.training.checkpoint_every = 3
+  c.sample.num_steps = 4
+  c.sample.num_images = 4
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("tasks")
+  vae_dir, latent_dir = str(base / "vae"), str(base / "latent")
+  vae_result = train.train_and_evaluate(_config("vae"), vae_dir)
+  config = _config("latent_vdm")
+  config.latent.vae_workdir = vae_dir
+  latent_result = train.train_and_evaluate(config, latent_dir)
+  return {"vae": vae_dir, "latent": latent_dir, "vae_result": vae_result,
+          "latent_result": latent_result, "base": base}
+
+
+def test_vae_reports_its_bound(runs):
+  r = runs["vae_result"]
+  assert np.isfinite(r["bpd"]) and r["bpd_se"] > 0
+  np.testing.assert_allclose(r["reconstruction_bpd"] + r["kl_bpd"], r["bpd"], rtol=1e-5)
+  assert (pathlib.Path(runs["vae"]) / "samples" / "step_00000003.png").exists()
+
+
+def test_latent_bound_composes_in_bpd_of_the_data(runs):
+  r = runs["latent_result"]
+  parts = ("data_reconstruction_bpd", "neg_entropy_bpd", "latent_prior_bpd",
+           "latent_reconstruction_bpd", "latent_diffusion_bpd")
+  np.testing.assert_allclose(sum(r[p] for p in parts), r["bpd"], rtol=1e-4)
+  assert np.isfinite(r["bpd"]) and r["num_examples"] == 32
+
+
+def test_latent_run_keeps_the_vae_frozen(runs):
+  vae = evaluation.load_run(runs["vae"])
+  latent = evaluation.load_run(runs["latent"])
+  chex.assert_trees_all_equal(latent.frozen["vae"]["autoencoder"], vae.params)
+  assert "vae" not in latent.params   # the optimiser never saw it
+
+
+def test_latent_eval_and_sample_without_the_vae_run(runs, tmp_path):
+  """A latent run is self-contained: its checkpoint holds the VAE."""
+  copy = tmp_path / "latent_copy"
+  shutil.copytree(runs["latent"], copy)
+  stored = json.loads((copy / "config.json").read_text())
+  stored["config"]["latent"]["vae_workdir"] = str(tmp_path / "gone")   # the VAE run is gone
+  (copy / "config.json").write_text(json.dumps(stored))
+  result = evaluation.run_eval(str(copy), max_examples=16, num_steps=10)
+  assert np.isfinite(result["bpd"]) and result["task"] == "latent_vdm"
+  out = evaluation.run_sample(str(copy), sampler="ddim", steps=3, num=4, out=str(tmp_path))
+  assert out["samples"].shape == (4, 8, 8, 1) and out["samples"].max() < 17
+
+
+def test_vae_samples_through_any_sampler(runs, tmp_path):
+  out = evaluation.run_sample(runs["vae"], sampler="ancestral", steps=3, num=3, out=str(tmp_path))
+  assert out["samples"].shape == (3, 8, 8, 1) and out["samples"].dtype == np.int32
+
+
+def test_latent_task_errors(runs, tmp_path):
+  config = _config("latent_vdm")
+  with pytest.raises(config_checks.ConfigError, match="latent.vae_workdir=''"):
+    config_checks.check_config(config)
+  config.latent.vae_workdir = runs["latent"]   # not a VAE run
+  with pytest.raises(ValueError, match="is a 'latent_vdm' run on 'digits'; expected a 'vae'"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+  config = _config("latent_vdm", latent_channels=3)
+  config.latent.vae_workdir = runs["vae"]
+  with pytest.raises(ValueError, match="differs from the VAE run's"):
+    train.train_and_evaluate(config, str(tmp_path / "bad2"))
