@@ -1,0 +1,139 @@
+"""Benchmark harness tests: every reported number is finite and positive on the smoke config, the
+JSON / markdown output, and the training loop's step makes no implicit host transfers."""
+
+import json
+import math
+import pathlib
+import runpy
+
+import jax
+import numpy as np
+import pytest
+
+from vdm_jax import bench, data, parallel, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL_ROOF = dict(conv_batch=2, size=8, channels=8, matmul_size=64, repeats=1)
+NUMERIC_KEYS = (
+    "params", "lower_s", "compile_s", "step_s", "train_images_per_s", "flops_per_step",
+    "flops_per_s", "step_memory_mib", "process_peak_rss_mib", "pipeline_batches_per_s",
+    "loop_steps_per_s_constant", "loop_steps_per_s_data", "data_fed_fraction",
+    "loop_steps_per_s_no_fetch", "fetch_every_step_fraction", "eval_compile_s",
+    "eval_images_per_s", "sample_compile_s", "sample_images_per_s", "sample_images_per_s_1000",
+    "roofline_conv_flops_per_s", "roofline_conv_grad_flops_per_s", "roofline_matmul_flops_per_s",
+    "fraction_of_conv_ceiling", "fraction_of_conv_grad_ceiling", "fraction_of_matmul_ceiling")
+
+
+def smoke_config():
+  return runpy.run_path(str(ROOT / "configs" / "smoke.py"))["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def smoke_result():
+  return bench.run_benchmark(smoke_config(), batch_size=8, steps=2, warmup=1, eval_images=16,
+                             sample_images=4, sample_steps=3, roofline_kwargs=SMALL_ROOF)
+
+
+def test_run_benchmark_reports_every_number(smoke_result):
+  r = smoke_result
+  missing = [k for k in NUMERIC_KEYS if k not in r]
+  assert not missing, missing
+  bad = {k: r[k] for k in NUMERIC_KEYS if not (np.isfinite(r[k]) and r[k] > 0)}
+  assert not bad, bad
+  assert r["batch_size"] == 8 and r["num_devices"] == 4 and len(r["step_s_all"]) == 2
+  assert r["train_images_per_s"] == pytest.approx(8 / r["step_s"])
+  assert r["flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"])
+  assert r["sample_images_per_s_1000"] == pytest.approx(r["sample_images_per_s"] * 3 / 1000)
+  assert r["data_fed_fraction"] == pytest.approx(
+      r["loop_steps_per_s_data"] / r["loop_steps_per_s_constant"])
+  assert r["fetch_every_step_fraction"] == pytest.approx(
+      r["loop_steps_per_s_constant"] / r["loop_steps_per_s_no_fetch"])
+  assert r["fraction_of_conv_ceiling"] == pytest.approx(
+      r["flops_per_s"] / r["roofline_conv_flops_per_s"])
+  assert r["mfu"] is None   # no peak is known for a CPU
+  assert r["data_source"] == "real"
+
+
+def test_roofline_counts_flops():
+  r = bench.roofline(**SMALL_ROOF)
+  assert r["conv_shape"] == [2, 8, 8, 8] and r["matmul_size"] == 64
+  assert min(r["conv_flops_per_s"], r["conv_grad_flops_per_s"], r["matmul_flops_per_s"]) > 0
+
+
+def test_cost_analysis_flops_of_a_matmul():
+  compiled = jax.jit(lambda a, b: a @ b).lower(np.ones((32, 16), np.float32),
+                                               np.ones((16, 8), np.float32)).compile()
+  assert bench._cost_flops(compiled) == pytest.approx(2 * 32 * 16 * 8, rel=0.01)
+
+
+class _FakeCompiled:
+  def __init__(self, cost):
+    self._cost = cost
+
+  def cost_analysis(self):
+    if isinstance(self._cost, Exception):
+      raise self._cost
+    return self._cost
+
+
+def test_cost_analysis_in_every_form():
+  assert bench._cost_flops(_FakeCompiled({"flops": 10.0})) == 10.0
+  assert bench._cost_flops(_FakeCompiled([{"flops": 12.0}])) == 12.0   # older jax: a list
+  assert bench._cost_flops(_FakeCompiled([])) is None
+  assert bench._cost_flops(_FakeCompiled({"flops": -1.0})) is None
+  assert bench._cost_flops(_FakeCompiled(NotImplementedError())) is None
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="parts"):
+    bench.run_benchmark(smoke_config(), parts=("train", "gpu"))
+  with pytest.raises(ValueError, match="'data' needs 'train'"):
+    bench.run_benchmark(smoke_config(), parts=("data",))
+  with pytest.raises(ValueError, match="batch_size must be a positive multiple of the 4"):
+    bench.run_benchmark(smoke_config(), batch_size=6, parts=("train",))
+
+
+def test_markdown_and_json(tmp_path, smoke_result, capsys):
+  rows = [dict(smoke_result, name="smoke"), {"name": "other", "params": 5, "step_s": 0.5}]
+  table = bench.format_markdown(rows).splitlines()
+  assert table[0].startswith("| config | backend |") and len(table) == 4
+  assert "| smoke | cpu |" in table[2] and "| other | - |" in table[3]
+  assert "500" in table[3]   # step time shown in ms
+  path = bench.write_json(tmp_path / "out" / "b.json", rows, note="x")
+  loaded = json.loads(path.read_text())
+  assert loaded["note"] == "x" and loaded["results"][0]["params"] == smoke_result["params"]
+  assert {"date", "jax", "backend", "cpu_count"} <= set(loaded["environment"])
+  out = tmp_path / "main.json"
+  result = bench.main(smoke_config(), batch_size=4, steps=1, warmup=0, out_path=out,
+                      parts=("train",))
+  assert "| digits | cpu |" in capsys.readouterr().out
+  assert json.loads(out.read_text())["results"][0]["step_s"] == pytest.approx(result["step_s"])
+
+
+def test_train_steps_make_no_implicit_host_transfers():
+  """Jitted steps on pre-sharded device batches, under transfer_guard("disallow")."""
+  config = smoke_config()
+  mesh = parallel.make_mesh()
+  info = data.get_info("digits")
+  task, tx = train.build_task(config, info), train.build_optimizer(config)
+  state = jax.jit(lambda: train.init_state(task, tx, seed=0),
+                  out_shardings=parallel.replicated(mesh))()
+  step = bench.train_step(config, task, tx, mesh)
+  host = [bench.random_batch(info, 8, seed=i) for i in range(3)]
+  batches = [parallel.shard_batch(b, mesh) for b in host]   # explicit transfers, before
+  with jax.transfer_guard("disallow"):
+    for batch in batches:
+      state, out = step(state, batch)
+    jax.block_until_ready((state, out))
+    with pytest.raises(Exception, match="[Dd]isallowed"):   # the guard is live: a host batch
+      step(state, host[0])
+  assert int(jax.device_get(state.step)) == 3
+  assert all(math.isfinite(float(v)) for v in jax.device_get(out).values())
+
+
+def test_unprepared_data_set_is_described_from_mock_data(tmp_path):
+  config = smoke_config()
+  config.data.name, config.data.data_dir = "cifar10", str(tmp_path / "no_data_here")
+  info, prepared = bench.load_info(config)
+  assert not prepared
+  assert (info.shape, info.vocab_size, info.num_classes) == ((32, 32, 3), 256, 10)
