@@ -91,6 +91,7 @@ def bench_official(task, tx, info, *, batch_size: int, substeps: int, calls: int
   state = dict(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                opt_state=tx.init(params))
   state = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state)
+  state = jax.pmap(lambda s: s, axis_name="batch")(state)   # replicated on the devices
   host = bench.random_batch(info, batch_size)
   shaped = {k: v.reshape((n, batch_size // n) + v.shape[1:]) for k, v in host.items()}
   if substeps:   # [devices, substeps, B / devices, ...]
