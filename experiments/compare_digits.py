@@ -91,7 +91,7 @@ def main() -> None:
     writer.writeheader()
     writer.writerows(rows)
   _plot(rows, os.path.join(args.out, "compare_digits.png"))
-  print(f"\n| model | steps | test bpd (continuous) | test bpd (T = 1000) | train images/s | "
+  print(f"\n| model | steps | test bpd (continuous) | test bpd (T steps) | train images/s | "
         f"{args.num} samples x {args.steps} steps (s) |\n|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['train_steps']} | {r['bpd_continuous']:.3f} ± "
