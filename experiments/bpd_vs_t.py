@@ -157,12 +157,17 @@ def _write(rows: list[dict], out: str) -> None:
   for r in rows + [paper]:
     gaps = [r[_name(s) + " gap"] for s in xs]
     err = [2 * r.get(_name(s) + " gap se", 0.0) for s in xs]
-    ax0.errorbar(xs, gaps, yerr=err, marker="o", capsize=3, label=r["denoiser"][:40])
+    ax0.errorbar(xs, gaps, yerr=err, marker="o", capsize=3,
+                 label=r["denoiser"].split(", gamma")[0])
     ax1.errorbar(xs, [r[_name(s)] for s in xs], yerr=[2 * r.get(_name(s) + " se", 0.0)
                                                       for s in xs], marker="o", capsize=3)
     ax1.axhline(r["continuous"], ls=":", color=ax1.lines[-1].get_color())
   ax0.set_xscale("log")
-  ax0.set_yscale("symlog", linthresh=1e-3)
+  positive = all(r[_name(s) + " gap"] > 0 for r in rows for s in xs)
+  if positive:
+    ax0.set_yscale("log")
+  else:
+    ax0.set_yscale("symlog", linthresh=1e-3)
   ax0.set_xlabel("T")
   ax0.set_ylabel("bpd(T) - bpd(continuous)")
   ax0.legend(fontsize=7)
