@@ -1,6 +1,7 @@
 """Compile time and step time of the VDM ScoreUNet: unrolled vs nn.scan blocks, with and without remat.
 
-For each (num_blocks, block_impl, remat) it builds jax.jit(jax.grad(loss)) with
+For each (num_blocks, block_impl, remat) it builds parallel.jit(jax.grad(loss)) (the library's
+XLA options; VDM_JAX_XLA_CPU_YNN_FUSION_TYPE=default for XLA's own) with
 loss = mean(eps_hat^2) (train=True, so dropout runs), times `.lower()` and `.compile()`, then runs
 one warm-up step and reports the median of the timed steps (each ended by block_until_ready).
 Parameters are random normals of the shapes from jax.eval_shape (no init compile).
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import networks
+from vdm_jax import networks, parallel
 
 
 def _random_params(model: networks.ScoreUNet, z: jax.Array, t: jax.Array) -> dict:
@@ -61,7 +62,7 @@ def bench_one(*, num_blocks: int, block_impl: str, remat: bool, channels: int, s
     eps_hat = model.apply(v, z, t, train=True, rngs={"dropout": key})
     return jnp.mean(eps_hat ** 2)
 
-  step = jax.jit(jax.grad(loss))
+  step = parallel.jit(jax.grad(loss))
   key = jax.random.key(0)
   t0 = time.perf_counter()
   lowered = step.lower(variables, z, t, key)
@@ -115,7 +116,8 @@ def main() -> None:
   device = jax.devices()[0]
   meta = dict(jax=jax.__version__, backend=device.platform, device=device.device_kind,
               cpu_count=os.cpu_count(), machine=platform.machine(), channels=args.channels,
-              input=[args.batch, args.size, args.size, args.in_channels], steps=args.steps)
+              input=[args.batch, args.size, args.size, args.in_channels], steps=args.steps,
+              compiler_options=parallel.compiler_options())
   print(markdown(rows))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from step %d in %s", restored[0], workdir)
   start = int(jax.device_get(state.step))
 
-  step_fn = jax.jit(
+  step_fn = parallel.jit(
       make_train_step(task, tx, ema_decay=config.optim.ema_decay,
                       lr_schedule=optim.learning_rate_schedule(
                           learning_rate=config.optim.learning_rate,

@@ -1,0 +1,56 @@
+"""The library's XLA compiler options per backend (parallel.compiler_options / parallel.jit)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import parallel
+
+ENV = parallel.CPU_OPTIONS_ENV
+
+
+def _conv_loss(x, w):
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.sum(jnp.tanh(y) * x)
+
+
+def test_cpu_options_leave_convolutions_to_xla(monkeypatch):
+  monkeypatch.delenv(ENV, raising=False)
+  options = parallel.compiler_options("cpu")
+  assert options == {"xla_cpu_experimental_ynn_fusion_type": parallel.CPU_YNN_FUSION_TYPE}
+  assert "CONVOLUTION" not in parallel.CPU_YNN_FUSION_TYPE
+  assert parallel.compiler_options("gpu") is None and parallel.compiler_options("tpu") is None
+
+
+def test_env_override(monkeypatch):
+  monkeypatch.setenv(ENV, "default")
+  assert parallel.compiler_options("cpu") is None
+  monkeypatch.setenv(ENV, "LIBRARY_FUSION_TYPE_REDUCE")
+  assert parallel.compiler_options("cpu") == {
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def test_bad_env_value_names_it(monkeypatch):
+  """XLA:CPU itself checks the value: a rejected one shows the options reach the compiler."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the option exists on CPU only")
+  monkeypatch.setenv(ENV, "NO_SUCH_FUSION")
+  with pytest.raises(ValueError, match="NO_SUCH_FUSION.*LIBRARY_FUSION_TYPE_"):
+    parallel.compiler_options()
+  with pytest.raises(ValueError, match="NO_SUCH_FUSION"):
+    parallel.jit(lambda x: x * 2)
+
+
+def test_jit_with_options_computes_the_same_gradients(monkeypatch):
+  """The options change which library runs the convolutions, not the function (float32 rounding)."""
+  monkeypatch.delenv(ENV, raising=False)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32)
+  grad = jax.grad(_conv_loss, argnums=(0, 1))
+  ours = parallel.jit(grad)(x, w)
+  default = jax.jit(grad)(x, w)
+  chex.assert_tree_all_finite(ours)
+  chex.assert_trees_all_close(ours, default, rtol=1e-4, atol=1e-4)
