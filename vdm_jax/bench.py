@@ -278,9 +278,10 @@ def bench_eval(setup: dict, *, eval_images: int, eval_batch_size: int) -> dict[s
   """images/s of the bound on `eval_images` images (pre-sharded batches, one block at the end)."""
   config, info, mesh = setup["config"], setup["info"], setup["mesh"]
   rep = parallel.replicated(mesh)
-  fn = jax.jit(train.make_eval_step(setup["task"], num_steps=config.eval.num_steps,
-                                    t_samples=config.eval.t_samples),
-               in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+  fn = parallel.jit(train.make_eval_step(setup["task"], num_steps=config.eval.num_steps,
+                                         t_samples=config.eval.t_samples),
+                    in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep),
+                    out_shardings=rep)
   batch = parallel.shard_batch(random_batch(info, eval_batch_size, mask=True), mesh)
   state, key = setup["state"], jax.random.PRNGKey(1)
   args = (state.params, state.frozen)
@@ -308,7 +309,7 @@ def bench_sample(setup: dict, *, sample_images: int, sample_steps: int) -> dict[
                                     vocab_size=None if decode else info.vocab_size)
     return decode(out) if decode else out
 
-  run = jax.jit(run)
+  run = parallel.jit(run)
   key = jax.random.PRNGKey(2)
   compiled, lower_s, compile_s = _compile(run, key)
   seconds = _median_time(lambda: compiled(key), 1)

@@ -159,7 +159,7 @@ def ode_eval(run: Run, *, method: str = "rk45", num_steps: int = 100, max_exampl
     raise ValueError(f"the ODE likelihood needs a pixel-space VDM run; {run.workdir!r} is a "
                      f"{run.task.name!r} run")
   eps_fn, gamma_fn, _, _ = run.task.sampler_fns(run.params, run.frozen, None)
-  bound = jax.jit(lambda k, images: likelihood.ode_bpd(
+  bound = parallel.jit(lambda k, images: likelihood.ode_bpd(
       k, images, eps_fn=eps_fn, gamma_fn=gamma_fn, vocab_size=run.info.vocab_size,
       method=method, num_steps=num_steps, **ode_options))
   it = data.eval_iterator(run.config.data.name, split=split,

@@ -20,7 +20,7 @@ DATA_AXIS = "data"
 
 # XLA:CPU hands some fusions to the YNNPACK library. Its convolution kernel-gradient runs at about
 # a quarter of XLA's own (Eigen) one on x86 (59 vs 231 GFLOP/s on the U-Net's 3x3, 128-channel
-# layer), so the train step keeps YNNPACK for dots and reductions only: the paper CIFAR-10 train
+# layer), so the library's programs keep YNNPACK for dots and reductions only: the paper CIFAR-10 train
 # step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, the README).
 CPU_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 CPU_OPTIONS_ENV = "VDM_JAX_XLA_CPU_YNN_FUSION_TYPE"
@@ -96,7 +96,7 @@ def default_cpu_options() -> dict[str, str] | None:
 
 
 def compiler_options(backend: str | None = None) -> dict[str, str] | None:
-  """XLA compiler options for the library's jitted train steps on `backend` (default: JAX's).
+  """XLA compiler options for the library's jitted programs on `backend` (default: JAX's).
 
   On CPU: YNNPACK fusions for dots and reductions but not convolutions (`CPU_YNN_FUSION_TYPE`);
   the environment variable VDM_JAX_XLA_CPU_YNN_FUSION_TYPE overrides the list, "default" keeps
@@ -114,8 +114,8 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
 def jit(fun: Callable, **kwargs) -> Any:
   """`jax.jit(fun, **kwargs)` with this backend's `compiler_options()`.
 
-  The trainer's step uses it. Evaluation and sampling (no kernel gradients) keep XLA's defaults:
-  with these options their forward passes were no faster on CPU (eval 4.24 vs 4.24 img/s,
-  sampling 0.77 vs 0.83 img/s on the CIFAR-10 net, experiments/benchmark.py).
+  The library's train, eval and sampling programs use it. The forward passes gain less than the
+  train step (on CPU, digits net: eval 1.5x, sampling 1.5x; CIFAR-10 net: eval 1.0x, sampling
+  0.93x; experiments/benchmark.py with and without the options).
   """
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)

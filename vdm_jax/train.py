@@ -151,8 +151,9 @@ def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
   t_samples = config.eval.t_samples if t_samples is None else t_samples
   max_examples = (config.eval.max_examples or None) if max_examples is None else max_examples
   rep = parallel.replicated(mesh)
-  step = jax.jit(make_eval_step(task, num_steps=num_steps, t_samples=t_samples),
-                 in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+  step = parallel.jit(make_eval_step(task, num_steps=num_steps, t_samples=t_samples),
+                      in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep),
+                      out_shardings=rep)
   totals, sum_sq, count = None, 0.0, 0.0
   it = data.eval_iterator(config.data.name, split=split, global_batch_size=config.eval.batch_size,
                           data_dir=config.data.data_dir or None, max_examples=max_examples)
@@ -190,12 +191,12 @@ def draw_samples(fns, *, sampler: str, key: jax.Array, num_images: int, num_step
   else:
     sampler_kwargs = dict(sampler_kwargs, num_steps=num_steps)
   vocab = None if decode is not None else info.vocab_size
-  run = jax.jit(lambda k: fn(k, eps_fn=eps_fn, gamma_fn=gamma_fn,
-                             shape=(num_images,) + tuple(shape), vocab_size=vocab,
-                             **sampler_kwargs))
+  run = parallel.jit(lambda k: fn(k, eps_fn=eps_fn, gamma_fn=gamma_fn,
+                                  shape=(num_images,) + tuple(shape), vocab_size=vocab,
+                                  **sampler_kwargs))
   out = run(key)
   if decode is not None:
-    out = jax.jit(decode)(out)
+    out = parallel.jit(decode)(out)
   return np.asarray(jax.device_get(out))
 
 
