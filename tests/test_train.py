@@ -193,7 +193,8 @@ def test_bfloat16_switch_keeps_state_schedule_and_losses_in_float32():
     task, tx = train.build_task(config, info), train.build_optimizer(config)
     state = train.init_state(task, tx, seed=0)
     leaves = jax.tree.leaves((state.params, state.opt_state, state.ema_params))
-    assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    floating = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floating == {jnp.dtype("float32")}
     eps_fn, gamma_fn, shape, _ = task.sampler_fns(state.params, state.frozen)
     assert eps_fn(jnp.zeros((2,) + tuple(shape)), jnp.zeros((2,))).dtype == jnp.float32
     assert gamma_fn(jnp.zeros((2,))).dtype == jnp.float32

@@ -20,6 +20,7 @@ For one config it times exactly what the trainer runs (`train.build_task`, `init
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -142,7 +143,8 @@ def roofline(*, conv_batch: int = 32, size: int = 32, channels: int = 128, matmu
     for variant, options in variants.items():
       jitted = jax.jit(fn, compiler_options=options)
       jax.block_until_ready(jitted(*args))   # compile and warm up
-      out[f"{name}_flops_per_s_{variant}"] = flops / _median_time(lambda: jitted(*args), repeats)  # pylint: disable=cell-var-from-loop
+      seconds = _median_time(functools.partial(jitted, *args), repeats)
+      out[f"{name}_flops_per_s_{variant}"] = flops / seconds
     out[name + "_flops_per_s"] = max(out[f"{name}_flops_per_s_{v}"] for v in variants)
   return out
 

@@ -2,7 +2,8 @@
 
 The trainer jits its step over a 1-D mesh with axis "data": the batch is split over it, the train
 state is replicated. Each process feeds only its own rows of the global batch
-(`jax.make_array_from_process_local_data`), so the same code runs on N hosts.
+(`jax.make_array_from_process_local_data`), so the same code runs on N hosts. `jit` adds the
+backend's XLA compiler options (`compiler_options`: on CPU, convolutions outside YNNPACK).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 # XLA:CPU hands some fusions to the YNNPACK library. Its convolution kernel-gradient runs at about
-# a quarter of XLA's own (Eigen) one on x86 (59 vs 231 GFLOP/s on the U-Net's 3x3, 128-channel
-# layer), so the library's programs keep YNNPACK for dots and reductions only: the paper CIFAR-10 train
-# step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, the README).
+# a quarter of XLA's own (Eigen) one on x86 (60 vs 240 GFLOP/s on the U-Net's 3x3, 128-channel
+# layer), so the library's programs keep YNNPACK for dots and reductions only: the paper
+# CIFAR-10 train step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, README).
 CPU_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 CPU_OPTIONS_ENV = "VDM_JAX_XLA_CPU_YNN_FUSION_TYPE"
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
@@ -91,7 +92,7 @@ def _checked_cpu_options(value: str, explicit: bool) -> dict[str, str] | None:
 
 
 def default_cpu_options() -> dict[str, str] | None:
-  """The library's XLA:CPU train-step options (None where this jaxlib rejects them)."""
+  """The library's XLA:CPU options, whatever the environment says (None if jaxlib rejects them)."""
   return _checked_cpu_options(CPU_YNN_FUSION_TYPE, False)
 
 
