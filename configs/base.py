@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
   c.eval.max_examples = 0          # 0 = the whole test split
-  c.eval.num_steps = 0             # T of the evaluated bound; 0 = continuous time
+  c.eval.num_steps = -1            # T of the evaluated bound; 0 = continuous; -1 = model.num_steps
   c.eval.t_samples = 1             # time samples per image
 
   c.sample = ml_collections.ConfigDict()

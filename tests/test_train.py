@@ -157,8 +157,7 @@ def test_simple_objective_trains_and_reports_the_unweighted_bound(tmp_path):
   config.model.schedule = "beta_linear"
   config.model.gamma_max = 10.0
   config.model.objective = "simple"
-  config.model.num_steps = 50
-  config.eval.num_steps = 50
+  config.model.num_steps = 50   # eval.num_steps = -1 (default): the bound at the model's T
   config.sample.sampler = "ddpm"
   result = train.train_and_evaluate(config, str(tmp_path / "ddpm"))
   with open(tmp_path / "ddpm" / "metrics.jsonl") as f:

@@ -280,7 +280,7 @@ def bench_eval(setup: dict, *, eval_images: int, eval_batch_size: int) -> dict[s
   """images/s of the bound on `eval_images` images (pre-sharded batches, one block at the end)."""
   config, info, mesh = setup["config"], setup["info"], setup["mesh"]
   rep = parallel.replicated(mesh)
-  fn = parallel.jit(train.make_eval_step(setup["task"], num_steps=config.eval.num_steps,
+  fn = parallel.jit(train.make_eval_step(setup["task"], num_steps=train.eval_num_steps(config),
                                          t_samples=config.eval.t_samples),
                     in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep),
                     out_shardings=rep)

@@ -83,7 +83,8 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
        c.training.keep_checkpoints > 0, "> 0"),
       ("eval.batch_size", c.eval.batch_size, c.eval.batch_size > 0, "> 0"),
       ("eval.t_samples", c.eval.t_samples, c.eval.t_samples > 0, "> 0"),
-      ("eval.num_steps", c.eval.num_steps, c.eval.num_steps >= 0, ">= 0 (0 = continuous)"),
+      ("eval.num_steps", c.eval.num_steps, c.eval.num_steps >= -1,
+       ">= -1 (0 = continuous time, -1 = the model's own model.num_steps)"),
       ("sample.num_steps", c.sample.num_steps, c.sample.num_steps > 0, "> 0"),
       ("sample.num_images", c.sample.num_images, c.sample.num_images > 0, "> 0"),
   ]

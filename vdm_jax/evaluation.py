@@ -115,7 +115,7 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
              ode_max_examples: int = 200) -> dict[str, Any]:
   """The task's evaluation (for a VDM: the bound with EMA parameters) on `split`.
 
-  num_steps: T of the bound (0 = continuous time; None = the config's eval.num_steps);
+  num_steps: T of the bound (0 = continuous time; None = the config's, `train.eval_num_steps`);
   t_samples: time samples per image. Writes JSON to `out` (default
   workdir/eval/step{S}_T{T}_K{K}_{split}.json) and returns the result. With `ode`, the
   probability-flow ODE bound (`ode_eval`) is added side by side ("ode_bpd", "ode_bpd_se").

@@ -139,6 +139,14 @@ def make_eval_step(task, *, num_steps: int, t_samples: int,
   return eval_fn
 
 
+def eval_num_steps(config: ml_collections.ConfigDict) -> int:
+  """T of the evaluated bound: config.eval.num_steps, or the model's own T (model.num_steps,
+  0 = continuous time) where that is -1, so a model trained on a T-step loss reports its
+  T-step bound."""
+  n = int(config.eval.num_steps)
+  return int(config.model.num_steps) if n < 0 else n
+
+
 def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
              t_samples: int | None = None, max_examples: int | None = None,
              split: str = "test", frozen: PyTree = None, seed: int | None = None
@@ -147,7 +155,7 @@ def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
   of the headline value (e.g. "bpd" and "bpd_se", with the bound's three terms)."""
   task = tasks.as_task(task, info=info)
   frozen = {} if frozen is None else frozen
-  num_steps = config.eval.num_steps if num_steps is None else num_steps
+  num_steps = eval_num_steps(config) if num_steps is None else num_steps
   t_samples = config.eval.t_samples if t_samples is None else t_samples
   max_examples = (config.eval.max_examples or None) if max_examples is None else max_examples
   rep = parallel.replicated(mesh)
