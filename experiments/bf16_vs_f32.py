@@ -27,7 +27,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vdm_jax import bench, data, parallel, train
 
@@ -55,7 +54,7 @@ def train_once(config, *, steps: int, mesh) -> dict:
   state = jax.jit(lambda: train.init_state(task, tx, seed=config.seed),
                   out_shardings=parallel.replicated(mesh))()
   precision = check_precision(task, state, info)
-  step = bench.train_step(config, task, tx, mesh)
+  step = train.jit_train_step(config, task, tx, mesh)
   batches = data.train_iterator(config.data.name, global_batch_size=config.training.batch_size,
                                 seed=config.seed)
   start = time.perf_counter()

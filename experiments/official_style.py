@@ -112,7 +112,7 @@ def bench_ours(config, task, tx, info, *, batch_size: int, calls: int) -> dict:
   mesh = parallel.make_mesh()
   state = jax.jit(lambda: train.init_state(task, tx, seed=config.seed),
                   out_shardings=parallel.replicated(mesh))()
-  step = bench.train_step(config, task, tx, mesh)
+  step = train.jit_train_step(config, task, tx, mesh)
   host = bench.random_batch(info, batch_size)
   make_batch = lambda: parallel.shard_batch(host, mesh)
   start = time.perf_counter()

@@ -118,7 +118,7 @@ def test_train_steps_make_no_implicit_host_transfers():
   task, tx = train.build_task(config, info), train.build_optimizer(config)
   state = jax.jit(lambda: train.init_state(task, tx, seed=0),
                   out_shardings=parallel.replicated(mesh))()
-  step = bench.train_step(config, task, tx, mesh)
+  step = train.jit_train_step(config, task, tx, mesh)
   host = [bench.random_batch(info, 8, seed=i) for i in range(3)]
   batches = [parallel.shard_batch(b, mesh) for b in host]   # explicit transfers, before
   with jax.transfer_guard("disallow"):

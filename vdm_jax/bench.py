@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdm_jax import data, optim, parallel, sampling, tasks, train
+from vdm_jax import data, parallel, sampling, tasks, train
 
 PARTS = ("train", "data", "eval", "sample", "roofline")
 # Dense peak FLOP/s per chip, from the vendors' data sheets: (float32 matmuls, bfloat16).
@@ -118,7 +118,7 @@ def roofline(*, conv_batch: int = 32, size: int = 32, channels: int = 128, matmu
   The convolution has the shape of the VDM net's main layer ([conv_batch, size, size, channels]
   3x3 -> channels, SAME), 2 B H W 9 C^2 FLOPs; its forward + backward (`jax.grad`: the
   input- and weight-gradient convolutions) is 3 times that; the matmul [N, N] @ [N, N] 2 N^3.
-  Each is compiled with XLA's default options and, on CPU, with the library's train-step options
+  Each is compiled with XLA's default options and, on CPU, with the library's options
   (`parallel.CPU_YNN_FUSION_TYPE`, whatever the environment says); the ceiling
   `<name>_flops_per_s` is the faster of the two, and `<name>_flops_per_s_xla_default` /
   `..._library_options` are both.
@@ -181,17 +181,6 @@ def _check_batch(name: str, batch_size: int, num_devices: int) -> int:
     raise ValueError(f"{name} must be a positive multiple of the {num_devices} devices, got "
                      f"{batch_size!r}")
   return batch_size
-
-
-def train_step(config, task, tx, mesh) -> Callable:
-  """The trainer's jitted train step (same shardings and donation as train_and_evaluate)."""
-  rep = parallel.replicated(mesh)
-  step = train.make_train_step(
-      task, tx, ema_decay=config.optim.ema_decay,
-      lr_schedule=optim.learning_rate_schedule(learning_rate=config.optim.learning_rate,
-                                               warmup_steps=config.optim.warmup_steps))
-  return parallel.jit(step, in_shardings=(rep, parallel.batch_sharding(mesh)),
-                      out_shardings=(rep, rep), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,11 +268,8 @@ def bench_data(setup: dict, *, steps: int, rounds: int = 3) -> dict[str, Any]:
 def bench_eval(setup: dict, *, eval_images: int, eval_batch_size: int) -> dict[str, Any]:
   """images/s of the bound on `eval_images` images (pre-sharded batches, one block at the end)."""
   config, info, mesh = setup["config"], setup["info"], setup["mesh"]
-  rep = parallel.replicated(mesh)
-  fn = parallel.jit(train.make_eval_step(setup["task"], num_steps=train.eval_num_steps(config),
-                                         t_samples=config.eval.t_samples),
-                    in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep),
-                    out_shardings=rep)
+  fn = train.jit_eval_step(setup["task"], mesh, num_steps=train.eval_num_steps(config),
+                           t_samples=config.eval.t_samples)
   batch = parallel.shard_batch(random_batch(info, eval_batch_size, mask=True), mesh)
   state, key = setup["state"], jax.random.PRNGKey(1)
   args = (state.params, state.frozen)
@@ -334,7 +320,7 @@ def _setup(config, batch_size: int | None, mesh) -> dict[str, Any]:
                   out_shardings=parallel.replicated(mesh))()
   return {"config": config, "info": info, "prepared": prepared, "task": task, "tx": tx,
           "mesh": mesh, "state": state, "batch_size": batch_size,
-          "step": train_step(config, task, tx, mesh),
+          "step": train.jit_train_step(config, task, tx, mesh),
           "batch": parallel.shard_batch(random_batch(info, batch_size), mesh)}
 
 

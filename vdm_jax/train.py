@@ -139,6 +139,27 @@ def make_eval_step(task, *, num_steps: int, t_samples: int,
   return eval_fn
 
 
+def jit_train_step(config: ml_collections.ConfigDict, task, tx: optax.GradientTransformation,
+                   mesh) -> Callable:
+  """The trainer's compiled step: (state, batch) -> (state, metrics), state replicated and
+  donated, batch split over the mesh's "data" axis, the backend's compiler options."""
+  rep = parallel.replicated(mesh)
+  step = make_train_step(task, tx, ema_decay=config.optim.ema_decay,
+                         lr_schedule=optim.learning_rate_schedule(
+                             learning_rate=config.optim.learning_rate,
+                             warmup_steps=config.optim.warmup_steps))
+  return parallel.jit(step, in_shardings=(rep, parallel.batch_sharding(mesh)),
+                      out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_eval_step(task, mesh, *, num_steps: int, t_samples: int) -> Callable:
+  """`make_eval_step` compiled: (params, frozen, batch, key) -> sums, batch split over the mesh."""
+  rep = parallel.replicated(mesh)
+  return parallel.jit(make_eval_step(task, num_steps=num_steps, t_samples=t_samples),
+                      in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep),
+                      out_shardings=rep)
+
+
 def eval_num_steps(config: ml_collections.ConfigDict) -> int:
   """T of the evaluated bound: config.eval.num_steps, or the model's own T (model.num_steps,
   0 = continuous time) where that is -1, so a model trained on a T-step loss reports its
@@ -158,10 +179,7 @@ def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
   num_steps = eval_num_steps(config) if num_steps is None else num_steps
   t_samples = config.eval.t_samples if t_samples is None else t_samples
   max_examples = (config.eval.max_examples or None) if max_examples is None else max_examples
-  rep = parallel.replicated(mesh)
-  step = parallel.jit(make_eval_step(task, num_steps=num_steps, t_samples=t_samples),
-                      in_shardings=(rep, rep, parallel.batch_sharding(mesh), rep),
-                      out_shardings=rep)
+  step = jit_eval_step(task, mesh, num_steps=num_steps, t_samples=t_samples)
   totals, sum_sq, count = None, 0.0, 0.0
   it = data.eval_iterator(config.data.name, split=split, global_batch_size=config.eval.batch_size,
                           data_dir=config.data.data_dir or None, max_examples=max_examples)
@@ -287,13 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from step %d in %s", restored[0], workdir)
   start = int(jax.device_get(state.step))
 
-  step_fn = parallel.jit(
-      make_train_step(task, tx, ema_decay=config.optim.ema_decay,
-                      lr_schedule=optim.learning_rate_schedule(
-                          learning_rate=config.optim.learning_rate,
-                          warmup_steps=config.optim.warmup_steps)),
-      in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep),
-      donate_argnums=0)
+  step_fn = jit_train_step(config, task, tx, mesh)
   writer = metrics.MetricWriter(workdir, enabled=is_chief)
   bar = metrics.ProgressBar(total=config.training.num_steps, initial=start, enabled=is_chief,
                             log_every=config.training.log_every)
