@@ -72,9 +72,10 @@ def _stack_to_scan(params, num_blocks):
   return out
 
 
-def _apply(kwargs, variables, z, t, label=None, *, train=False, seed=0):
+def _apply(kwargs, variables, z, t, label=None, *, train=False, seed=0, conditioning=None):
   _, apply = _model(**kwargs)
-  return apply(variables, z, t, label, train=train, rngs={"dropout": jax.random.key(seed)})
+  return apply(variables, z, t, label, conditioning, train=train,
+               rngs={"dropout": jax.random.key(seed)})
 
 
 def _init_shapes(in_channels=3, **kwargs):
@@ -83,13 +84,65 @@ def _init_shapes(in_channels=3, **kwargs):
   return jax.eval_shape(fn, *_inputs(in_channels))
 
 
-def test_zero_at_init():
+def test_output_skip_at_init():
   z, t = _inputs()
   out = _apply(_TINY, _init(**_TINY), z, t, train=True)
   chex.assert_shape(out, z.shape)
   assert out.dtype == jnp.float32
-  # The output conv is zero-initialised: eps_hat is exactly 0 at init, whatever the input.
-  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  # The output conv is zero-initialised and the official output skip adds z: eps_hat = z
+  # exactly at init, whatever the input.
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(z))
+
+
+def test_output_skip_adds_z():
+  # With trained (perturbed) weights eps_hat(z) - z is the conv output, which does not change
+  # when z moves by a tiny amount; so eps_hat must move by that amount (the + z path).
+  variables = _variables(**_TINY)
+  z, t = _inputs()
+  dz = 1e-3 * jnp.ones_like(z)
+  a, b = _apply(_TINY, variables, z, t), _apply(_TINY, variables, z + dz, t)
+  # Zeroing the output conv leaves exactly z.
+  zeroed = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if "conv_out" in jax.tree_util.keystr(path) else x,
+      variables)
+  np.testing.assert_array_equal(np.asarray(_apply(_TINY, zeroed, z, t)), np.asarray(z))
+  assert float(jnp.abs(b - a).mean()) > 0.5e-3
+
+
+@pytest.mark.parametrize("norm_groups,expected", [(0, 8), (16, 16), (4, 4)])
+def test_norm_groups(norm_groups, expected):
+  model = networks.ScoreUNet(channels=16, num_blocks=1, norm_groups=norm_groups)
+  z, t = _inputs()
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), z, t)
+  assert shapes["params"]["norm_out"]["scale"].shape == (16,)
+  assert networks.group_count(16, norm_groups) == expected
+  with pytest.raises(ValueError, match="norm_groups=3 does not divide"):
+    networks.group_count(16, 3)
+  with pytest.raises(ValueError, match="norm_groups"):
+    networks.ScoreUNet(channels=16, norm_groups=5)
+
+
+def test_norm_groups_change_the_function():
+  # 16 channels: the project's rule gives 8 groups, the official 32 is impossible; 16 groups
+  # (one channel each) must give another function than 8 groups with the same weights.
+  z, t = _inputs()
+  a = _apply(_TINY, _variables(**_TINY), z, t)
+  b = _apply(dict(_TINY, norm_groups=16), _variables(**_TINY), z, t)
+  assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_conditioning_input():
+  kw = dict(_TINY, conditioning_input=True)
+  variables = _variables(**kw)
+  assert variables["params"]["cond"]["dense0"]["kernel"].shape == (16 + 1, 64)
+  z, t = _inputs()
+  _, apply = _model(**kw)
+  run = lambda c: apply(variables, z, t, None, c, train=False)
+  zero = apply(variables, z, t, train=False)   # None is read as 0
+  chex.assert_trees_all_close(run(jnp.zeros(2)), zero, atol=0)
+  assert float(jnp.abs(run(jnp.ones(2)) - zero).max()) > 1e-3
+  with pytest.raises(ValueError, match="conditioning_input"):
+    _apply(_TINY, _variables(**_TINY), z, t, None, conditioning=jnp.ones(2))
 
 
 @pytest.mark.parametrize("in_channels", [1, 3, 5])
@@ -113,14 +166,18 @@ def test_paper_cifar10_param_count():
   counts = {}
   for impl in networks.BLOCK_IMPLS:
     model = networks.ScoreUNet(channels=128, num_blocks=32, fourier_exponents=(6, 7),
-                               attention_everywhere=False, dropout=0.1, block_impl=impl)
+                               attention_everywhere=False, dropout=0.1, block_impl=impl,
+                               conditioning_input=True, norm_groups=32)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), z, t)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
     counts[impl] = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   assert counts["scan"] == counts["unrolled"]
-  # VDM paper: 30.6M. The official code has 512 more (a scalar conditioning input to dense0).
-  assert abs(counts["unrolled"] - 30.6e6) / 30.6e6 < 0.01, counts
-  assert counts["unrolled"] == 30_577_667
+  # The official network's count (google-research/vdm ScoreUNet, its CIFAR-10 config).
+  assert counts["unrolled"] == 30_578_179
+  # VDM paper: 30.6M; without the scalar conditioning input dense0 has 512 weights fewer.
+  plain = networks.ScoreUNet(channels=128, num_blocks=32)
+  shapes = jax.eval_shape(functools.partial(plain.init, train=False), jax.random.key(0), z, t)
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == 30_577_667
 
 
 @pytest.mark.parametrize("attention_everywhere", [False, True])
@@ -284,12 +341,11 @@ def test_fourier_features_match_numpy():
   out = np.asarray(networks.fourier_features(z, exponents=(1, 2)))
   chex.assert_shape(out, (1, 2, 2, 12))
   zz = z.astype(np.float64)
-  targets = [fn(2.0**n * np.pi * zz[..., c]) for n in (1, 2) for fn in (np.sin, np.cos)
-             for c in range(3)]
-  # The output channels are exactly these 12 maps (in some order).
-  matches = [[np.allclose(out[..., j], tgt, atol=1e-5) for j in range(12)] for tgt in targets]
-  assert all(sum(row) == 1 for row in matches)
-  assert all(sum(col) == 1 for col in zip(*matches))
+  # The official convention sin/cos(2^n 2 pi z), in the official order: sines then cosines,
+  # each channel's exponents together.
+  targets = [fn(2.0**n * 2 * np.pi * zz[..., c]) for fn in (np.sin, np.cos) for c in range(3)
+             for n in (1, 2)]
+  chex.assert_trees_all_close(out, np.stack(targets, axis=-1), atol=1e-5)
 
 
 def test_attention_block_matches_numpy():

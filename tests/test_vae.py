@@ -5,6 +5,7 @@ import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,11 +27,21 @@ def _vae(**kw):
   return vae_lib.VAE(**dict(defaults, **kw))
 
 
+class _NoSkipUNet(nn.Module):
+  """A ScoreUNet without the output skip: NN(z) (= 0 at initialisation), not NN(z) + z, so the
+  freshly initialised latent VDM is the N(0, I) prior of the VAE (the composition test below)."""
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, z, t, label=None, *, train):
+    net = networks.ScoreUNet(channels=8, num_blocks=1, fourier_exponents=(), dropout=0.0)
+    return net(z, t, label, train=train) - z
+
+
 def _latent_vdm(vae, num_steps=0):
   return vae_lib.LatentVDM(
       vae=vae, schedule=model.NoiseSchedule(kind="learned_linear", gamma_min=-8.0, gamma_max=4.0),
-      score_net=networks.ScoreUNet(channels=8, num_blocks=1, fourier_exponents=(), dropout=0.0),
-      num_steps=num_steps, cond_gamma_min=-8.0, cond_gamma_max=4.0)
+      score_net=_NoSkipUNet(), num_steps=num_steps, cond_gamma_min=-8.0, cond_gamma_max=4.0)
 
 
 def _init_vae(vae, images):

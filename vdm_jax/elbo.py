@@ -217,9 +217,20 @@ def _call_eps_fn(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
   return eps_hat
 
 
+def _noise(given: ArrayLike | None, key: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
+  """`given` as float32 of the data's shape, or a standard normal draw from `key` when None."""
+  if given is None:
+    return jax.random.normal(key, shape)
+  given = jnp.asarray(given, jnp.float32)
+  if given.shape != shape:
+    raise ValueError(f"{name} has shape {given.shape}; expected the data shape {shape}")
+  return given
+
+
 def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn,
                vocab_size: int, num_steps: int = 0, t: ArrayLike | None = None,
-               antithetic: bool = True) -> ELBOTerms:
+               antithetic: bool = True, eps: ArrayLike | None = None,
+               eps_0: ArrayLike | None = None) -> ELBOTerms:
   """One-sample estimate of the three terms of the negative ELBO, per example, in nats.
 
   Args:
@@ -231,6 +242,9 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
     num_steps: T; 0 means continuous time.
     t: optional explicit times [B] (on the grid {1/T..1} when T > 0); sampled when None.
     antithetic: low-discrepancy times over the batch (VDM appendix I.1).
+    eps: optional explicit noise [B, ...] of z_t (diffusion term); drawn from `key` when None.
+    eps_0: optional explicit noise [B, ...] of z_0 (reconstruction term); drawn when None.
+      (Explicit draws reproduce another implementation's estimate, e.g. the official code's.)
 
   Returns:
     ELBOTerms(prior, reconstruction, diffusion), each [B] float32.
@@ -243,7 +257,7 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
   if t is None:
     t = sample_time(key_t, batch, num_steps=num_steps, antithetic=antithetic)
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
-  eps = jax.random.normal(key_eps, x.shape)
+  eps = _noise(eps, key_eps, x.shape, "eps")
 
   if num_steps == 0:
     gamma_t, gamma_prime = gamma_and_derivative(gamma_fn, t)
@@ -258,7 +272,7 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
                                         num_steps=num_steps)
 
   gamma_0 = gamma_fn(jnp.zeros((), jnp.float32))
-  z_0 = diffusion.q_sample(x, gamma_0, jax.random.normal(key_0, x.shape))
+  z_0 = diffusion.q_sample(x, gamma_0, _noise(eps_0, key_0, x.shape, "eps_0"))
   loss_recon = reconstruction_nll(k, z_0, gamma_0=gamma_0, vocab_size=vocab_size)
   loss_prior = prior_kl(x, gamma_1=gamma_fn(jnp.ones((), jnp.float32)))
   return ELBOTerms(prior=jnp.broadcast_to(loss_prior, (batch,)), reconstruction=loss_recon,

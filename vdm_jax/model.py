@@ -25,7 +25,7 @@ from vdm_jax import diffusion, elbo, schedules
 from vdm_jax.networks import ScoreUNet
 
 FIXED_SCHEDULES = ("fixed_linear", "beta_linear", "cosine")
-SCHEDULES = FIXED_SCHEDULES + ("learned_linear", "learned_monotone")
+SCHEDULES = FIXED_SCHEDULES + ("learned_linear", "learned_monotone", "learned_nnet")
 
 
 class NoiseSchedule(nn.Module):
@@ -33,7 +33,10 @@ class NoiseSchedule(nn.Module):
 
   Attributes:
     kind: "fixed_linear", "beta_linear", "cosine" (no parameters), "learned_linear" (learned
-      endpoints) or "learned_monotone" (monotone network with exactly the learned endpoints).
+      endpoints; the official `learnable_scalar`), "learned_monotone" (monotone network with
+      exactly the learned endpoints) or "learned_nnet" (the official `learnable_nnet`: the same
+      network, its parameters {"l1", "l2", "l3"} named and initialised as the official ones,
+      endpoints implicit).
     gamma_min, gamma_max: endpoints (initial values for the learned kinds).
     hidden: width of the monotone network.
   """
@@ -46,6 +49,12 @@ class NoiseSchedule(nn.Module):
   @nn.compact
   def __call__(self) -> schedules.GammaFn:
     gmin, gmax = self.gamma_min, self.gamma_max
+    if self.kind == "learned_nnet":
+      init = lambda key: schedules.init_nnet(key, gamma_min=gmin, gamma_max=gmax,
+                                             hidden=self.hidden)
+      params = {name: self.param(name, lambda key, n=name: init(key)[n])
+                for name in ("l1", "l2", "l3")}
+      return functools.partial(schedules.nnet_gamma, params=params)
     if self.kind == "fixed_linear":
       return functools.partial(schedules.linear_gamma, gamma_min=gmin, gamma_max=gmax)
     if self.kind == "beta_linear":
@@ -96,35 +105,41 @@ class VDM(nn.Module):
     """gamma(t), shape of `t`."""
     return self.schedule()(t)
 
-  def eps(self, z: ArrayLike, gamma: ArrayLike, label: Optional[ArrayLike] = None, *,
-          train: bool = False) -> jax.Array:
-    """eps_hat(z_t; gamma_t[, label]): z [B, H, W, C], gamma [B] (or scalar) -> [B, H, W, C]."""
+  def eps(self, z: ArrayLike, gamma: ArrayLike, label: Optional[ArrayLike] = None,
+          conditioning: Optional[ArrayLike] = None, *, train: bool = False) -> jax.Array:
+    """eps_hat(z_t; gamma_t[, label, conditioning]): z [B, H, W, C], gamma [B] (or scalar),
+    label [B] int or None, conditioning [B] (the official scalar input) or None -> [B, H, W, C]."""
     z = jnp.asarray(z)
     gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (z.shape[0],))
     t_cond = (gamma - self.cond_gamma_min) / (self.cond_gamma_max - self.cond_gamma_min)
-    return self.score_net(z, t_cond, label, train=train)
+    if conditioning is None:
+      return self.score_net(z, t_cond, label, train=train)
+    return self.score_net(z, t_cond, label, conditioning, train=train)
 
-  def __call__(self, images: ArrayLike, label: Optional[ArrayLike] = None, *, train: bool,
+  def __call__(self, images: ArrayLike, label: Optional[ArrayLike] = None,
+               conditioning: Optional[ArrayLike] = None, *, train: bool,
                num_steps: Optional[int] = None, t: Optional[ArrayLike] = None) -> elbo.ELBOTerms:
     """Per-example ELBO terms in nats for integer images [B, H, W, C] (rng stream "diffusion").
 
     Args:
       images: integer data in [0, vocab_size).
       label: [B] int labels for a class-conditional network, or None.
+      conditioning: [B] the official scalar conditioning input (e.g. the augmentation flag), or
+        None (read as 0 by a network with the input).
       train: enables dropout (rng stream "dropout").
       num_steps: overrides the module's T (e.g. to evaluate a continuous model with T steps).
       t: optional explicit times [B].
     """
     gamma_fn = self.schedule()
-    eps_fn = lambda z, g: self.eps(z, g, label, train=train)
+    eps_fn = lambda z, g: self.eps(z, g, label, conditioning, train=train)
     steps = self.num_steps if num_steps is None else num_steps
     return elbo.elbo_terms(self.make_rng("diffusion"), images, eps_fn=eps_fn, gamma_fn=gamma_fn,
                            vocab_size=self.vocab_size, num_steps=steps, t=t)
 
-  def training_loss(self, images: ArrayLike, label: Optional[ArrayLike] = None, *,
-                    train: bool) -> jax.Array:
+  def training_loss(self, images: ArrayLike, label: Optional[ArrayLike] = None,
+                    conditioning: Optional[ArrayLike] = None, *, train: bool) -> jax.Array:
     """Per-example loss [B] of `objective` (`elbo.training_loss`; rng "diffusion", "dropout")."""
-    eps_fn = lambda z, g: self.eps(z, g, label, train=train)
+    eps_fn = lambda z, g: self.eps(z, g, label, conditioning, train=train)
     return elbo.training_loss(self.make_rng("diffusion"), images, eps_fn=eps_fn,
                               gamma_fn=self.schedule(), vocab_size=self.vocab_size,
                               objective=self.objective, num_steps=self.num_steps,
@@ -141,7 +156,8 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
                 attention_everywhere: bool, dropout: float, num_classes: int, block_impl: str,
                 remat: bool, dtype: Any, num_steps: int = 0, schedule_hidden: int = 1024,
                 objective: str = "elbo", weighting: str = "sigmoid",
-                weighting_bias: float = 0.0) -> VDM:
+                weighting_bias: float = 0.0, norm_groups: int = 0,
+                conditioning_input: bool = False) -> VDM:
   """A VDM from typed hyperparameters (train.py unpacks the config into these)."""
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
@@ -149,7 +165,8 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
   net = ScoreUNet(channels=channels, num_blocks=num_blocks,
                   fourier_exponents=tuple(fourier_exponents),
                   attention_everywhere=attention_everywhere, dropout=dropout,
-                  num_classes=num_classes, block_impl=block_impl, remat=remat, dtype=dtype)
+                  num_classes=num_classes, conditioning_input=conditioning_input,
+                  norm_groups=norm_groups, block_impl=block_impl, remat=remat, dtype=dtype)
   return VDM(vocab_size=vocab_size,
              schedule=NoiseSchedule(kind=schedule, gamma_min=gamma_min, gamma_max=gamma_max,
                                     hidden=schedule_hidden),

@@ -1,18 +1,21 @@
 """Score networks: the VDM noise-prediction U-Net and a noise-conditional classifier.
 
-`ScoreUNet` follows the architecture of the official VDM code (Kingma et al. 2021, appendix B;
-github.com/google-research/vdm `ScoreUNet`): Fourier features of z concatenated to z, a 3x3 input
-conv, `num_blocks` residual blocks at full resolution (no downsampling), a middle block with
-self-attention, `num_blocks + 1` up blocks that each concatenate one skip connection, GroupNorm,
-swish and a zero-initialised 3x3 output conv. The conditioning vector (a sinusoidal embedding of
-t, optionally with a class embedding, through a 2-layer MLP) enters every residual block.
+`ScoreUNet` is the network of the official VDM code (Kingma et al. 2021, appendix B;
+github.com/google-research/vdm `ScoreUNet`): Fourier features sin/cos(2^n 2 pi z) of z
+concatenated to z, a 3x3 input conv, `num_blocks` residual blocks at full resolution (no
+downsampling), a middle block with self-attention, `num_blocks + 1` up blocks that each
+concatenate one skip connection, GroupNorm, swish, a zero-initialised 3x3 output conv, and the
+output skip eps_hat = NN(z) + z. The conditioning vector (a sinusoidal embedding of t, optionally
+with the official scalar `conditioning` input and a class embedding, through a 2-layer MLP)
+enters every residual block. With `norm_groups=32` and `conditioning_input=True` it is the
+official function exactly: `vdm_jax.convert` ports official weights into it and
+tests/test_convert.py reproduces the official eps_hat to float32 rounding.
 
-Compared with the official code: any number of channels; the output is eps_hat itself (no `+ z`
-base measure), so it is exactly zero at init; GroupNorm uses the largest group count <= 32 that
-divides the channels and leaves >= 2 channels per group (32 for the official widths); the class label is an embedding (with a "null" class for classifier-free
-guidance) rather than a scalar concatenated to the time embedding; Fourier features are
-sin/cos(2^n pi z), whereas the official code uses sin/cos(2^n 2 pi z) (its exponents 6, 7 are
-exponents 7, 8 here). Params are float32; `dtype` sets the computation dtype.
+Additions to the official network (off by default where they change the function): any number of
+channels (the official decoder hard-codes 3); a class label embedding with a "null" class for
+classifier-free guidance (`num_classes`); GroupNorm groups below 64 channels chosen so that no
+group holds a single channel (`norm_groups=0`, the default: see `num_groups`); scanned blocks and
+remat; a computation dtype. Params are float32; `dtype` sets the computation dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ def num_groups(channels: int, *, max_groups: int = 32) -> int:
   return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
+def group_count(channels: int, norm_groups: int) -> int:
+  """GroupNorm groups for a layer of `channels`: `norm_groups` if > 0 (official: 32), else the
+  project's rule `num_groups(channels)`; a ValueError when `norm_groups` does not divide it."""
+  if norm_groups < 0:
+    raise ValueError(f"norm_groups must be >= 0 (0 = the project's rule), got {norm_groups}")
+  if norm_groups == 0:
+    return num_groups(channels)
+  if channels % norm_groups:
+    raise ValueError(f"norm_groups={norm_groups} does not divide a layer of {channels} channels")
+  return norm_groups
+
+
 def timestep_embedding(t: ArrayLike, dim: int, *, scale: float = 1000.0) -> jax.Array:
   """Sinusoidal embedding of a conditioning scalar (Vaswani et al. 2017; DDPM; VDM code).
 
@@ -60,17 +75,21 @@ def timestep_embedding(t: ArrayLike, dim: int, *, scale: float = 1000.0) -> jax.
 
 
 def fourier_features(z: ArrayLike, *, exponents: tuple[int, ...]) -> jax.Array:
-  """Fourier features sin(2^n pi z), cos(2^n pi z) of every channel (VDM appendix B).
+  """Fourier features sin(2^n 2 pi z), cos(2^n 2 pi z) of every channel (VDM appendix C).
+
+  The official convention: with exponents (6, 7) the finest feature has period 2^-7 in z, exactly
+  one step between the bin centres of 8-bit data (2 / 256).
 
   Args:
     z: [B, H, W, C].
     exponents: the n's.
 
   Returns:
-    [B, H, W, 2 C len(exponents)] float32 (computed in float32: high frequencies need it).
+    [B, H, W, 2 C len(exponents)] float32 (computed in float32: high frequencies need it),
+    ordered [sin(c0, n0), sin(c0, n1), ..., sin(c1, n0), ..., cos(...)] (the official order).
   """
   z = jnp.asarray(z, jnp.float32)
-  w = jnp.asarray([2.0**n * math.pi for n in exponents], jnp.float32)
+  w = jnp.asarray([2.0**n * 2.0 * math.pi for n in exponents], jnp.float32)
   h = (z[..., None] * w).reshape(z.shape[:-1] + (-1,))
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
@@ -84,15 +103,17 @@ class ResnetBlock(nn.Module):
   dropout: float
   train: bool
   dtype: Any = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
     c_in, c_out = x.shape[-1], self.out_channels
-    h = nn.swish(nn.GroupNorm(num_groups(c_in), dtype=self.dtype, name="norm1")(x))
+    groups = lambda c: group_count(c, self.norm_groups)
+    h = nn.swish(nn.GroupNorm(groups(c_in), dtype=self.dtype, name="norm1")(x))
     h = nn.Conv(c_out, (3, 3), dtype=self.dtype, name="conv1")(h)
     h += nn.Dense(c_out, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                   name="cond_proj")(cond)[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(num_groups(c_out), dtype=self.dtype, name="norm2")(h))
+    h = nn.swish(nn.GroupNorm(groups(c_out), dtype=self.dtype, name="norm2")(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not self.train)
     h = nn.Conv(c_out, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
                 name="conv2")(h)
@@ -107,11 +128,13 @@ class AttentionBlock(nn.Module):
   x [B, H, W, C] -> [B, H, W, C]; the softmax is computed in float32 whatever `dtype`.
   """
   dtype: Any = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hh, ww, c = x.shape
-    h = nn.GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x).reshape(b, hh * ww, c)
+    h = nn.GroupNorm(group_count(c, self.norm_groups), dtype=self.dtype, name="norm")(x)
+    h = h.reshape(b, hh * ww, c)
     q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("q", "k", "v"))
     logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -127,12 +150,13 @@ class DownBlock(nn.Module):
   attention: bool
   train: bool
   dtype: Any = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
-    h = ResnetBlock(self.channels, self.dropout, self.train, self.dtype)(h, cond)
+    h = ResnetBlock(self.channels, self.dropout, self.train, self.dtype, self.norm_groups)(h, cond)
     if self.attention:
-      h = AttentionBlock(self.dtype)(h)
+      h = AttentionBlock(self.dtype, self.norm_groups)(h)
     return h, h
 
 
@@ -143,13 +167,14 @@ class UpBlock(nn.Module):
   attention: bool
   train: bool
   dtype: Any = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, h: jax.Array, skip: jax.Array, cond: jax.Array) -> tuple[jax.Array, None]:
-    h = ResnetBlock(self.channels, self.dropout, self.train, self.dtype)(
+    h = ResnetBlock(self.channels, self.dropout, self.train, self.dtype, self.norm_groups)(
         jnp.concatenate([h, skip], axis=-1), cond)
     if self.attention:
-      h = AttentionBlock(self.dtype)(h)
+      h = AttentionBlock(self.dtype, self.norm_groups)(h)
     return h, None
 
 
@@ -205,18 +230,28 @@ def _label_ids(label: Optional[ArrayLike], batch: int, num_classes: int) -> jax.
 
 
 class Conditioning(nn.Module):
-  """t [B] (+ label ids [B]) -> conditioning vector [B, 4 channels] (VDM code: dense0, dense1)."""
+  """t [B] (+ label ids [B]) (+ scalar conditioning [B]) -> conditioning vector [B, 4 channels].
+
+  dense0 sees [timestep_embedding(t), label embedding (if num_classes), conditioning (if
+  conditioning_input)]; the official network is the case num_classes = 0, conditioning_input.
+  """
   channels: int
   num_classes: int = 0
   dtype: Any = jnp.float32
+  conditioning_input: bool = False
 
   @nn.compact
-  def __call__(self, t: jax.Array, label_ids: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, t: jax.Array, label_ids: Optional[jax.Array] = None,
+               conditioning: Optional[jax.Array] = None) -> jax.Array:
     emb = timestep_embedding(t, self.channels).astype(self.dtype)
     if self.num_classes > 0:
       label_emb = nn.Embed(self.num_classes + 1, self.channels, dtype=self.dtype,
                            name="label_embed")(label_ids)
       emb = jnp.concatenate([emb, label_emb], axis=-1)
+    if self.conditioning_input:
+      if conditioning is None:
+        conditioning = jnp.zeros(t.shape, jnp.float32)
+      emb = jnp.concatenate([emb, conditioning[:, None].astype(self.dtype)], axis=-1)
     emb = nn.swish(nn.Dense(4 * self.channels, dtype=self.dtype, name="dense0")(emb))
     return nn.swish(nn.Dense(4 * self.channels, dtype=self.dtype, name="dense1")(emb))
 
@@ -227,10 +262,16 @@ class ScoreUNet(nn.Module):
   Attributes:
     channels: width of every residual block.
     num_blocks: residual blocks in the down stack; the up stack has num_blocks + 1 (one per skip).
-    fourier_exponents: Fourier features sin/cos(2^n pi z) for these n (empty: none).
+    fourier_exponents: Fourier features sin/cos(2^n 2 pi z) for these n (empty: none); the
+      official (6, 7).
     attention_everywhere: attention after every block, else only in the middle block.
     dropout: dropout rate in the residual blocks (active only when train=True).
     num_classes: 0 = unconditional; else an Embed(num_classes + 1), id num_classes = null label.
+    conditioning_input: the official scalar `conditioning` input [B], concatenated to the time
+      embedding before dense0 (the official augmented CIFAR-10 model feeds it the augmentation
+      flag; None is read as 0).
+    norm_groups: GroupNorm groups at every width (official: 32, Flax's default); 0 = the project's
+      rule `num_groups` (the same at 64 channels and above).
     block_impl: "unrolled" (Python loop) or "scan" (nn.scan over the identical blocks: the same
       function and parameter count, parameters stacked on a leading axis; faster lowering).
       On CPU prefer "unrolled": XLA:CPU runs convolutions inside a loop body on a slow path
@@ -245,6 +286,8 @@ class ScoreUNet(nn.Module):
   attention_everywhere: bool = False
   dropout: float = 0.1
   num_classes: int = 0
+  conditioning_input: bool = False
+  norm_groups: int = 0
   block_impl: str = "unrolled"
   remat: bool = False
   dtype: Any = jnp.float32
@@ -252,6 +295,10 @@ class ScoreUNet(nn.Module):
   def __post_init__(self):
     if not isinstance(self.channels, int) or self.channels <= 0:
       raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+    if not isinstance(self.norm_groups, int) or self.norm_groups < 0:
+      raise ValueError(f"norm_groups must be an int >= 0, got {self.norm_groups!r}")
+    if self.norm_groups:
+      group_count(self.channels, self.norm_groups)
     if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
       raise ValueError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
     if not all(isinstance(n, int) for n in self.fourier_exponents):
@@ -266,12 +313,14 @@ class ScoreUNet(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, z: ArrayLike, t: ArrayLike, label: Optional[ArrayLike] = None, *,
-               train: bool) -> jax.Array:
-    """eps_hat for z [B, H, W, C] (any C), t [B] (normalised gamma_t), label [B] int or None.
+  def __call__(self, z: ArrayLike, t: ArrayLike, label: Optional[ArrayLike] = None,
+               conditioning: Optional[ArrayLike] = None, *, train: bool) -> jax.Array:
+    """eps_hat for z [B, H, W, C] (any C), t [B] (normalised gamma_t), label [B] int or None,
+    conditioning [B] float or None (the official scalar input; needs conditioning_input).
 
     Returns:
-      eps_hat [B, H, W, C] float32; exactly zero at initialisation.
+      eps_hat = NN(z) + z, [B, H, W, C] float32 (the official output skip); equal to z at
+      initialisation (the output conv is zero-initialised).
     """
     z = jnp.asarray(z)
     if z.ndim != 4:
@@ -282,22 +331,29 @@ class ScoreUNet(nn.Module):
       raise ValueError("label given to an unconditional ScoreUNet (num_classes=0); pass "
                        "label=None or set num_classes")
     ids = _label_ids(label, batch, self.num_classes) if self.num_classes else None
-    cond = Conditioning(self.channels, self.num_classes, self.dtype, name="cond")(t, ids)
+    if conditioning is not None:
+      if not self.conditioning_input:
+        raise ValueError("conditioning given to a ScoreUNet without the conditioning input; "
+                         "pass conditioning=None or set conditioning_input=True")
+      conditioning = _check_time(conditioning, batch)
+    cond = Conditioning(self.channels, self.num_classes, self.dtype, self.conditioning_input,
+                        name="cond")(t, ids, conditioning)
 
     h = z.astype(jnp.float32)
     if self.fourier_exponents:
       h = jnp.concatenate([h, fourier_features(h, exponents=self.fourier_exponents)], axis=-1)
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
     h = self._stacks(h, cond, train)
-    h = nn.swish(nn.GroupNorm(num_groups(self.channels), dtype=self.dtype, name="norm_out")(h))
-    eps_hat = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                      name="conv_out")(h)
-    return eps_hat.astype(jnp.float32)
+    h = nn.swish(nn.GroupNorm(group_count(self.channels, self.norm_groups), dtype=self.dtype,
+                              name="norm_out")(h))
+    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                  name="conv_out")(h)
+    return out.astype(jnp.float32) + z.astype(jnp.float32)   # the official base measure: + z
 
   def _stacks(self, h: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
     """Down stack, middle (block, attention, block), up stack with the U-Net skips."""
     kw = dict(channels=self.channels, dropout=self.dropout, attention=self.attention_everywhere,
-              train=train, dtype=self.dtype)
+              train=train, dtype=self.dtype, norm_groups=self.norm_groups)
     n = self.num_blocks
     down, up = DownBlock, UpBlock
     if self.block_impl == "scan":
@@ -321,9 +377,10 @@ class ScoreUNet(nn.Module):
     return h
 
   def _middle(self, h: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
-    h = ResnetBlock(self.channels, self.dropout, train, self.dtype, name="mid_block1")(h, cond)
-    h = AttentionBlock(self.dtype, name="mid_attn")(h)
-    return ResnetBlock(self.channels, self.dropout, train, self.dtype, name="mid_block2")(h, cond)
+    g = self.norm_groups
+    h = ResnetBlock(self.channels, self.dropout, train, self.dtype, g, name="mid_block1")(h, cond)
+    h = AttentionBlock(self.dtype, g, name="mid_attn")(h)
+    return ResnetBlock(self.channels, self.dropout, train, self.dtype, g, name="mid_block2")(h, cond)
 
 
 class NoisyClassifier(nn.Module):

@@ -328,43 +328,76 @@ def learned_endpoints(params: Params) -> tuple[jax.Array, jax.Array]:
   return params["gamma_min"], params["gamma_min"] + jnp.abs(params["delta"])
 
 
-def init_monotone(key: jax.Array, *, gamma_min: float = -13.3, gamma_max: float = 5.0,
-                  hidden: int = 1024) -> Params:
-  """Parameters of the monotone-network schedule (VDM appendix H.2): endpoints plus three
-  positive-weight dense layers l1 (1 -> 1), l2 (1 -> hidden), l3 (hidden -> 1)."""
+def init_nnet(key: jax.Array, *, gamma_min: float = -13.3, gamma_max: float = 5.0,
+              hidden: int = 1024) -> Params:
+  """Parameters of the official VDM `learnable_nnet` schedule (its initialisation, VDM app. H.2).
+
+  Three positive-weight dense layers, named and shaped as the official ones:
+  l1 (1 -> 1): kernel [1, 1] = gamma_max - gamma_min, bias [1] = gamma_min;
+  l2 (1 -> hidden): kernel [1, hidden] ~ N(0, 0.01^2), bias [hidden] = 0;
+  l3 (hidden -> 1, no bias): kernel [hidden, 1] ~ N(0, 0.01^2).
+  At this initialisation gamma(t) is linear from gamma_min to gamma_max to within ~1e-4.
+
+  Returns:
+    {"l1": {"kernel", "bias"}, "l2": {"kernel", "bias"}, "l3": {"kernel"}}, float32.
+  """
   check_endpoints(gamma_min, gamma_max)
   if hidden < 1:
     raise ValueError(f"expected hidden >= 1, got {hidden}")
-  k1, k2, k3 = jax.random.split(key, 3)
+  k2, k3 = jax.random.split(key)
+  return {"l1": {"kernel": jnp.full((1, 1), gamma_max - gamma_min, jnp.float32),
+                 "bias": jnp.full((1,), gamma_min, jnp.float32)},
+          "l2": {"kernel": 0.01 * jax.random.normal(k2, (1, hidden), jnp.float32),
+                 "bias": jnp.zeros((hidden,), jnp.float32)},
+          "l3": {"kernel": 0.01 * jax.random.normal(k3, (hidden, 1), jnp.float32)}}
+
+
+def nnet_gamma(t: ArrayLike, params: Params) -> jax.Array:
+  """The official VDM `learnable_nnet` schedule, a monotone network (VDM appendix H.2).
+
+  gamma(t) = b1 + |W1| t + |W3| (2 sigmoid(|W2| (2 t - 1) + b2) - 1) / hidden,
+
+  increasing in t since every weight enters through its absolute value. Its endpoints
+  gamma(0), gamma(1) are whatever the weights give (they are not pinned). Shape of `t`.
+
+  Args:
+    t: times in [0, 1], any shape.
+    params: `init_nnet`'s tree (the official parameter names and shapes).
+  """
+  t = jnp.asarray(t, dtype=jnp.float32)
+  l1, l2, l3 = params["l1"], params["l2"], params["l3"]
+  hidden = l2["kernel"].shape[-1]
+  linear = l1["bias"][0] + jnp.abs(l1["kernel"][0, 0]) * t
+  inner = jax.nn.sigmoid((2.0 * t - 1.0)[..., None] * jnp.abs(l2["kernel"][0]) + l2["bias"])
+  return linear + jnp.sum(2.0 * (inner - 0.5) * jnp.abs(l3["kernel"][:, 0]), axis=-1) / hidden
+
+
+def init_monotone(key: jax.Array, *, gamma_min: float = -13.3, gamma_max: float = 5.0,
+                  hidden: int = 1024) -> Params:
+  """Parameters of the monotone schedule with exact learned endpoints: {"gamma_min", "delta"}
+  (as `init_learned_linear`) and "net", the official `learnable_nnet` tree (`init_nnet`), whose
+  shape the schedule takes. At initialisation it is linear to within ~1e-4, like the official."""
   params = init_learned_linear(gamma_min=gamma_min, gamma_max=gamma_max)
-  params["net"] = {
-      "l1_w": jnp.abs(jax.random.normal(k1, ())) + 1.0, "l1_b": jnp.zeros(()),
-      "l2_w": jax.random.normal(k2, (hidden,)), "l2_b": jnp.zeros((hidden,)),
-      "l3_w": jax.random.normal(k3, (hidden,)) / math.sqrt(hidden),
-  }
+  params["net"] = init_nnet(key, gamma_min=gamma_min, gamma_max=gamma_max, hidden=hidden)
   return params
-
-
-def _monotone_raw(t: jax.Array, net: Params) -> jax.Array:
-  """Unnormalised increasing function: l1(t) + l3(sigmoid(l2(l1(t)))), weights made positive."""
-  h = jnp.abs(net["l1_w"]) * t + net["l1_b"]
-  inner = jax.nn.sigmoid(jnp.abs(net["l2_w"]) * h[..., None] + net["l2_b"])
-  return h + jnp.sum(inner * jnp.abs(net["l3_w"]), axis=-1)
 
 
 def monotone_gamma(t: ArrayLike, params: Params) -> jax.Array:
   """Learned monotone schedule with exactly the learned endpoints.
 
   gamma(t) = gamma_min + (gamma_max - gamma_min) (f(t) - f(0)) / (f(1) - f(0)),
-  with f the positive-weight network of `_monotone_raw`. The renormalisation makes
-  gamma(0) = gamma_min and gamma(1) = gamma_max exactly (the official implementation's network
-  output is not tied to its endpoints). Shape of `t`.
+  with f = `nnet_gamma` of params["net"]. The renormalisation makes gamma(0) = gamma_min and
+  gamma(1) = gamma_max exactly, with the endpoints as their own parameters (the official
+  `learnable_nnet`, `nnet_gamma`, leaves them implicit). Any official schedule is represented
+  exactly: gamma_min = f(0), delta = f(1) - f(0) with f the official network. Shape of `t`.
   """
   t = jnp.asarray(t, dtype=jnp.float32)
-  f0, f1 = _monotone_raw(jnp.zeros(()), params["net"]), _monotone_raw(jnp.ones(()), params["net"])
-  shape = (_monotone_raw(t, params["net"]) - f0) / (f1 - f0)
+  net = params["net"]
+  f0, f1 = nnet_gamma(jnp.zeros(()), net), nnet_gamma(jnp.ones(()), net)
+  shape = (nnet_gamma(t, net) - f0) / (f1 - f0)
   gmin, gmax = learned_endpoints(params)
   return gmin + (gmax - gmin) * shape
 
 
-SCHEDULES = ("fixed_linear", "learned_linear", "learned_monotone", "beta_linear", "cosine")
+SCHEDULES = ("fixed_linear", "learned_linear", "learned_monotone", "learned_nnet", "beta_linear",
+             "cosine")

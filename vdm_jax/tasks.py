@@ -83,7 +83,8 @@ class VDMTask:
     """The bound in bpd (objective "elbo", its terms logged), else the objective's batch mean."""
     del frozen
     k_diff, k_drop, k_label = jax.random.split(key, 3)
-    args = ({"params": params}, batch["image"], self._labels(batch, k_label))
+    args = ({"params": params}, batch["image"], self._labels(batch, k_label),
+            batch.get("conditioning"))
     rngs = {"diffusion": k_diff, "dropout": k_drop}
     if self.model.objective != "elbo":
       loss = jnp.mean(self.model.apply(*args, train=True, rngs=rngs,
@@ -306,7 +307,8 @@ def build_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> mode
       attention_everywhere=m.attention_everywhere, dropout=m.dropout,
       num_classes=info.num_classes if m.conditional else 0, block_impl=block_impl(config),
       remat=m.remat, dtype=jnp.dtype(m.dtype), num_steps=m.num_steps,
-      objective=m.objective, weighting=m.weighting, weighting_bias=m.weighting_bias)
+      objective=m.objective, weighting=m.weighting, weighting_bias=m.weighting_bias,
+      norm_groups=m.get("norm_groups", 0), conditioning_input=m.get("conditioning_input", False))
 
 
 def build_classifier(config: ml_collections.ConfigDict,
