@@ -17,16 +17,34 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = "cifar10"          # digits | cifar10 | mnist | downsampled_imagenet/32x32 | /64x64
   c.data.data_dir = ""             # TFDS data_dir ("" = TFDS default)
   c.data.flip = False              # random horizontal flips
+  # Random 90-degree rotations (with probability 1/2, by k * 90 degrees, k uniform on {1, 2, 3}),
+  # applied after the flip as in the official augmented CIFAR-10 ("cifar10_aug"). With
+  # model.conditioning_input the training batch carries the flag "augmented or not" (1 when the
+  # image was flipped or rotated), which the network reads; evaluation is never augmented (flag 0).
+  c.data.rot90 = False
 
   c.model = ml_collections.ConfigDict()
-  c.model.schedule = "learned_linear"   # fixed_linear | learned_linear | learned_monotone | beta_linear | cosine
+  # fixed_linear | learned_linear (the official learnable_scalar) | learned_monotone (monotone net
+  # rescaled to exactly the learned endpoints; this project's variant) | learned_nnet (the official
+  # learnable_nnet: l1 + l3(sigmoid(l2)), endpoints implicit, not pinned) | beta_linear | cosine
+  c.model.schedule = "learned_linear"
   c.model.gamma_min = -13.3
   c.model.gamma_max = 5.0
-  c.model.schedule_hidden = 1024
+  c.model.schedule_hidden = 1024   # width of the monotone schedule net (official n_features 1024)
   c.model.channels = 128
   c.model.num_blocks = 32
   c.model.fourier_exponents = (6, 7)
   c.model.attention_everywhere = False
+  # GroupNorm groups. 0 = this project's rule: the largest divisor of the width <= 32 that leaves
+  # >= 2 channels per group (a one-channel group would erase the per-channel conditioning a
+  # residual block adds before its second norm, so narrow test nets keep it). 32 = the official
+  # code (Flax's default GroupNorm() at every width). Equal at the paper widths 128 and 256.
+  c.model.norm_groups = 0
+  # The official network's scalar conditioning input, concatenated to the time embedding before
+  # its first dense layer (dense0). The official augmented CIFAR-10 model feeds it the
+  # augmentation flag (data.rot90 / data.flip), the other official models feed 0. False here by
+  # default (one parameter row fewer; no use without augmentation); True in the paper configs.
+  c.model.conditioning_input = False
   c.model.dropout = 0.1
   c.model.block_impl = "auto"      # auto (per backend) | unrolled | scan
   c.model.remat = False
@@ -58,7 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip_norm = 0.0     # 0 = no clipping
   c.optim.schedule_lr_multiplier = 1.0
+  # Which leaves get weight decay. "kernels" (this project's default): only leaves with ndim >= 2
+  # outside the noise schedule, since decaying GroupNorm scales towards 0 and schedule endpoints
+  # towards gamma = 0 is a pull on quantities with no natural zero. "official": the official code's
+  # AdamW mask, every leaf not named "bias" (GroupNorm scales and schedule parameters included).
+  c.optim.weight_decay_rule = "kernels"
   c.optim.ema_decay = 0.9999
+  # EMA decay warm-up min(ema_decay, (1 + step) / (10 + step)): True here so that short runs are
+  # not evaluated on an average still dominated by the initial weights. The official code (False)
+  # keeps a constant rate from the initial weights: ema <- ema + (1 - rate) * (new - ema).
+  c.optim.ema_warmup = True
 
   c.training = ml_collections.ConfigDict()
   c.training.batch_size = 128      # global batch size
@@ -73,7 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
-  c.eval.max_examples = 0          # 0 = the whole test split
+  # 0 = the whole test split, each image once (the exact test bound). The official code instead
+  # averages num_steps_eval = 100 batches of batch_size_eval shuffled test images, read with
+  # num_epochs=None (12,800 draws at batch 128 on CIFAR-10's 10,000 images, some twice).
+  c.eval.max_examples = 0
   c.eval.num_steps = -1            # T of the evaluated bound; 0 = continuous; -1 = model.num_steps
   c.eval.t_samples = 1             # time samples per image
 

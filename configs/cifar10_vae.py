@@ -21,5 +21,9 @@ def get_config():
   c.vae.num_blocks = 2
   c.optim.learning_rate = 2e-4
   c.optim.schedule_lr_multiplier = 1.0
+  # Not an official model: the project's optimiser defaults rather than the official ones that
+  # cifar10.py sets (decay kernels only; EMA with warm-up). cifar10_latent.py inherits these.
+  c.optim.weight_decay_rule = "kernels"
+  c.optim.ema_warmup = True
   c.training.num_steps = 500_000
   return c

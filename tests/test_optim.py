@@ -191,3 +191,127 @@ def test_ema_update_values_dtype_and_jit():
   out = traced(ema, new, jnp.asarray(2))
   chex.assert_trees_all_close(
       out, {"a": jnp.full((2,), 0.25 + 0.75 * 3), "b": {"c": jnp.full((3,), 1.5)}}, rtol=1e-6)
+
+
+# The official VDM mask: every leaf whose name is not "bias" is decayed, the schedule included.
+_EXPECTED_OFFICIAL_MASK = {
+    "gamma": {
+        "gamma_min": True,
+        "gamma_max": True,
+        "MonotoneDense_0": {"kernel": True, "bias": False},
+    },
+    "score_net": {
+        "Conv_0": {"kernel": True, "bias": False},
+        "GroupNorm_0": {"scale": True, "bias": False},
+        "Dense_0": {"kernel": True, "bias": False},
+        "embedding": True,
+    },
+}
+
+
+def _official_nnet_params():
+  """The official learned monotone schedule's parameters (l1 + l3(sigmoid(l2))) under the
+  trainer's schedule key, beside a score-net residual block."""
+  return {
+      "schedule": {
+          "l1": {"kernel": jnp.full((1, 1), 18.3), "bias": jnp.full((1,), -13.3)},
+          "l2": {"kernel": jnp.ones((1, 16)), "bias": jnp.zeros((16,))},
+          "l3": {"kernel": jnp.ones((16, 1))},
+      },
+      "score_net": {
+          "block_0": {
+              "norm1": {"scale": jnp.ones((8,)), "bias": jnp.zeros((8,))},
+              "conv1": {"kernel": jnp.ones((3, 3, 8, 8)), "bias": jnp.zeros((8,))},
+          },
+      },
+  }
+
+
+def test_official_mask_decays_every_leaf_not_named_bias():
+  assert optim.weight_decay_mask(_params(), rule="official") == _EXPECTED_OFFICIAL_MASK
+  wrapped = optim.weight_decay_mask({"params": _params()}, rule="official")
+  assert wrapped == {"params": _EXPECTED_OFFICIAL_MASK}
+  assert optim.weight_decay_mask(jax.eval_shape(_params), rule="official") == (
+      _EXPECTED_OFFICIAL_MASK)
+
+
+def test_official_mask_on_the_official_monotone_schedule():
+  mask = optim.weight_decay_mask(
+      _official_nnet_params(), schedule_key="schedule", rule="official")
+  assert mask == {
+      "schedule": {
+          "l1": {"kernel": True, "bias": False},
+          "l2": {"kernel": True, "bias": False},
+          "l3": {"kernel": True},
+      },
+      "score_net": {
+          "block_0": {
+              "norm1": {"scale": True, "bias": False},
+              "conv1": {"kernel": True, "bias": False},
+          },
+      },
+  }
+  # The project's rule on the same tree: nothing in the schedule, no norm scale.
+  kernels = optim.weight_decay_mask(_official_nnet_params(), schedule_key="schedule")
+  assert not any(jax.tree.leaves(kernels["schedule"]))
+  assert kernels["score_net"]["block_0"] == {
+      "norm1": {"scale": False, "bias": False}, "conv1": {"kernel": True, "bias": False}}
+
+
+@pytest.mark.parametrize("call", [
+    lambda rule: optim.weight_decay_mask(_params(), rule=rule),
+    lambda rule: optim.make_optimizer(learning_rate=1e-3, weight_decay_rule=rule),
+])
+def test_unknown_weight_decay_rule_is_rejected(call):
+  with pytest.raises(ValueError, match=r"'bias_only'.*'kernels', 'official'"):
+    call("bias_only")
+
+
+def test_one_adamw_step_with_the_official_rule_by_hand():
+  """Step 0 of Adam with bias correction: mu_hat = g, nu_hat = g^2, so the update is
+  -lr * (g / (|g| + eps) + wd * p) where decayed and -lr * g / (|g| + eps) elsewhere."""
+  lr, wd, eps = 1e-2, 0.1, 1e-8
+  params = {
+      "schedule": {"gamma_min": jnp.asarray(-13.3), "gamma_max": jnp.asarray(5.0)},
+      "score_net": {"norm": {"scale": jnp.asarray([2.0, -0.5]), "bias": jnp.asarray([1.0, 3.0])},
+                    "dense": {"kernel": jnp.asarray([[0.5, -1.5]])}},
+  }
+  grads = {
+      "schedule": {"gamma_min": jnp.asarray(0.2), "gamma_max": jnp.asarray(-0.4)},
+      "score_net": {"norm": {"scale": jnp.asarray([0.3, -0.1]), "bias": jnp.asarray([0.5, -2.0])},
+                    "dense": {"kernel": jnp.asarray([[1.0, 0.25]])}},
+  }
+  tx = optim.make_optimizer(learning_rate=lr, warmup_steps=0, eps=eps, weight_decay=wd,
+                            schedule_key="schedule", weight_decay_rule="official")
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+
+  def by_hand(p, g, decayed):
+    p, g = np.asarray(p, np.float64), np.asarray(g, np.float64)
+    return p - lr * (g / (np.abs(g) + eps) + (wd * p if decayed else 0.0))
+
+  expected = {
+      "schedule": {"gamma_min": by_hand(-13.3, 0.2, True), "gamma_max": by_hand(5.0, -0.4, True)},
+      "score_net": {"norm": {"scale": by_hand([2.0, -0.5], [0.3, -0.1], True),
+                             "bias": by_hand([1.0, 3.0], [0.5, -2.0], False)},
+                    "dense": {"kernel": by_hand([[0.5, -1.5]], [[1.0, 0.25]], True)}},
+  }
+  chex.assert_trees_all_close(new, expected, rtol=1e-6, atol=1e-7)
+  # gamma_min: -13.3 - 0.01 * (1 + 0.1 * -13.3) = -13.2967 (the decay pulls it towards 0).
+  np.testing.assert_allclose(new["schedule"]["gamma_min"], -13.2967, rtol=1e-6)
+  # The GroupNorm scale 2.0 with gradient 0.3: 2 - 0.01 * (1 + 0.2) = 1.988.
+  np.testing.assert_allclose(new["score_net"]["norm"]["scale"][0], 1.988, rtol=1e-6)
+
+
+def test_ema_update_official_form_by_hand():
+  """ema + (1 - rate) * (new - ema) with rate 0.9: 10 + 0.1 * (20 - 10) = 11, -4 + 0.1 * 6 = -3.4;
+  a leaf already equal to the new value stays exactly equal, in float32, for any rate."""
+  out = optim.ema_update({"w": jnp.asarray([10.0, -4.0])}, {"w": jnp.asarray([20.0, 2.0])},
+                         decay=0.9)
+  np.testing.assert_allclose(out["w"], [11.0, -3.4], rtol=1e-6)
+  # Eagerly (op by op) decay * x + (1 - decay) * x rounds away from x for about 5% of these
+  # float32 values at rate 0.7; the official form adds exactly 0.
+  x = jax.random.normal(jax.random.key(1), (4096,)) * 3.0
+  for rate in (0.9999, 0.999, 0.7):
+    fixed = optim.ema_update({"w": x}, {"w": x}, decay=rate)
+    np.testing.assert_array_equal(fixed["w"], x)

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from vdm_jax import data, elbo, model as model_lib, sampling, tasks
+from vdm_jax import data, elbo, model as model_lib, optim, sampling, tasks
 
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
@@ -22,13 +22,33 @@ PINNED_SECTIONS = ("data", "model", "vae", "latent")
 PINNED_FIELDS = ("seed", "task")
 
 
+# Tasks whose score network changed in vdm_jax 0.2 (the official network: Fourier features
+# sin/cos(2^n 2 pi z), output skip eps_hat = NN(z) + z); their runs from 0.1 are refused.
+NETWORK_TASKS = ("vdm", "latent_vdm")
+OLD_NETWORK = ("{workdir} was trained by vdm_jax 0.1, whose score network computes another "
+               "function than this version's (0.2 made it the official VDM network: Fourier "
+               "features sin/cos(2^n 2 pi z) and the output skip eps_hat = NN(z) + z), so its "
+               "parameters cannot be used here; retrain it, or use vdm_jax 0.1 for this run")
+
+
 class ConfigError(ValueError):
   """One or more config fields are invalid; the message lists each."""
+
+
+def _is_bool(value: Any) -> bool:
+  return isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
   """(field, value, ok, expectation) for every checked field."""
   known = data.KNOWN_DATASETS
+  groups, width = c.model.norm_groups, c.model.channels
+  groups_ok = _is_int(groups) and groups >= 0 and (
+      groups == 0 or (_is_int(width) and width > 0 and width % groups == 0))
   return [
       ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS}"),
       ("vae.channels", c.vae.channels, c.vae.channels > 0, "> 0"),
@@ -44,6 +64,12 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
       ("model.gamma_min", c.model.gamma_min, c.model.gamma_min < c.model.gamma_max,
        f"< model.gamma_max={c.model.gamma_max}"),
       ("model.channels", c.model.channels, c.model.channels > 0, "> 0"),
+      ("model.norm_groups", groups, groups_ok,
+       f"an int >= 0 (0 = the project's rule) that divides model.channels={width}"),
+      ("model.conditioning_input", c.model.conditioning_input,
+       _is_bool(c.model.conditioning_input), "True or False"),
+      ("data.flip", c.data.flip, _is_bool(c.data.flip), "True or False"),
+      ("data.rot90", c.data.rot90, _is_bool(c.data.rot90), "True or False"),
       ("model.num_blocks", c.model.num_blocks, c.model.num_blocks > 0, "> 0"),
       ("model.dropout", c.model.dropout, 0 <= c.model.dropout < 1, "in [0, 1)"),
       ("model.block_impl", c.model.block_impl, c.model.block_impl in BLOCK_IMPLS,
@@ -69,7 +95,11 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
       ("optim.learning_rate", c.optim.learning_rate, c.optim.learning_rate > 0, "> 0"),
       ("optim.warmup_steps", c.optim.warmup_steps, c.optim.warmup_steps >= 0, ">= 0"),
       ("optim.weight_decay", c.optim.weight_decay, c.optim.weight_decay >= 0, ">= 0"),
+      ("optim.weight_decay_rule", c.optim.weight_decay_rule,
+       c.optim.weight_decay_rule in optim.WEIGHT_DECAY_RULES,
+       f"one of {optim.WEIGHT_DECAY_RULES}"),
       ("optim.ema_decay", c.optim.ema_decay, 0 <= c.optim.ema_decay < 1, "in [0, 1)"),
+      ("optim.ema_warmup", c.optim.ema_warmup, _is_bool(c.optim.ema_warmup), "True or False"),
       ("optim.schedule_lr_multiplier", c.optim.schedule_lr_multiplier,
        c.optim.schedule_lr_multiplier > 0, "> 0"),
       ("training.batch_size", c.training.batch_size, c.training.batch_size > 0, "> 0"),
@@ -140,6 +170,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, *,
     with open(path) as f:
       stored = json.load(f)
     old, new = stored.get("pinned", {}), pinned(config)
+    if old.get("task", "vdm") in NETWORK_TASKS and "model.norm_groups" not in old:
+      raise ConfigError(OLD_NETWORK.format(workdir=workdir))
     diff = [f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff and not config.training.allow_config_change:

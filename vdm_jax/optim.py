@@ -1,8 +1,16 @@
 """Optimiser for VDM training: AdamW with warm-up, a weight-decay mask, and an EMA of the weights.
 
 The recipe follows the VDM paper (Kingma et al., 2021, App. B) and its official code: AdamW with
-b1 = 0.9, b2 = 0.99, weight decay 0.01 on kernels only, a linear learning-rate warm-up, and an
-exponential moving average of the parameters for evaluation. Two additions:
+b1 = 0.9, b2 = 0.99, weight decay 0.01, a linear learning-rate warm-up, and an exponential moving
+average of the parameters for evaluation. Two weight-decay masks (`WEIGHT_DECAY_RULES`):
+
+- "kernels" (this project's default): only leaves with ndim >= 2 outside the noise schedule;
+- "official" (the official code's mask): every leaf whose name is not "bias", so GroupNorm
+  scales and the noise-schedule parameters are decayed too.
+
+The EMA is `ema + (1 - decay) * (new - ema)` (the official form); `ema_decay` gives the decay,
+optionally with a warm-up (the official code uses a constant rate from the initial weights).
+Two additions:
 
 - an optional global-norm gradient clip before Adam;
 - a learning-rate multiplier for the noise-schedule parameters (the top-level key "gamma"): with
@@ -24,7 +32,11 @@ import optax
 
 PyTree = Any
 
+# "kernels": ndim >= 2 outside the schedule; "official": every leaf not named "bias".
+WEIGHT_DECAY_RULES = ("kernels", "official")
+
 __all__ = [
+    "WEIGHT_DECAY_RULES",
     "schedule_mask",
     "ema_decay",
     "ema_update",
@@ -97,22 +109,45 @@ def schedule_mask(params: PyTree, *, schedule_key: str = "gamma") -> PyTree:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def weight_decay_mask(params: PyTree, *, schedule_key: str = "gamma") -> PyTree:
-  """Which leaves get weight decay: kernels yes; biases, norm scales and schedule parameters no.
+def _check_rule(rule: str) -> None:
+  if rule not in WEIGHT_DECAY_RULES:
+    raise ValueError(
+        f"unknown weight-decay rule {rule!r}; expected one of {WEIGHT_DECAY_RULES}.")
 
-  A leaf is decayed iff it has ndim >= 2 (dense / conv kernels, embeddings) and it is not under
-  the top-level key `schedule_key` (the noise-schedule parameters, e.g. gamma_min / gamma_max
-  or the monotone network of the learned schedule). Biases and LayerNorm / GroupNorm scales
-  (ndim <= 1) are never decayed.
+
+def weight_decay_mask(
+    params: PyTree, *, schedule_key: str = "gamma", rule: str = "kernels") -> PyTree:
+  """Which leaves get weight decay, by one of two rules.
+
+  - rule "kernels": a leaf is decayed iff it has ndim >= 2 (dense / conv kernels, embeddings)
+    and it is not under the top-level key `schedule_key` (the noise-schedule parameters, e.g.
+    gamma_min / gamma_max or the monotone network of a learned schedule). Biases and LayerNorm /
+    GroupNorm scales (ndim <= 1) are never decayed.
+  - rule "official": the official VDM code's mask. A leaf is decayed iff its own name (the last
+    key of its path) is not "bias": GroupNorm scales, scalar schedule endpoints and the kernels
+    of a schedule network are decayed; `schedule_key` plays no part. (The official mask also
+    spares leaves named ("layer_norm" | "final_layer_norm", "scale"), which the VDM networks do
+    not have.)
 
   Args:
     params: the inner Flax parameter dict, e.g. `{"gamma": {...}, "score_net": {...}}`
       (a tree wrapped as `{"params": {...}}` is accepted too).
-    schedule_key: top-level key of the noise-schedule parameters.
+    schedule_key: top-level key of the noise-schedule parameters (rule "kernels" only).
+    rule: "kernels" or "official" (`WEIGHT_DECAY_RULES`).
 
   Returns:
     A pytree of Python bools with the structure of `params`, as `optax.adamw(mask=...)` expects.
+
+  Raises:
+    ValueError: `rule` is not one of `WEIGHT_DECAY_RULES`.
   """
+  _check_rule(rule)
+  if rule == "official":
+    def label(path, leaf):
+      del leaf
+      return not (path and _key_name(path[-1]) == "bias")
+
+    return jax.tree_util.tree_map_with_path(label, params)
   in_schedule = schedule_mask(params, schedule_key=schedule_key)
   return jax.tree.map(
       lambda leaf, sched: _ndim(leaf) >= 2 and not sched, params, in_schedule)
@@ -146,13 +181,18 @@ def make_optimizer(
     grad_clip_norm: float | None = None,
     schedule_lr_multiplier: float = 1.0,
     schedule_key: str = "gamma",
+    weight_decay_rule: str = "kernels",
 ) -> optax.GradientTransformation:
   """AdamW with linear warm-up, masked weight decay, optional clipping and a schedule LR factor.
 
   The chain is: clip_by_global_norm(grad_clip_norm) (if given) -> AdamW (decoupled weight decay,
-  Loshchilov & Hutter, 2019, applied where `weight_decay_mask` is True) -> scale the updates of
-  the leaves under `schedule_key` by `schedule_lr_multiplier` (equivalent to a learning rate of
-  `schedule_lr_multiplier * lr` for those leaves, which are never decayed).
+  Loshchilov & Hutter, 2019, applied where `weight_decay_mask(..., rule=weight_decay_rule)` is
+  True) -> scale the updates of the leaves under `schedule_key` by `schedule_lr_multiplier`
+  (equivalent to a learning rate of `schedule_lr_multiplier * lr` for those leaves; under the
+  "official" rule their decay term is scaled with them).
+
+  With `warmup_steps` = 100, b1 0.9, b2 0.99, eps 1e-8, weight_decay 0.01, no clipping,
+  multiplier 1 and rule "official" this is the official VDM optimiser.
 
   Args:
     learning_rate: peak learning rate after warm-up (VDM CIFAR-10: 2e-4).
@@ -164,10 +204,16 @@ def make_optimizer(
     grad_clip_norm: clip the gradients to this global norm first; None for no clipping.
     schedule_lr_multiplier: factor on the updates of the noise-schedule parameters.
     schedule_key: top-level parameter key of the noise schedule.
+    weight_decay_rule: which leaves are decayed: "kernels" or "official" (see
+      `weight_decay_mask`).
 
   Returns:
     An optax GradientTransformation whose init/update take the inner Flax parameter dict.
+
+  Raises:
+    ValueError: a hyperparameter is out of range or `weight_decay_rule` is unknown.
   """
+  _check_rule(weight_decay_rule)
   _check_hyperparameters(
       b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_clip_norm=grad_clip_norm,
       schedule_lr_multiplier=schedule_lr_multiplier)
@@ -177,7 +223,7 @@ def make_optimizer(
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
   parts.append(optax.adamw(
       learning_rate=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      mask=lambda p: weight_decay_mask(p, schedule_key=schedule_key)))
+      mask=lambda p: weight_decay_mask(p, schedule_key=schedule_key, rule=weight_decay_rule)))
   if schedule_lr_multiplier != 1.0:
     parts.append(optax.masked(
         optax.scale(schedule_lr_multiplier),
@@ -189,7 +235,8 @@ def ema_decay(step: jax.typing.ArrayLike, *, decay: float, warmup: bool = True) 
   """EMA decay rate at `step`, with the usual warm-up min(decay, (1 + step) / (10 + step)).
 
   The warm-up keeps the average from being dominated by the random initialisation early on
-  (0.1 at step 0, 0.5 at step 8, -> decay later).
+  (0.1 at step 0, 0.5 at step 8, -> decay later). The official VDM code has no warm-up: its
+  average starts from the initial weights with the constant rate (`warmup=False`).
 
   Args:
     step: optimiser step (int scalar, may be traced).
@@ -209,10 +256,12 @@ def ema_decay(step: jax.typing.ArrayLike, *, decay: float, warmup: bool = True) 
 
 
 def ema_update(ema_params: PyTree, params: PyTree, *, decay: jax.typing.ArrayLike) -> PyTree:
-  """One EMA step: ema <- decay * ema + (1 - decay) * params, leaf by leaf.
+  """One EMA step: ema <- ema + (1 - decay) * (params - ema), leaf by leaf.
 
-  Jit-friendly (`decay` may be traced, e.g. from `ema_decay`); each result keeps the dtype of
-  the corresponding `ema_params` leaf.
+  This is the official VDM form; it equals decay * ema + (1 - decay) * params, and in floating
+  point it keeps a leaf that already equals the new value exactly unchanged. Jit-friendly
+  (`decay` may be traced, e.g. from `ema_decay`); each result keeps the dtype of the
+  corresponding `ema_params` leaf (the arithmetic runs in at least float32).
 
   Args:
     ema_params: current average, a pytree of arrays.
@@ -228,6 +277,8 @@ def ema_update(ema_params: PyTree, params: PyTree, *, decay: jax.typing.ArrayLik
 
   def update(ema, new):
     ema = jnp.asarray(ema)
-    return (decay * ema + (1.0 - decay) * new).astype(ema.dtype)
+    compute = jnp.promote_types(ema.dtype, jnp.float32)
+    ema_c, new_c = ema.astype(compute), jnp.asarray(new).astype(compute)
+    return (ema_c + (1.0 - decay) * (new_c - ema_c)).astype(ema.dtype)
 
   return jax.tree.map(update, ema_params, params)

@@ -67,7 +67,8 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
   return optim.make_optimizer(
       learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, b1=o.b1, b2=o.b2, eps=o.eps,
       weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm or None,
-      schedule_lr_multiplier=o.schedule_lr_multiplier, schedule_key="schedule")
+      schedule_lr_multiplier=o.schedule_lr_multiplier, schedule_key="schedule",
+      weight_decay_rule=o.get("weight_decay_rule", "kernels"))
 
 
 def init_state(task, tx: optax.GradientTransformation, *, seed: int,
@@ -85,9 +86,12 @@ def init_state(task, tx: optax.GradientTransformation, *, seed: int,
 
 
 def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
-                    lr_schedule: optax.Schedule | None = None,
+                    ema_warmup: bool = True, lr_schedule: optax.Schedule | None = None,
                     info: data.DatasetInfo | None = None, p_uncond: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics): one optimiser step on the task's loss, plus EMA.
+
+  The EMA decay is `optim.ema_decay(step, decay=ema_decay, warmup=ema_warmup)` (warmup=False:
+  the official constant rate from the initial weights).
 
   A non-finite loss or gradient norm leaves the state unchanged (the update is skipped) and sets
   metrics["finite"] = 0, so a non-finite state can never be produced, let alone saved; the host
@@ -105,7 +109,8 @@ def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = optim.ema_update(state.ema_params, params,
-                           decay=optim.ema_decay(state.step, decay=ema_decay))
+                           decay=optim.ema_decay(state.step, decay=ema_decay,
+                                                 warmup=ema_warmup))
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                         nonfinite_count=jnp.zeros((), jnp.int32))
     skipped = state.replace(step=state.step + 1, nonfinite_count=state.nonfinite_count + 1)
@@ -145,6 +150,7 @@ def jit_train_step(config: ml_collections.ConfigDict, task, tx: optax.GradientTr
   donated, batch split over the mesh's "data" axis, the backend's compiler options."""
   rep = parallel.replicated(mesh)
   step = make_train_step(task, tx, ema_decay=config.optim.ema_decay,
+                         ema_warmup=config.optim.get("ema_warmup", True),
                          lr_schedule=optim.learning_rate_schedule(
                              learning_rate=config.optim.learning_rate,
                              warmup_steps=config.optim.warmup_steps))
@@ -170,12 +176,13 @@ def eval_num_steps(config: ml_collections.ConfigDict) -> int:
 
 def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
              t_samples: int | None = None, max_examples: int | None = None,
-             split: str = "test", frozen: PyTree = None, seed: int | None = None
+             split: str | None = None, frozen: PyTree = None, seed: int | None = None
              ) -> dict[str, float]:
   """The task's eval values on a data split with `params`: their means, and the standard error
   of the headline value (e.g. "bpd" and "bpd_se", with the bound's three terms)."""
   task = tasks.as_task(task, info=info)
   frozen = {} if frozen is None else frozen
+  split = split or data.default_eval_split(config.data.name)   # None: test, or validation
   num_steps = eval_num_steps(config) if num_steps is None else num_steps
   t_samples = config.eval.t_samples if t_samples is None else t_samples
   max_examples = (config.eval.max_examples or None) if max_examples is None else max_examples
@@ -274,6 +281,14 @@ def _host_check(step: int, out: dict, max_nonfinite: int) -> None:
         f"{max_nonfinite}. The state of that step was not applied and not saved.")
 
 
+def augmentation(config: ml_collections.ConfigDict) -> dict[str, bool]:
+  """The training pipeline's extra augmentation options: random 90-degree rotations
+  (data.rot90), and the per-image flag "augmented" for a network with the official scalar
+  conditioning input (model.conditioning_input; the flag is 0 without augmentation)."""
+  return {"rot90": bool(config.data.get("rot90", False)),
+          "augment_flag": bool(config.model.get("conditioning_input", False))}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates and samples.
 
@@ -311,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             log_every=config.training.log_every)
   train_it = data.train_iterator(
       config.data.name, global_batch_size=config.training.batch_size, seed=config.seed,
-      start_step=start, flip=config.data.flip, data_dir=config.data.data_dir or None)
+      start_step=start, flip=config.data.flip, data_dir=config.data.data_dir or None,
+      **augmentation(config))
   t = config.training
   pending, tick, tick_step = None, time.perf_counter(), start
   step = start
