@@ -5,6 +5,7 @@
   vdm-jax sample --workdir runs/digits --sampler ddim --steps 100 --num 64 [--out DIR]
       [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
   vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
+  vdm-jax import-official --checkpoint PATH --config configs/cifar10.py --workdir DIR
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
 # eval
 flags.DEFINE_integer("checkpoint", None, "eval/sample: checkpoint step (default: the newest).")
+flags.DEFINE_string("official_checkpoint", None, "import-official: the official checkpoint "
+                    "(also accepted as --checkpoint PATH).")
 flags.DEFINE_integer("num_steps", None, "eval: T of the bound (0 = continuous; default: config).")
 flags.DEFINE_integer("t_samples", None, "eval: time samples per image (default: config).")
 flags.DEFINE_integer("max_examples", None, "eval: evaluate only the first N examples.")
-flags.DEFINE_string("split", "test", "eval: data split.")
+flags.DEFINE_string("split", None, "eval: data split (default: test, or validation where the "
+                    "data set has no test split).")
 flags.DEFINE_integer("batch_size", None, "eval: batch size; sample: images per compiled batch.")
 flags.DEFINE_bool("ode", False, "eval: also the probability-flow ODE bound (slower).")
 flags.DEFINE_string("ode_method", "rk45", "eval --ode: rk45 | rk23 (adaptive) | heun | euler.")
@@ -44,7 +48,7 @@ flags.DEFINE_string("classifier_workdir", None, "sample: a classifier run for cl
 # bench
 flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's).")
 
-COMMANDS = ("train", "eval", "sample", "bench")
+COMMANDS = ("train", "eval", "sample", "bench", "import-official")
 
 
 def _need(command: str, *names: str) -> None:
@@ -90,6 +94,28 @@ def _bench(argv):
   bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=FLAGS.steps or 10, out_path=FLAGS.out)
 
 
+def _import_official(argv):
+  del argv
+  _need("import-official", "official_checkpoint", "config", "workdir")
+  from vdm_jax import official_import
+  out = official_import.import_official(FLAGS.official_checkpoint, FLAGS.config, FLAGS.workdir)
+  print(f"imported step {out['step']} ({out['num_params']:,} parameters) into {out['workdir']}; "
+        f"next: vdm-jax eval --workdir {out['workdir']}", flush=True)
+
+
+def _official_checkpoint_flag(argv: list[str]) -> list[str]:
+  """import-official takes a path in --checkpoint (an integer flag for eval/sample)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--checkpoint="):
+      out.append("--official_checkpoint=" + arg.split("=", 1)[1])
+    elif arg == "--checkpoint":
+      out.append("--official_checkpoint")
+    else:
+      out.append(arg)
+  return out
+
+
 def _friendly(fn):
   """Bad input (ValueError and its subclasses) -> one line on stderr and exit 2, no traceback."""
   def wrapped(argv):
@@ -108,9 +134,11 @@ def main(argv=None) -> None:
           file=sys.stderr)
     sys.exit(2)
   command = argv.pop(1)
+  if command == "import-official":
+    argv = _official_checkpoint_flag(argv)
   logging.set_verbosity(logging.INFO)
   commands = {"train": _train, "eval": _friendly(_eval), "sample": _friendly(_sample),
-              "bench": _bench}
+              "bench": _bench, "import-official": _friendly(_import_official)}
   app.run(commands[command], argv=argv)
 
 

@@ -221,6 +221,21 @@ def get_source(name: str, *, split: str, data_dir: str | None = None) -> Any:
   return _TfdsSource(_open_tfds(name, split, data_dir), has_label=_spec(name).num_classes > 0)
 
 
+def static_info(name: str) -> DatasetInfo:
+  """The `DatasetInfo` of a known data set without opening it (num_examples left empty): what a
+  model needs to be built (shape, vocab_size, num_classes) when the data is not prepared."""
+  spec = _spec(name)
+  return DatasetInfo(name=name, shape=spec.shape, vocab_size=spec.vocab_size,
+                     num_classes=spec.num_classes, num_examples={})
+
+
+def default_eval_split(name: str) -> str:
+  """The split a data set is evaluated on: "test" where it has one, else "validation"
+  (downsampled ImageNet, as in the VDM paper and the official code)."""
+  splits = _spec(name).splits
+  return "test" if "test" in splits else "validation"
+
+
 def get_info(name: str, *, data_dir: str | None = None) -> DatasetInfo:
   """Returns the `DatasetInfo` of a known data set (opening each TFDS split to count it)."""
   spec = _spec(name)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdm_jax import checkpointing, data, metrics, parallel, sampling, tasks, train
+from vdm_jax import checkpointing, config_checks, data, metrics, parallel, sampling, tasks, train
 
 PyTree = Any
 
@@ -30,7 +30,9 @@ PyTree = Any
 # Config fields added after the first release, with the value older runs implicitly used.
 _ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"), ("model", "objective", "elbo"),
                  ("model", "weighting", "sigmoid"), ("model", "weighting_bias", 0.0),
-                 ("sample", "sampler", "ancestral"))
+                 ("sample", "sampler", "ancestral"), ("model", "norm_groups", 0),
+                 ("model", "conditioning_input", False), ("data", "rot90", False),
+                 ("optim", "weight_decay_rule", "kernels"), ("optim", "ema_warmup", True))
 _ADDED_SECTIONS = {"vae": {"channels": 32, "latent_channels": 4, "num_down": 1, "num_blocks": 1},
                    "latent": {"vae_workdir": "", "vae_checkpoint": 0}}
 
@@ -60,6 +62,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     stored = json.load(f)
   config = ml_collections.ConfigDict(stored["config"])
+  if (config.get("task", "vdm") in config_checks.NETWORK_TASKS
+      and "norm_groups" not in config.get("model", {})):
+    raise RunError(config_checks.OLD_NETWORK.format(workdir=workdir))
   for section, fields in _ADDED_SECTIONS.items():
     if section not in config:
       config[section] = ml_collections.ConfigDict(fields)
@@ -110,7 +115,7 @@ def _check_positive(name: str, value: Any) -> int:
 
 def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | None = None,
              t_samples: int | None = None, max_examples: int | None = None,
-             split: str = "test", batch_size: int | None = None, out: str | None = None,
+             split: str | None = None, batch_size: int | None = None, out: str | None = None,
              seed: int = 0, ode: bool = False, ode_method: str = "rk45",
              ode_max_examples: int = 200) -> dict[str, Any]:
   """The task's evaluation (for a VDM: the bound with EMA parameters) on `split`.
@@ -125,6 +130,7 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
   if t_samples is not None:
     _check_positive("t_samples", t_samples)
   run = load_run(workdir, step=checkpoint, eval_batch_size=batch_size)
+  split = split or data.default_eval_split(run.config.data.name)
   if run.config.eval.batch_size % run.mesh.size:
     raise ValueError(f"eval batch size {run.config.eval.batch_size} is not a multiple of the "
                      f"{run.mesh.size} devices; pass --batch_size")
