@@ -189,3 +189,36 @@ def test_errors_name_the_parameter():
     convert.from_official(params, {k: v for k, v in official_config.items() if k != "sm_n_layer"})
   with pytest.raises(ValueError, match="score_model"):
     convert.from_official({"foo": {}}, official_config)
+
+
+@pytest.mark.parametrize("name,expected", [("cifar10", 30_578_179), ("cifar10_aug", None)])
+def test_paper_configs_build_the_official_network(name, expected):
+  """configs/cifar10.py is the official CIFAR-10 ScoreUNet: its parameter count, and every
+  parameter of ours is the image of an official name (the inverse of the port's renaming)."""
+  import runpy
+  config = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py"))[
+      "get_config"]()
+  config.model.block_impl = "unrolled"
+  module = convert.build(config)
+  shapes = jax.eval_shape(lambda k: module.init({"params": k, "diffusion": k},
+                                                jnp.zeros((1, 32, 32, 3), jnp.int32),
+                                                train=False)["params"], jax.random.PRNGKey(0))
+  net = traverse_util.flatten_dict(shapes["score_net"])
+  count = sum(int(np.prod(s.shape)) for s in net.values())
+  if expected is not None:
+    assert count == expected
+  # The official names of a network with the config's sizes, built from the official layout
+  # rules (model_vdm.ScoreUNet: dense0/1, conv_in, down.block_i [+ down.attn_i], mid.block_1,
+  # mid.attn_1, mid.block_2, up.block_i [+ up.attn_i], GroupNorm_0, conv_out), map onto ours.
+  m = config.model
+  heads = ["dense0", "dense1", "conv_in", "conv_out", "GroupNorm_0", "mid.block_1", "mid.attn_1",
+           "mid.block_2"]
+  heads += [f"down.block_{i}" for i in range(m.num_blocks)]
+  heads += [f"up.block_{i}" for i in range(m.num_blocks + 1)]
+  if m.attention_everywhere:
+    heads += [f"down.attn_{i}" for i in range(m.num_blocks)]
+    heads += [f"up.attn_{i}" for i in range(m.num_blocks + 1)]
+  key = lambda p: p[:2] if p[0].startswith(("down_", "up_")) else p[:1]
+  probe = lambda h: (h, "kernel") if "." not in h else (h, "q", "kernel")
+  mapped = {key(convert._project_name(probe(h))) for h in heads}   # pylint: disable=protected-access
+  assert mapped == {key(p) for p in net}

@@ -71,7 +71,10 @@ def project_config(official_config: Mapping[str, Any], *,
   gamma_type -> model.schedule, gamma_min / gamma_max, sm_n_embd -> channels, sm_n_layer ->
   num_blocks, sm_pdrop -> dropout, with_attention -> attention_everywhere,
   with_fourier_features -> fourier_exponents (6, 7) or (), sm_n_timesteps -> num_steps; and the
-  official network's options norm_groups = 32, conditioning_input = True.
+  official network's options norm_groups = 32, conditioning_input = True. Two official fields
+  have no config field here: sample_softmax (this library's samplers decode z_0 by argmax, the
+  official False; `sampling.decode(..., mode="sample")` draws instead) and
+  antithetic_time_sampling (always antithetic here, as in every official config).
 
   Raises:
     ValueError: a missing field, an unknown gamma_type, or a vocab_size other than 256 (the
