@@ -90,7 +90,7 @@ def main() -> None:
   args = p.parse_args()
   if args.child_out:
     return run_one(args)
-  from vdm_jax import bench   # pylint: disable=g-import-not-at-top
+  from vdm_jax import bench_report   # pylint: disable=g-import-not-at-top
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   medians = []
@@ -104,15 +104,15 @@ def main() -> None:
       subprocess.run(cmd, check=True, cwd=ROOT)
       rows.append(json.loads(tmp.read_text()))
       tmp.unlink()
-      print(bench.format_markdown(rows[-1]), flush=True)
+      print(bench_report.format_markdown(rows[-1]), flush=True)
     row = median_row(rows)
     medians.append(row)
-    path = bench.write_json(out_dir / f"benchmark_{row['name']}.json", [row], repeats=rows,
-                            overrides=args.set)
+    path = bench_report.write_json(out_dir / f"benchmark_{row['name']}.json", [row], repeats=rows,
+                                   overrides=args.set)
     print(f"wrote {path}", flush=True)
-  print(bench.format_markdown(medians))
+  print(bench_report.format_markdown(medians))
   every = [json.loads(f.read_text())["results"][0] for f in sorted(out_dir.glob("benchmark_*.json"))]
-  (out_dir / "benchmark.md").write_text(bench.format_markdown(every) + "\n")
+  (out_dir / "benchmark.md").write_text(bench_report.format_markdown(every) + "\n")
   print(f"wrote {out_dir / 'benchmark.md'} ({len(every)} rows: every benchmark_*.json there)")
 
 

@@ -28,7 +28,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import bench, data, parallel, train
+from vdm_jax import bench, bench_report, data, parallel, pipeline, state as state_lib
+from vdm_jax import steps as steps_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
@@ -50,13 +51,13 @@ def check_precision(task, state, info) -> dict:
 
 def train_once(config, *, steps: int, mesh) -> dict:
   info = data.get_info(config.data.name)
-  task, tx = train.build_task(config, info), train.build_optimizer(config)
-  state = jax.jit(lambda: train.init_state(task, tx, seed=config.seed),
+  task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
+  state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
                   out_shardings=parallel.replicated(mesh))()
   precision = check_precision(task, state, info)
-  step = train.jit_train_step(config, task, tx, mesh)
-  batches = data.train_iterator(config.data.name, global_batch_size=config.training.batch_size,
-                                seed=config.seed)
+  step = steps_lib.jit_train_step(config, task, optimizer, mesh)
+  batches = pipeline.train_iterator(config.data.name, global_batch_size=config.training.batch_size,
+                                    seed=config.seed)
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -64,8 +65,8 @@ def train_once(config, *, steps: int, mesh) -> dict:
       state, out = step(state, parallel.shard_batch(next(batches), mesh))
     train_bpd = float(jax.device_get(out["bpd"]))
   seconds = time.perf_counter() - start
-  result = train.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen,
-                          seed=0)
+  result = steps_lib.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen,
+                              seed=0)
   return {"test_bpd": result["bpd"], "test_bpd_se": result["bpd_se"], "train_bpd": train_bpd,
           "train_seconds": seconds, "steps_per_s": steps / seconds, **precision}
 
@@ -129,8 +130,8 @@ def main() -> None:
     w.writeheader()
     w.writerows(rows)
   plot(rows, summary, out.with_suffix(".png"))
-  bench.write_json(out.with_suffix(".json"), rows, summary=summary, config=args.config,
-                   steps=args.steps)
+  bench_report.write_json(out.with_suffix(".json"), rows, summary=summary, config=args.config,
+                          steps=args.steps)
   print(f"| {args.config}, {args.steps} steps, seeds {args.seeds} | test bpd mean | std over "
         f"seeds |\n|---|---|---|")
   for d in DTYPES:

@@ -31,7 +31,7 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import data, elbo, evaluation, schedules
+from vdm_jax import data, elbo, runs, schedules
 
 STEPS = (10, 100, 250, 500, 1000, 0)
 # VDM paper, CIFAR-10 test bpd, one model trained and evaluated per T; continuous-time model.
@@ -88,7 +88,7 @@ def oracle_row(n: int, *, vocab_size: int, t_samples: int, seed: int) -> dict:
 
 def model_row(workdir: str, *, t_samples: int, seed: int, max_examples: int | None) -> dict:
   """The run's bound on the test split at every T (SE over test images)."""
-  run = evaluation.load_run(workdir)
+  run = runs.load_run(workdir)
   eps_fn, gamma_fn, _, _ = run.task.sampler_fns(run.params, run.frozen, None)
   images = np.asarray(data.get_source(run.info.name, split="test").images, np.int32)
   images = images[:max_examples] if max_examples else images

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import evaluation, train
+from vdm_jax import evaluation, runs, steps as steps_lib
 
 RUNS = (("pixel VDM (ELBO, continuous)", "runs/digits", "ancestral"),
         ("DDPM (L_simple, 1000 levels)", "runs/digits_ddpm", "ddpm"),
@@ -47,8 +47,8 @@ def _train_speed(workdir: str) -> tuple[float, int]:
 
 def _sample_seconds(run, sampler: str, num: int, steps: int, repeats: int) -> float:
   fns = evaluation.guided_fns(run, labels=None, guidance=0.0)
-  draw = lambda k: train.draw_samples(fns, sampler=sampler, key=k, num_images=num,
-                                      num_steps=steps, info=run.info)
+  draw = lambda k: steps_lib.draw_samples(fns, sampler=sampler, key=k, num_images=num,
+                                          num_steps=steps, info=run.info)
   draw(jax.random.PRNGKey(0))   # compile
   times = []
   for i in range(repeats):
@@ -71,12 +71,13 @@ def main() -> None:
     if not os.path.isdir(workdir):
       print(f"skipping {name}: {workdir} does not exist (train it first)")
       continue
-    run = evaluation.load_run(workdir)
+    run = runs.load_run(workdir)
     kw = dict(max_examples=None, t_samples=args.t_samples, frozen=run.frozen)
-    cont = train.evaluate(run.task, run.params, run.config, run.info, run.mesh, num_steps=0, **kw)
+    cont = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh, num_steps=0,
+                              **kw)
     steps_t = run.config.model.num_steps or 1000   # DDPM: its own 999 steps (levels 1..1000)
-    t1000 = train.evaluate(run.task, run.params, run.config, run.info, run.mesh,
-                           num_steps=steps_t, **kw) if run.task.name != "vae" else cont
+    t1000 = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh,
+                               num_steps=steps_t, **kw) if run.task.name != "vae" else cont
     speed, steps = _train_speed(workdir)
     rows.append({"model": name, "workdir": workdir, "train_steps": steps,
                  "bpd_continuous": cont["bpd"], "bpd_continuous_se": cont["bpd_se"],

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from vdm_jax import bench, parallel
+from vdm_jax import bench_report, parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -77,8 +77,8 @@ def main() -> None:
     lines.append(f"| 3x3, {r['c_in']} -> {r['c_out']} | {r['piece']} | "
                  + " | ".join(f"{r[v]:.0f}" for v in variants) + " |")
   print("\n".join(lines))
-  bench.write_json(args.out, rows, compiler_options=variants["library options"],
-                   batch=args.batch, size=args.size, repeats=args.repeats)
+  bench_report.write_json(args.out, rows, compiler_options=variants["library options"],
+                          batch=args.batch, size=args.size, repeats=args.repeats)
   print(f"wrote {args.out}")
 
 

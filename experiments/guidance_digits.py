@@ -36,17 +36,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import data, diffusion, elbo, evaluation, model as model_lib, train
+from vdm_jax import classifier as classifier_lib, data, diffusion, elbo, evaluation, runs
+from vdm_jax import steps as steps_lib
 
 
-def noisy_classifier_predict(clf: evaluation.Run, images: np.ndarray, *, seed: int = 0):
+def noisy_classifier_predict(clf: runs.Run, images: np.ndarray, *, seed: int = 0):
   """Predicted classes [N] of integer images [N, H, W, C] at the classifier's gamma_min."""
   module = clf.task.model
   gamma = jnp.full((len(images),), module.gamma_min, jnp.float32)
   x = elbo.encode(jnp.asarray(images), vocab_size=clf.info.vocab_size)
   z = diffusion.q_sample(x, gamma, jax.random.normal(jax.random.key(seed), x.shape))
   log_p = jax.jit(lambda p, z, g: module.apply(
-      {"params": p}, z, g, method=model_lib.NoisyClassifierModel.log_probs))(clf.params, z, gamma)
+      {"params": p}, z, g, method=classifier_lib.NoisyClassifierModel.log_probs))(
+          clf.params, z, gamma)
   return np.asarray(jnp.argmax(log_p, axis=-1))
 
 
@@ -65,8 +67,8 @@ def draw(run, classifier, *, labels, w: float, steps: int, seed: int) -> np.ndar
   use_clf = classifier if (classifier is not None and w > 0) else None
   fns = evaluation.guided_fns(run, labels=jnp.asarray(labels), guidance=float(w),
                               classifier=use_clf)
-  return train.draw_samples(fns, sampler="ancestral", key=jax.random.key(seed),
-                            num_images=len(labels), num_steps=steps, info=run.info)
+  return steps_lib.draw_samples(fns, sampler="ancestral", key=jax.random.key(seed),
+                                num_images=len(labels), num_steps=steps, info=run.info)
 
 
 def main(argv=None) -> list[dict]:
@@ -81,7 +83,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default="experiments/out/guidance_digits")
   args = parser.parse_args(argv)
   weights = [float(w) for w in args.weights.split(",")]
-  clf = evaluation.load_run(args.classifier_workdir)
+  clf = runs.load_run(args.classifier_workdir)
   pixel_predict, pixel_acc = pixel_classifier(clf.info.name)
   test = data.get_source(clf.info.name, split="test")
   test_images = np.asarray(test.images, np.int32)
@@ -95,7 +97,7 @@ def main(argv=None) -> list[dict]:
   labels = np.arange(args.num, dtype=np.int32) % clf.info.num_classes
   grids = {}
   for kind, workdir, classifier in kinds:
-    run = evaluation.load_run(workdir)
+    run = runs.load_run(workdir)
     for w in weights:
       start = time.perf_counter()
       samples = draw(run, classifier, labels=labels, w=w, steps=args.steps, seed=args.seed)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import bench, parallel, tasks, train
+from vdm_jax import bench, bench_report, parallel, state as state_lib, steps as steps_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -108,11 +108,11 @@ def bench_official(task, tx, info, *, batch_size: int, substeps: int, calls: int
           "train_images_per_s": batch_size * k / median}
 
 
-def bench_ours(config, task, tx, info, *, batch_size: int, calls: int) -> dict:
+def bench_ours(config, task, optimizer, info, *, batch_size: int, calls: int) -> dict:
   mesh = parallel.make_mesh()
-  state = jax.jit(lambda: train.init_state(task, tx, seed=config.seed),
+  state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
                   out_shardings=parallel.replicated(mesh))()
-  step = train.jit_train_step(config, task, tx, mesh)
+  step = steps_lib.jit_train_step(config, task, optimizer, mesh)
   host = bench.random_batch(info, batch_size)
   make_batch = lambda: parallel.shard_batch(host, mesh)
   start = time.perf_counter()
@@ -138,14 +138,15 @@ def main() -> None:
   config = benchmark.load_config(args.config, args.set)
   config.model.dtype = "float32"   # the official code trains in float32
   info, _ = bench.load_info(config)
-  task, tx = train.build_task(config, info), train.build_optimizer(config)
+  task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
+  tx = optimizer.tx
   batch = args.batch or config.training.batch_size
   rows = []
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")   # donation on CPU
     for r in range(args.rounds):
-      rows.append(dict(bench_ours(config, task, tx, info, batch_size=batch, calls=args.calls),
-                       round=r))
+      rows.append(dict(bench_ours(config, task, optimizer, info, batch_size=batch,
+                                  calls=args.calls), round=r))
       print(json.dumps(rows[-1]), flush=True)
       for k in args.substeps:
         rows.append(dict(bench_official(task, tx, info, batch_size=batch, substeps=k,
@@ -155,9 +156,9 @@ def main() -> None:
   name = args.name or args.config
   print(markdown(rows, name, batch))
   out = pathlib.Path(args.out or ROOT / "experiments" / "out" / f"official_style_{name}.json")
-  bench.write_json(out, rows, config=args.config, overrides=args.set, batch_size=batch,
-                   blocks=tasks.block_impl(config), devices=jax.local_device_count(),
-                   table=markdown(rows, name, batch))
+  bench_report.write_json(out, rows, config=args.config, overrides=args.set, batch_size=batch,
+                          blocks=tasks.block_impl(config), devices=jax.local_device_count(),
+                          table=markdown(rows, name, batch))
   print(f"wrote {out}")
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import data, elbo, evaluation, model as model_lib, schedules
+from vdm_jax import data, elbo, model as model_lib, runs, schedules
 
 PAPER = {"learned": 0.53, "log-SNR-linear": 6.35, "beta-linear": 31.6, "cosine": 31.1}
 
@@ -111,7 +111,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default="experiments/out/schedule_variance")
   args = parser.parse_args(argv)
 
-  run = evaluation.load_run(args.workdir)
+  run = runs.load_run(args.workdir)
   gamma_fn = run.task.sampler_fns(run.params, run.frozen, None)[1]
   gmin, gmax = (float(gamma_fn(jnp.float32(t))) for t in (0.0, 1.0))
   print(f"{args.workdir} step {run.step}: learned endpoints gamma_min {gmin:.3f}, "

@@ -5,7 +5,11 @@ imports jax.
 """
 
 import os
+import pathlib
+import runpy
 import tempfile
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -26,3 +30,27 @@ jax.config.update("jax_threefry_partitionable", True)
 def pytest_report_header(config):
   del config
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def smoke_config():
+  """A fresh copy of configs/smoke.py's config (tiny model, digits)."""
+  return runpy.run_path(str(_ROOT / "configs" / "smoke.py"))["get_config"]()
+
+
+@pytest.fixture
+def registered():
+  """registered(registry, register_fn, name, *args, **kwargs) calls register_fn(name, *args,
+  **kwargs) for this test only: the name is removed from `registry` afterwards."""
+  names = []
+
+  def register(registry, register_fn, name, *args, **kwargs):
+    names.append((registry, name))
+    return register_fn(name, *args, **kwargs)
+
+  yield register
+  for registry, name in reversed(names):
+    registry.unregister(name)

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from vdm_jax import bench, data, parallel, train
+from vdm_jax import bench, bench_report, data, parallel, state as state_lib
+from vdm_jax import steps as steps_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL_ROOF = dict(conv_batch=2, size=8, channels=8, matmul_size=64, repeats=1)
@@ -95,11 +96,11 @@ def test_bad_arguments():
 
 def test_markdown_and_json(tmp_path, smoke_result, capsys):
   rows = [dict(smoke_result, name="smoke"), {"name": "other", "params": 5, "step_s": 0.5}]
-  table = bench.format_markdown(rows).splitlines()
+  table = bench_report.format_markdown(rows).splitlines()
   assert table[0].startswith("| config | backend |") and len(table) == 4
   assert "| smoke | cpu |" in table[2] and "| other | - |" in table[3]
   assert "500" in table[3]   # step time shown in ms
-  path = bench.write_json(tmp_path / "out" / "b.json", rows, note="x")
+  path = bench_report.write_json(tmp_path / "out" / "b.json", rows, note="x")
   loaded = json.loads(path.read_text())
   assert loaded["note"] == "x" and loaded["results"][0]["params"] == smoke_result["params"]
   assert {"date", "jax", "backend", "cpu_count"} <= set(loaded["environment"])
@@ -115,10 +116,10 @@ def test_train_steps_make_no_implicit_host_transfers():
   config = smoke_config()
   mesh = parallel.make_mesh()
   info = data.get_info("digits")
-  task, tx = train.build_task(config, info), train.build_optimizer(config)
-  state = jax.jit(lambda: train.init_state(task, tx, seed=0),
+  task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
+  state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=0),
                   out_shardings=parallel.replicated(mesh))()
-  step = train.jit_train_step(config, task, tx, mesh)
+  step = steps_lib.jit_train_step(config, task, optimizer, mesh)
   host = [bench.random_batch(info, 8, seed=i) for i in range(3)]
   batches = [parallel.shard_batch(b, mesh) for b in host]   # explicit transfers, before
   with jax.transfer_guard("disallow"):

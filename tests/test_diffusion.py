@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from vdm_jax import diffusion
@@ -155,3 +156,26 @@ class ConversionTest(chex.TestCase):
     mean, var = diffusion.posterior(z, self.x.astype(jnp.bfloat16), gamma_s=self.gamma - 1,
                                     gamma_t=self.gamma)
     chex.assert_tree_all_finite((mean, var))
+
+
+def test_flow_drift_moves_the_marginal_of_gaussian_data_exactly():
+  """For x ~ N(0, 1) the marginal q(z_t) = N(0, 1) for every gamma, so the probability flow
+  with the exact eps_hat = sigma z (Tweedie) must be zero; with eps_hat = 0 it is the pure
+  contraction -1/2 gamma' sigma^2 z of d log alpha_t / dt."""
+  z = jnp.linspace(-2.0, 2.0, 5)[:, None]
+  gamma, gamma_prime = jnp.asarray(0.7), jnp.asarray(3.0)
+  sigma = np.sqrt(1.0 / (1.0 + np.exp(-0.7)))
+  np.testing.assert_allclose(diffusion.flow_drift(z, sigma * z, gamma=gamma,
+                                                  gamma_prime=gamma_prime), 0.0, atol=1e-6)
+  np.testing.assert_allclose(diffusion.flow_drift(z, jnp.zeros_like(z), gamma=gamma,
+                                                  gamma_prime=gamma_prime),
+                             -0.5 * 3.0 * sigma**2 * np.asarray(z), rtol=1e-5)
+
+
+def test_predict_eps_checks_the_shape():
+  z = jnp.zeros((2, 3))
+  np.testing.assert_array_equal(diffusion.predict_eps(lambda z, g: z + g[:, None], z,
+                                                      jnp.ones(2)), np.ones((2, 3)))
+  with pytest.raises(ValueError, match=r"eps_fn returned shape \(2, 1\); expected the shape of "
+                                       r"z_t, \(2, 3\)"):
+    diffusion.predict_eps(lambda z, g: z[:, :1], z, jnp.ones(2))

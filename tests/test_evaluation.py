@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from vdm_jax import evaluation, train
+from vdm_jax import evaluation, runs as runs_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_guided_eps_is_the_guidance_formula(runs):
   import jax
   import jax.numpy as jnp
   from vdm_jax import diffusion
-  run, clf = evaluation.load_run(runs["cond"]), evaluation.load_run(runs["classifier"])
+  run, clf = runs_lib.load_run(runs["cond"]), runs_lib.load_run(runs["classifier"])
   z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
   g = jnp.full((4,), 1.0)
   y, null = jnp.full((4,), 3, jnp.int32), jnp.full((4,), 10, jnp.int32)
@@ -127,8 +127,8 @@ def test_classifier_guidance_on_unconditional_model(runs, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sampler="euler_maruyama"), r"unknown sampler 'euler_maruyama'"),
-    (dict(steps=0), r"steps must be a positive integer, got 0"),
-    (dict(num=-1), r"num must be a positive integer, got -1"),
+    (dict(steps=0), r"expected steps to be an integer >= 1, got 0"),
+    (dict(num=-1), r"expected num to be an integer >= 1, got -1"),
     (dict(label=10), r"label 10 is outside the classes of 'digits'.*\[0, 10\)"),
     (dict(label=-1, guidance=1.0), r"label -1 is outside"),
     (dict(label=3, guidance=1.0), r"unconditional"),
@@ -143,22 +143,22 @@ def test_sample_bad_input(runs, kwargs, match):
 def test_classifier_run_cannot_sample_and_must_be_a_classifier(runs):
   with pytest.raises(ValueError, match="cannot sample"):
     evaluation.run_sample(runs["classifier"], steps=2, num=2)
-  with pytest.raises(evaluation.RunError, match="expected a 'classifier' run"):
+  with pytest.raises(runs_lib.RunError, match="expected a 'classifier' run"):
     evaluation.run_sample(runs["uncond"], steps=2, num=2, label=1, guidance=1.0,
                           classifier_workdir=runs["cond"])
 
 
 def test_missing_run_or_checkpoint(runs, tmp_path):
-  with pytest.raises(evaluation.RunError, match="not a vdm-jax run directory"):
+  with pytest.raises(runs_lib.RunError, match="not a vdm-jax run directory"):
     evaluation.run_eval(str(tmp_path / "nothing"))
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "config.json").write_text(
       (pathlib.Path(runs["uncond"]) / "config.json").read_text())
-  with pytest.raises(evaluation.RunError, match="holds no checkpoint"):
+  with pytest.raises(runs_lib.RunError, match="holds no checkpoint"):
     evaluation.run_sample(str(empty), steps=2, num=2)
   assert not (empty / "checkpoints").exists()   # nothing created as a side effect
-  with pytest.raises(evaluation.RunError, match=r"no checkpoint for step 7.*\[1, 2\]"):
+  with pytest.raises(runs_lib.RunError, match=r"no checkpoint for step 7.*\[1, 2\]"):
     evaluation.run_eval(runs["uncond"], checkpoint=7)
 
 
@@ -167,7 +167,7 @@ def test_cli_errors_are_one_line(runs, tmp_path):
   for args, match in [
       (["sample", "--workdir", runs["uncond"], "--sampler", "nope"], "unknown sampler 'nope'"),
       (["eval", "--workdir", str(tmp_path / "none")], "not a vdm-jax run directory"),
-      (["sample", "--workdir", runs["uncond"], "--steps", "0"], "steps must be a positive"),
+      (["sample", "--workdir", runs["uncond"], "--steps", "0"], "expected steps to be an integer >= 1"),
   ]:
     proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", *args], capture_output=True,
                           text=True, timeout=300)

@@ -12,7 +12,7 @@ import chex
 import jax
 import pytest
 
-from vdm_jax import checkpointing, data, parallel, train
+from vdm_jax import checkpointing, data, parallel, state as state_lib, tasks
 
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT = 420
@@ -46,9 +46,9 @@ def _run(procs_args):
 def _restore(workdir):
   config = runpy.run_path(str(HERE.parent / "configs" / "smoke.py"))["get_config"]()
   info = data.get_info("digits")
-  model, tx = train.build_model(config, info), train.build_optimizer(config)
-  abstract = train._abstract_state(
-      lambda: train.init_state(model, tx, seed=config.seed, info=info), parallel.make_mesh(1))
+  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
+  abstract = state_lib.abstract_state(
+      lambda: state_lib.init_state(model, tx, seed=config.seed, info=info), parallel.make_mesh(1))
   with checkpointing.CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
     step, state, _ = ckpt.restore(abstract)
   return step, jax.device_get(state)

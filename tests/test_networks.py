@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.networks: the VDM score U-Net and the noise-conditional classifier.
+"""Tests for vdm_jax.networks: the VDM score U-Net, its blocks, and the registry of networks.
 
 Compilation dominates the run time on CPU, so: tiny nets, one cached jitted init / apply per
 configuration, scanned parameters built by stacking the unrolled ones (no second init), parameter
@@ -10,12 +10,13 @@ import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import networks
+from vdm_jax import config_checks, data, networks, tasks
 
 _TINY = dict(channels=16, num_blocks=2)
 _LABELLED = dict(**_TINY, num_classes=3)
@@ -371,27 +372,45 @@ def test_num_groups():
       1, 1, 1, 8, 24, 32, 32, 32, 32, 30]
 
 
-def test_classifier():
-  model = networks.NoisyClassifier(num_classes=4, channels=8, num_blocks=2)
-  z, t = _inputs()
-  variables = _perturb(_jit(functools.partial(model.init, train=False))(jax.random.key(0), z, t))
-  zz, tt = jnp.concatenate([z, z]), jnp.concatenate([t, t + 0.5])
+class _ScaledInput(nn.Module):
+  """A toy score network: eps_hat = (1 + w t) z, one parameter w (ScoreUNet's call signature)."""
 
-  def log_p_and_logits(zz):
-    logits = model.apply(variables, zz, tt, train=True)
-    return jnp.sum(jax.nn.log_softmax(logits)[:, 1]), logits
+  @nn.compact
+  def __call__(self, z, t, label=None, conditioning=None, *, train):
+    del label, conditioning, train
+    w = self.param("w", nn.initializers.constant(0.5), ())
+    return (1.0 + w * t[:, None, None, None]) * z
 
-  # Guidance needs grad_z log p(y | z_t).
-  g, logits = _jit(jax.grad(log_p_and_logits, has_aux=True))(zz)
-  chex.assert_shape(logits, (4, 4))
-  assert logits.dtype == jnp.float32
-  assert float(jnp.abs(logits[:2] - logits[2:]).max()) > 1e-3   # depends on t
-  chex.assert_shape(g, zz.shape)
-  chex.assert_tree_all_finite(g)
-  assert float(jnp.abs(g).max()) > 0
-  bf16 = networks.NoisyClassifier(num_classes=4, channels=8, dtype=jnp.bfloat16)
-  out = jax.eval_shape(lambda v: bf16.apply(v, z, t, train=False), variables)
-  assert out.dtype == jnp.float32
-  for field, value in (("num_classes", 1), ("channels", -1), ("num_blocks", 0)):
-    with pytest.raises(ValueError, match=field):
-      networks.NoisyClassifier(**{"num_classes": 4, field: value})
+
+def _scaled_input(**kwargs):   # ScoreUNet's keyword arguments, none of them used
+  del kwargs
+  return _ScaledInput()
+
+
+def test_a_registered_network_is_usable_through_the_config(registered, smoke_config):
+  registered(networks.NETWORKS, networks.register_network, "test_scaled_input", _scaled_input)
+  smoke_config.model.network = "test_scaled_input"
+  config_checks.check_config(smoke_config)
+  task = tasks.build_task(smoke_config, data.static_info("digits"))
+  params, _ = task.init(jax.random.PRNGKey(0))
+  assert jax.tree.map(np.shape, params["score_net"]) == {"w": ()}
+  eps_fn, _, shape, _ = task.sampler_fns(params, {})
+  z = jnp.ones((2,) + tuple(shape))
+  gamma = jnp.full((2,), smoke_config.model.gamma_max)   # t_cond = 1
+  np.testing.assert_allclose(eps_fn(z, gamma), 1.5 * z, rtol=1e-6)
+
+
+def test_an_unknown_network_names_the_registered_ones(smoke_config):
+  smoke_config.model.network = "unet3d"
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"model.network='unet3d': expected one of \('score_unet',\)"):
+    config_checks.check_config(smoke_config)
+  with pytest.raises(ValueError, match=r"unknown network 'unet3d'; expected one of"):
+    tasks.build_task(smoke_config, data.static_info("digits"))
+
+
+def test_the_default_network_is_the_score_unet(smoke_config):
+  assert "network" not in smoke_config.model   # configs need not name it
+  task = tasks.build_task(smoke_config, data.static_info("digits"))
+  assert isinstance(task.model.score_net, networks.ScoreUNet)
+  assert networks.get_network(networks.DEFAULT_NETWORK) is networks.ScoreUNet

@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
-from vdm_jax import convert, elbo, evaluation, model as model_lib, official_import
+from vdm_jax import convert, elbo, evaluation, model as model_lib, official_import, runs
 
 from test_official_checkpoint import _OfficialTrainState, _write_clu_save  # noqa: E402
 
@@ -53,7 +53,7 @@ def _config(d):
 def _check_run(workdir, d):
   """The imported run's EMA parameters reproduce the official loss terms (official draws)."""
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
-    run = evaluation.load_run(str(workdir))   # opens the (mock) CIFAR-10 splits
+    run = runs.load_run(str(workdir))   # opens the (mock) CIFAR-10 splits
   assert run.step == 1234
   module = run.task.model
   gamma_fn = lambda t: module.apply({"params": run.params}, t, method=model_lib.VDM.gamma)

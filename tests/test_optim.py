@@ -9,6 +9,8 @@ import pytest
 
 from vdm_jax import optim
 
+KEY = "gamma"   # the top-level key of the schedule in these trees (optim takes it as an argument)
+
 
 def _params():
   """A small Flax-like inner parameter dict: learned schedule + a score net."""
@@ -69,26 +71,27 @@ def test_learning_rate_schedule_without_warmup_is_constant():
     ({"schedule_lr_multiplier": 0.0}, "schedule_lr_multiplier"),
 ])
 def test_make_optimizer_rejects_bad_values(kwargs, name):
-  full = {"learning_rate": 1e-3} | kwargs
+  full = {"learning_rate": 1e-3, "schedule_key": KEY} | kwargs
   with pytest.raises(ValueError, match=name):
     optim.make_optimizer(**full)
 
 
 def test_weight_decay_mask_on_inner_dict():
-  assert optim.weight_decay_mask(_params()) == _EXPECTED_MASK
+  assert optim.weight_decay_mask(_params(), schedule_key=KEY) == _EXPECTED_MASK
 
 
 def test_weight_decay_mask_accepts_wrapped_params():
-  assert optim.weight_decay_mask({"params": _params()}) == {"params": _EXPECTED_MASK}
+  wrapped = optim.weight_decay_mask({"params": _params()}, schedule_key=KEY)
+  assert wrapped == {"params": _EXPECTED_MASK}
 
 
 def test_weight_decay_mask_on_abstract_params():
   abstract = jax.eval_shape(_params)
-  assert optim.weight_decay_mask(abstract) == _EXPECTED_MASK
+  assert optim.weight_decay_mask(abstract, schedule_key=KEY) == _EXPECTED_MASK
 
 
 def test_schedule_mask_selects_only_schedule_key():
-  mask = optim.schedule_mask(_params())
+  mask = optim.schedule_mask(_params(), schedule_key=KEY)
   assert all(jax.tree.leaves(mask["gamma"]))
   assert not any(jax.tree.leaves(mask["score_net"]))
   other = optim.schedule_mask(_params(), schedule_key="score_net")
@@ -99,7 +102,7 @@ def test_weight_decay_only_on_masked_leaves():
   """With zero gradients the Adam direction is 0: only decayed leaves move, by -lr * wd * p."""
   lr, wd = 1e-2, 0.1
   params = _params()
-  tx = optim.make_optimizer(learning_rate=lr, warmup_steps=0, weight_decay=wd)
+  tx = optim.make_optimizer(schedule_key=KEY, learning_rate=lr, warmup_steps=0, weight_decay=wd)
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = jax.jit(tx.update)(zeros, state, params)
@@ -114,9 +117,9 @@ def test_weight_decay_only_on_masked_leaves():
 def test_schedule_lr_multiplier_scales_schedule_updates_exactly(multiplier):
   params = _params()
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3) + 0.1 * p, params)
-  base = optim.make_optimizer(learning_rate=1e-3, warmup_steps=0)
+  base = optim.make_optimizer(schedule_key=KEY, learning_rate=1e-3, warmup_steps=0)
   scaled = optim.make_optimizer(
-      learning_rate=1e-3, warmup_steps=0, schedule_lr_multiplier=multiplier)
+      schedule_key=KEY, learning_rate=1e-3, warmup_steps=0, schedule_lr_multiplier=multiplier)
   u_base, _ = base.update(grads, base.init(params), params)
   u_scaled, _ = jax.jit(scaled.update)(grads, scaled.init(params), params)
   chex.assert_trees_all_close(
@@ -129,12 +132,13 @@ def test_grad_clipping_bounds_global_norm_seen_by_adam():
   params = {"score_net": {"Dense_0": {"kernel": jnp.ones((2, 3))}}}
   grads = {"score_net": {"Dense_0": {"kernel": jnp.full((2, 3), 100.0)}}}
   b1 = 0.9
-  clipped = optim.make_optimizer(learning_rate=1e-3, b1=b1, grad_clip_norm=1.0)
+  clipped = optim.make_optimizer(schedule_key=KEY, learning_rate=1e-3, b1=b1,
+                                 grad_clip_norm=1.0)
   _, state = clipped.update(grads, clipped.init(params), params)
   mu = optax.tree_utils.tree_get(state, "mu")
   np.testing.assert_allclose(optax.global_norm(mu), (1 - b1) * 1.0, rtol=1e-5)
 
-  unclipped = optim.make_optimizer(learning_rate=1e-3, b1=b1)
+  unclipped = optim.make_optimizer(schedule_key=KEY, learning_rate=1e-3, b1=b1)
   _, state = unclipped.update(grads, unclipped.init(params), params)
   mu = optax.tree_utils.tree_get(state, "mu")
   np.testing.assert_allclose(
@@ -144,7 +148,7 @@ def test_grad_clipping_bounds_global_norm_seen_by_adam():
 def test_optimizer_runs_under_jit_with_finite_updates():
   params = _params()
   tx = optim.make_optimizer(
-      learning_rate=1e-3, grad_clip_norm=1.0, schedule_lr_multiplier=10.0)
+      schedule_key=KEY, learning_rate=1e-3, grad_clip_norm=1.0, schedule_lr_multiplier=10.0)
   state = tx.init(params)
 
   @jax.jit
@@ -228,10 +232,12 @@ def _official_nnet_params():
 
 
 def test_official_mask_decays_every_leaf_not_named_bias():
-  assert optim.weight_decay_mask(_params(), rule="official") == _EXPECTED_OFFICIAL_MASK
-  wrapped = optim.weight_decay_mask({"params": _params()}, rule="official")
+  official = optim.weight_decay_mask(_params(), rule="official", schedule_key=KEY)
+  assert official == _EXPECTED_OFFICIAL_MASK
+  wrapped = optim.weight_decay_mask({"params": _params()}, rule="official", schedule_key=KEY)
   assert wrapped == {"params": _EXPECTED_OFFICIAL_MASK}
-  assert optim.weight_decay_mask(jax.eval_shape(_params), rule="official") == (
+  abstract = jax.eval_shape(_params)
+  assert optim.weight_decay_mask(abstract, rule="official", schedule_key=KEY) == (
       _EXPECTED_OFFICIAL_MASK)
 
 
@@ -259,8 +265,9 @@ def test_official_mask_on_the_official_monotone_schedule():
 
 
 @pytest.mark.parametrize("call", [
-    lambda rule: optim.weight_decay_mask(_params(), rule=rule),
-    lambda rule: optim.make_optimizer(learning_rate=1e-3, weight_decay_rule=rule),
+    lambda rule: optim.weight_decay_mask(_params(), rule=rule, schedule_key=KEY),
+    lambda rule: optim.make_optimizer(schedule_key=KEY, learning_rate=1e-3,
+                                      weight_decay_rule=rule),
 ])
 def test_unknown_weight_decay_rule_is_rejected(call):
   with pytest.raises(ValueError, match=r"'bias_only'.*'kernels', 'official'"):

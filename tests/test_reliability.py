@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import checkpointing, data, elbo, parallel, train
+from vdm_jax import checkpointing, data, elbo, parallel, pipeline, state as state_lib
+from vdm_jax import steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,10 @@ def smoke_config(**training):
 
 def _final_state(config, workdir):
   info = data.get_info(config.data.name)
-  model, tx = train.build_model(config, info), train.build_optimizer(config)
+  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
   mesh = parallel.make_mesh()
-  abstract = train._abstract_state(lambda: train.init_state(model, tx, seed=config.seed, info=info),
-                                   mesh)
+  abstract = state_lib.abstract_state(
+      lambda: state_lib.init_state(model, tx, seed=config.seed, info=info), mesh)
   with checkpointing.CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
     step, state, meta = ckpt.restore(abstract)
   return step, jax.device_get(state), meta
@@ -82,11 +83,11 @@ def test_nan_skips_then_stops_after_k_in_a_row(tmp_path, monkeypatch):
 def test_skipped_update_leaves_state_unchanged(monkeypatch):
   config = smoke_config()
   info = data.get_info("digits")
-  model, tx = train.build_model(config, info), train.build_optimizer(config)
-  state = train.init_state(model, tx, seed=0, info=info)
-  batch = next(data.train_iterator("digits", global_batch_size=8, seed=0))
+  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
+  state = state_lib.init_state(model, tx, seed=0, info=info)
+  batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
   _nan_loss(monkeypatch)
-  new, out = jax.jit(train.make_train_step(model, tx, info=info, ema_decay=0.9))(state, batch)
+  new, out = jax.jit(steps_lib.make_train_step(model, tx, info=info, ema_decay=0.9))(state, batch)
   assert float(out["finite"]) == 0.0 and int(new.nonfinite_count) == 1 and int(new.step) == 1
   chex.assert_trees_all_equal(new.params, state.params)
   chex.assert_tree_all_finite(new.params)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import diffusion, elbo, sampling, schedules
+from vdm_jax import config_checks, data, diffusion, elbo, guidance, sampling, schedules, steps
 
 GAMMA_FN = schedules.FixedLinear(gamma_min=-10.0, gamma_max=10.0)   # q(z_1) = N(0, 1) to 5e-5
 VOCAB = 8
@@ -216,9 +216,9 @@ def test_classifier_guidance_with_weight_one_is_the_conditional_eps():
   z = jax.random.normal(jax.random.key(3), (50, 1)) * 1.5
   gamma = jnp.linspace(-6.0, 6.0, 50)
   for y in (0, 1):
-    guided = sampling.classifier_guided_eps_fn(mixture_eps, class_log_prob(y), guidance=1.0)
+    guided = guidance.classifier_guided_eps_fn(mixture_eps, class_log_prob(y), guidance=1.0)
     chex.assert_trees_all_close(guided(z, gamma), component_eps(y)(z, gamma), atol=1e-4)
-  free = sampling.classifier_free_eps_fn(component_eps(0), mixture_eps, guidance=2.0)
+  free = guidance.classifier_free_eps_fn(component_eps(0), mixture_eps, guidance=2.0)
   chex.assert_trees_all_close(free(z, gamma),
                               3.0 * component_eps(0)(z, gamma) - 2.0 * mixture_eps(z, gamma))
 
@@ -227,9 +227,9 @@ def test_classifier_guidance_with_weight_one_is_the_conditional_eps():
 @pytest.mark.parametrize("y", [0, 1])
 def test_guidance_puts_samples_in_requested_component(kind, w, y):
   if kind == "free":
-    eps_fn = sampling.classifier_free_eps_fn(component_eps(y), mixture_eps, guidance=w)
+    eps_fn = guidance.classifier_free_eps_fn(component_eps(y), mixture_eps, guidance=w)
   else:
-    eps_fn = sampling.classifier_guided_eps_fn(mixture_eps, class_log_prob(y), guidance=w)
+    eps_fn = guidance.classifier_guided_eps_fn(mixture_eps, class_log_prob(y), guidance=w)
   z = sampling.ancestral_sample(jax.random.key(5), eps_fn=eps_fn, gamma_fn=GAMMA_FN,
                                 shape=(2000, 1), num_steps=100)
   in_component = np.mean((np.asarray(z)[:, 0] > 0) == (y == 1))
@@ -296,7 +296,7 @@ KW = dict(eps_fn=mixture_eps, gamma_fn=GAMMA_FN, shape=(4, 1))
      "mode"),
     (lambda: sampling.decode(None, jnp.zeros((2, 1)), gamma_0=-10.0, vocab_size=4, mode="sample"),
      "key"),
-    (lambda: sampling.classifier_free_eps_fn(mixture_eps, mixture_eps, guidance=float("nan")),
+    (lambda: guidance.classifier_free_eps_fn(mixture_eps, mixture_eps, guidance=float("nan")),
      "guidance"),
 ])
 def test_bad_arguments_raise(call, match):
@@ -308,7 +308,7 @@ def test_bad_eps_fn_output_shape_raises():
   with pytest.raises(ValueError, match="eps_fn returned shape"):
     sampling.ancestral_sample(jax.random.key(0), eps_fn=lambda z, g: z[:, :0], gamma_fn=GAMMA_FN,
                               shape=(4, 1), num_steps=3)
-  guided = sampling.classifier_guided_eps_fn(mixture_eps, lambda z, g: jnp.sum(z), guidance=1.0)
+  guided = guidance.classifier_guided_eps_fn(mixture_eps, lambda z, g: jnp.sum(z), guidance=1.0)
   with pytest.raises(ValueError, match="log_prob_fn returned shape"):
     guided(jnp.zeros((4, 1)), jnp.zeros((4,)))
 
@@ -317,6 +317,24 @@ def test_registry_names():
   assert set(sampling.SAMPLERS) == {"ancestral", "ddim", "ode", "langevin", "pc", "ddpm"}
   assert sampling.get_sampler("ddpm") is sampling.ddpm_sample
   assert sampling.get_sampler("ode") is sampling.ode_sample
+  with pytest.raises(ValueError, match=r"unknown sampler 'euler'; expected one of \('ancestral'"):
+    sampling.get_sampler("euler")
+
+
+def _step_count(key, *, eps_fn, gamma_fn, shape, num_steps, vocab_size=None):
+  """A toy sampler: every value is the number of steps it was given."""
+  del key, eps_fn, gamma_fn
+  return jnp.full(shape, num_steps % vocab_size, jnp.int32)
+
+
+def test_a_registered_sampler_is_usable_by_name(registered, smoke_config):
+  registered(sampling.SAMPLERS, sampling.register_sampler, "test_step_count", _step_count)
+  smoke_config.sample.sampler = "test_step_count"
+  config_checks.check_config(smoke_config)
+  fns = (lambda z, g: z, GAMMA_FN, (2, 2, 1), None)
+  images = steps.draw_samples(fns, sampler="test_step_count", key=jax.random.key(0),
+                              num_images=3, num_steps=4, info=data.static_info("digits"))
+  np.testing.assert_array_equal(images, np.full((3, 2, 2, 1), 4))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import chex
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, evaluation, train
+from vdm_jax import config_checks, evaluation, runs as runs_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,8 +58,8 @@ def test_latent_bound_composes_in_bpd_of_the_data(runs):
 
 
 def test_latent_run_keeps_the_vae_frozen(runs):
-  vae = evaluation.load_run(runs["vae"])
-  latent = evaluation.load_run(runs["latent"])
+  vae = runs_lib.load_run(runs["vae"])
+  latent = runs_lib.load_run(runs["latent"])
   chex.assert_trees_all_equal(latent.frozen["vae"]["autoencoder"], vae.params)
   assert "vae" not in latent.params   # the optimiser never saw it
 

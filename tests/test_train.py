@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, parallel, train
+from vdm_jax import config_checks, data, parallel, pipeline, state as state_lib
+from vdm_jax import steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,13 +60,13 @@ def test_mock_cifar10_end_to_end(tmp_path):
 def _one_step(num_devices):
   config = load_config("smoke")
   info = data.get_info("digits")
-  model, tx = train.build_model(config, info), train.build_optimizer(config)
+  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
   mesh = parallel.make_mesh(num_devices)
   rep = parallel.replicated(mesh)
-  state = jax.jit(lambda: train.init_state(model, tx, seed=0, info=info), out_shardings=rep)()
-  step = jax.jit(train.make_train_step(model, tx, info=info, ema_decay=0.9),
+  state = jax.jit(lambda: state_lib.init_state(model, tx, seed=0, info=info), out_shardings=rep)()
+  step = jax.jit(steps_lib.make_train_step(model, tx, info=info, ema_decay=0.9),
                  in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep))
-  batch = next(data.train_iterator("digits", global_batch_size=8, seed=0))
+  batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
   for _ in range(2):
     state, out = step(state, parallel.shard_batch(batch, mesh))
   return jax.device_get(state.params), jax.device_get(out)
@@ -189,18 +190,18 @@ def test_bfloat16_switch_keeps_state_schedule_and_losses_in_float32():
     config = load_config("smoke")
     config.model.dtype = dtype
     info = data.get_info("digits")
-    task, tx = train.build_task(config, info), train.build_optimizer(config)
-    state = train.init_state(task, tx, seed=0)
+    task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
+    state = state_lib.init_state(task, tx, seed=0)
     leaves = jax.tree.leaves((state.params, state.opt_state, state.ema_params))
     floating = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
     assert floating == {jnp.dtype("float32")}
     eps_fn, gamma_fn, shape, _ = task.sampler_fns(state.params, state.frozen)
     assert eps_fn(jnp.zeros((2,) + tuple(shape)), jnp.zeros((2,))).dtype == jnp.float32
     assert gamma_fn(jnp.zeros((2,))).dtype == jnp.float32
-    batch = next(data.train_iterator("digits", global_batch_size=8, seed=0))
+    batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
     loss, terms = task.loss(state.params, state.frozen, batch, jax.random.PRNGKey(0))
     assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in terms.values())
-    step = parallel.jit(train.make_train_step(task, tx, ema_decay=0.9))
+    step = parallel.jit(steps_lib.make_train_step(task, tx, ema_decay=0.9))
     for _ in range(3):   # eps_hat is exactly 0 at init: the bf16 path shows from the 2nd step on
       state, out = step(state, batch)
     chex.assert_tree_all_finite((state.params, out))

@@ -2,8 +2,9 @@
 
     vdm-jax bench --config configs/digits.py [--batch 64] [--steps 10]
 
-For one config it times exactly what the trainer runs (`train.build_task`, `init_state`,
-`make_train_step` / `make_eval_step`, jitted with NamedShardings over the mesh, state donated):
+For one config it times exactly what the trainer runs (`runs.training_task`,
+`state.init_state`, `steps.jit_train_step` / `steps.jit_eval_step`: jitted with NamedShardings
+over the mesh, state donated):
 - train: lower + compile time; median of `steps` timed steps after `warmup` (each ended by
   block_until_ready) as images/s; FLOPs per step from XLA's cost analysis, FLOP/s, MFU on GPU/TPU;
 - memory: `compiled.memory_analysis()` (arguments + outputs + temporaries - aliased), the
@@ -15,21 +16,18 @@ For one config it times exactly what the trainer runs (`train.build_task`, `init
   `sample_steps` and scaled to 1000 (every step runs the same body, so time is linear in steps);
 - roofline: this machine's FLOP/s on a large float32 convolution, its gradient and a large
   matmul; the train step's FLOP/s as a fraction of each.
+
+The markdown table and the JSON record of the results are written by `vdm_jax.bench_report`.
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
 import itertools
-import json
 import math
 import os
-import pathlib
-import platform
 import resource
 import statistics
-import sys
 import time
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -39,7 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdm_jax import data, parallel, sampling, tasks, train
+from vdm_jax import bench_report, data, parallel, pipeline, runs, sampling, state as state_lib
+from vdm_jax import steps as steps_lib, tasks
 
 PARTS = ("train", "data", "eval", "sample", "roofline")
 # Dense peak FLOP/s per chip, from the vendors' data sheets: (float32 matmuls, bfloat16).
@@ -239,8 +238,8 @@ def bench_data(setup: dict, *, steps: int, rounds: int = 3) -> dict[str, Any]:
   if not setup["prepared"]:
     return {"data_source": "not prepared: skipped"}
   host = random_batch(setup["info"], setup["batch_size"])
-  batches = data.train_iterator(config.data.name, global_batch_size=setup["batch_size"],
-                                seed=config.seed, data_dir=config.data.data_dir or None)
+  batches = pipeline.train_iterator(config.data.name, global_batch_size=setup["batch_size"],
+                                    seed=config.seed, data_dir=config.data.data_dir or None)
   const, fed, no_fetch = [], [], []
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -268,8 +267,8 @@ def bench_data(setup: dict, *, steps: int, rounds: int = 3) -> dict[str, Any]:
 def bench_eval(setup: dict, *, eval_images: int, eval_batch_size: int) -> dict[str, Any]:
   """images/s of the bound on `eval_images` images (pre-sharded batches, one block at the end)."""
   config, info, mesh = setup["config"], setup["info"], setup["mesh"]
-  fn = train.jit_eval_step(setup["task"], mesh, num_steps=train.eval_num_steps(config),
-                           t_samples=config.eval.t_samples)
+  fn = steps_lib.jit_eval_step(setup["task"], mesh, num_steps=steps_lib.eval_num_steps(config),
+                               t_samples=config.eval.t_samples)
   batch = parallel.shard_batch(random_batch(info, eval_batch_size, mask=True), mesh)
   state, key = setup["state"], jax.random.PRNGKey(1)
   args = (state.params, state.frozen)
@@ -315,12 +314,12 @@ def _setup(config, batch_size: int | None, mesh) -> dict[str, Any]:
   mesh = parallel.make_mesh() if mesh is None else mesh
   batch_size = _check_batch("batch_size", batch_size or config.training.batch_size, mesh.size)
   info, prepared = load_info(config)
-  task, tx = train.build_task(config, info), train.build_optimizer(config)
-  state = jax.jit(lambda: train.init_state(task, tx, seed=config.seed),
+  task, optimizer = runs.training_task(config, info), state_lib.build_optimizer(config)
+  state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
                   out_shardings=parallel.replicated(mesh))()
-  return {"config": config, "info": info, "prepared": prepared, "task": task, "tx": tx,
-          "mesh": mesh, "state": state, "batch_size": batch_size,
-          "step": train.jit_train_step(config, task, tx, mesh),
+  return {"config": config, "info": info, "prepared": prepared, "task": task,
+          "optimizer": optimizer, "mesh": mesh, "state": state, "batch_size": batch_size,
+          "step": steps_lib.jit_train_step(config, task, optimizer, mesh),
           "batch": parallel.shard_batch(random_batch(info, batch_size), mesh)}
 
 
@@ -385,55 +384,6 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
   return result
 
 
-_COLUMNS = (  # (header, key, format)
-    ("config", "name", "{}"), ("backend", "backend", "{}"), ("dtype", "dtype", "{}"),
-    ("blocks", "block_impl", "{}"), ("params", "params", "{:,}"), ("batch", "batch_size", "{}"),
-    ("compile (s)", "compile_s", "{:.1f}"), ("step (ms)", "step_s", "{:,.1f}"),
-    ("train img/s", "train_images_per_s", "{:.4g}"), ("GFLOP/step", "flops_per_step", "{:.4g}"),
-    ("GFLOP/s", "flops_per_s", "{:.3g}"), ("of conv ceiling", "fraction_of_conv_ceiling", "{:.0%}"),
-    ("MFU", "mfu", "{:.1%}"), ("step mem (MiB)", "step_memory_mib", "{:,.0f}"),
-    ("peak RSS (MiB)", "process_peak_rss_mib", "{:,.0f}"),
-    ("data-fed / constant", "data_fed_fraction", "{:.2f}"), ("eval img/s", "eval_images_per_s",
-                                                              "{:.4g}"),
-    ("sample img/s (1000 steps)", "sample_images_per_s_1000", "{:.3g}"))
-_SCALE = {"step_s": 1e3, "flops_per_step": 1e-9, "flops_per_s": 1e-9}
-
-
-def format_markdown(results: dict | Sequence[dict]) -> str:
-  """A markdown table, one row per result of `run_benchmark` (missing values shown as "-")."""
-  rows = [results] if isinstance(results, dict) else list(results)
-  cols = [c for c in _COLUMNS if any(r.get(c[1]) is not None for r in rows)]
-  lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    cells = []
-    for _, key, fmt in cols:
-      v = r.get(key)
-      cells.append("-" if v is None else fmt.format(v * _SCALE[key] if key in _SCALE else v))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-  """Date, versions and machine, for the JSON next to the numbers."""
-  return {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "python": platform.python_version(),
-          "command": " ".join(sys.argv)}
-
-
-def write_json(path: str | os.PathLike, results: Any, **extra) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"environment": environment(), **extra, "results": results},
-                             indent=1, default=_jsonable))
-  return path
-
-
-def _jsonable(x: Any) -> Any:
-  return np.asarray(x).tolist() if isinstance(x, (np.generic, jax.Array)) else str(x)
-
-
 def main(config: ml_collections.ConfigDict, *, batch_size: int | None = None, steps: int = 10,
          out_path: str | os.PathLike | None = None, name: str | None = None,
          **kwargs) -> dict[str, Any]:
@@ -443,7 +393,7 @@ def main(config: ml_collections.ConfigDict, *, batch_size: int | None = None, st
   """
   result = run_benchmark(config, batch_size=batch_size, steps=steps, **kwargs)
   result["name"] = name or config.data.name
-  print(format_markdown(result), flush=True)
+  print(bench_report.format_markdown(result), flush=True)
   if out_path:
-    print(f"wrote {write_json(out_path, [result])}", flush=True)
+    print(f"wrote {bench_report.write_json(out_path, [result])}", flush=True)
   return result

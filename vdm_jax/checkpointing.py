@@ -16,6 +16,8 @@ Safety properties:
   so a diverged run cannot overwrite good checkpoints with garbage.
 - `restore()` without a step tries the newest checkpoint first and falls back to older ones if
   it cannot be read (truncated or deleted files), with a warning for each failure.
+- `restore(..., partial=True)` reads only the leaves of a sub-tree of the saved state (e.g. the
+  parameters an evaluation needs, without the optimiser state): the other arrays are never read.
 
 Multi-host: create the manager and call `save` / `restore` on every process (orbax coordinates
 the writes); `abstract_state` should carry the global shardings wanted after restore.
@@ -185,18 +187,20 @@ class CheckpointManager:
         force=True,
     ))
 
-  def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[int, PyTree, dict]:
+  def _restore_step(self, abstract_state: PyTree, step: int,
+                    partial: bool) -> tuple[int, PyTree, dict]:
+    if partial:   # only the leaves named in abstract_state are read
+      state_args = ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+              abstract_state), partial_restore=True)
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(abstract_state),
-            _METADATA: ocp.args.JsonRestore(),
-        }),
-    )
+        step, args=ocp.args.Composite(**{_STATE: state_args, _METADATA: ocp.args.JsonRestore()}))
     return step, restored[_STATE], dict(restored[_METADATA] or {})
 
   def restore(
-      self, abstract_state: PyTree, *, step: int | None = None
+      self, abstract_state: PyTree, *, step: int | None = None, partial: bool = False
   ) -> tuple[int, PyTree, dict] | None:
     """Restores a checkpoint into the structure, dtypes and shardings of `abstract_state`.
 
@@ -205,6 +209,10 @@ class CheckpointManager:
         (e.g. from `jax.eval_shape`, with `.sharding` set for the wanted placement) or
         concrete arrays (their shardings are used).
       step: the step to restore; None for the newest usable one.
+      partial: `abstract_state` is a dict holding some of the saved state's fields (by name,
+        e.g. {"step", "ema_params", "frozen"} of a train state); only those are read, and the
+        result is such a dict. A manager restores either whole states or parts, not both
+        (orbax binds one handler to the item).
 
     Returns:
       (step, state, metadata), or None if the directory holds no checkpoint at all.
@@ -219,13 +227,13 @@ class CheckpointManager:
     if step is not None:
       if step not in steps:
         raise ValueError(f"No checkpoint for step {step} in {self._directory}; found {steps}.")
-      return self._restore_step(abstract_state, step)
+      return self._restore_step(abstract_state, step, partial)
     if not steps:
       return None
     failures = []
     for candidate in reversed(steps):
       try:
-        return self._restore_step(abstract_state, candidate)
+        return self._restore_step(abstract_state, candidate, partial)
       except Exception as e:  # pylint: disable=broad-except  # any damage: try an older one
         message = (f"Checkpoint at step {candidate} in {self._directory} could not be "
                    f"restored ({_describe(e)})"

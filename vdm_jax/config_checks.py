@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from vdm_jax import data, elbo, model as model_lib, optim, sampling, tasks
+from vdm_jax import data, model as model_lib, networks, objectives, optim, sampling, tasks
 
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
@@ -44,8 +44,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
-  """(field, value, ok, expectation) for every checked field."""
-  known = data.KNOWN_DATASETS
+  """(field, value, ok, expectation) for every checked field (names: the registries')."""
+  known = data.DATASETS.names()
+  schedule_names = model_lib.SCHEDULES.names()
+  fixed = tuple(n for n in schedule_names if not model_lib.get_schedule(n).learned)
+  network = c.model.get("network", networks.DEFAULT_NETWORK)
   groups, width = c.model.norm_groups, c.model.channels
   groups_ok = _is_int(groups) and groups >= 0 and (
       groups == 0 or (_is_int(width) and width > 0 and width % groups == 0))
@@ -60,7 +63,9 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
        "the run directory of a trained VAE (task 'latent_vdm')"),
       ("data.name", c.data.name, c.data.name in known, f"one of {known}"),
       ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
-       f"one of {model_lib.SCHEDULES}"),
+       f"one of {schedule_names}"),
+      ("model.network", network, network in networks.NETWORKS,
+       f"one of {networks.NETWORKS.names()}"),
       ("model.gamma_min", c.model.gamma_min, c.model.gamma_min < c.model.gamma_max,
        f"< model.gamma_max={c.model.gamma_max}"),
       ("model.channels", c.model.channels, c.model.channels > 0, "> 0"),
@@ -76,19 +81,19 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
        f"one of {BLOCK_IMPLS}"),
       ("model.dtype", c.model.dtype, c.model.dtype in DTYPES, f"one of {DTYPES}"),
       ("model.num_steps", c.model.num_steps, c.model.num_steps >= 0, ">= 0 (0 = continuous)"),
-      ("model.objective", c.model.objective, c.model.objective in elbo.OBJECTIVES,
-       f"one of {elbo.OBJECTIVES}"),
-      ("model.weighting", c.model.weighting, c.model.weighting in elbo.WEIGHTINGS,
-       f"one of {elbo.WEIGHTINGS}"),
+      ("model.objective", c.model.objective, c.model.objective in objectives.OBJECTIVES,
+       f"one of {objectives.OBJECTIVES}"),
+      ("model.weighting", c.model.weighting, c.model.weighting in objectives.WEIGHTINGS,
+       f"one of {objectives.WEIGHTINGS}"),
       ("model.schedule", c.model.schedule,
-       c.model.objective == "elbo" or c.model.schedule in model_lib.FIXED_SCHEDULES,
-       f"a fixed schedule {model_lib.FIXED_SCHEDULES} with objective {c.model.objective!r} "
+       c.model.objective == "elbo" or c.model.schedule in fixed,
+       f"a fixed schedule {fixed} with objective {c.model.objective!r} "
        "(only the ELBO gives a learned schedule a meaningful gradient)"),
       ("model.num_steps", c.model.num_steps,
        c.model.objective != "simple" or c.model.num_steps >= 1,
        ">= 1 with objective 'simple' (t ~ Uniform{1..T})"),
       ("sample.sampler", c.sample.sampler, c.sample.sampler in sampling.SAMPLERS,
-       f"one of {tuple(sampling.SAMPLERS)}"),
+       f"one of {sampling.SAMPLERS.names()}"),
       ("sample.ddpm_variance", c.sample.ddpm_variance,
        c.sample.ddpm_variance in sampling.DDPM_VARIANCES, f"one of {sampling.DDPM_VARIANCES}"),
       ("model.p_uncond", c.model.p_uncond, 0 <= c.model.p_uncond < 1, "in [0, 1)"),

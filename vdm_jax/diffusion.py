@@ -12,12 +12,17 @@ Only jax / jax.numpy are imported here.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from vdm_jax import checks
 from vdm_jax.schedules import alpha_sigma, snr  # noqa: F401  (re-exported: public API)
 
+# The network as the maths sees it: (z_t [B, ...], gamma_t [B]) -> eps_hat [B, ...].
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 PARAMETERIZATIONS = ("eps", "x", "score", "v")
 
 
@@ -56,6 +61,23 @@ def q_sample(x: ArrayLike, gamma: ArrayLike, eps: ArrayLike) -> jax.Array:
     raise ValueError(f"x and eps must have the same shape, got {x.shape} and {eps.shape}")
   alpha, sigma = alpha_sigma(broadcast_to_data(gamma, x))
   return alpha * x + sigma * eps
+
+
+def predict_eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
+  """eps_fn(z, gamma), checked to have the shape of z [B, ...] (ValueError otherwise)."""
+  eps_hat = eps_fn(z, gamma)
+  if jnp.shape(eps_hat) != jnp.shape(z):
+    raise ValueError(f"eps_fn returned shape {jnp.shape(eps_hat)}; expected the shape of z_t, "
+                     f"{jnp.shape(z)}")
+  return eps_hat
+
+
+def flow_drift(z: ArrayLike, eps_hat: ArrayLike, *, gamma: ArrayLike,
+               gamma_prime: ArrayLike) -> jax.Array:
+  """dz/dt = 1/2 gamma'(t) sigma_t (eps_hat - sigma_t z): the VP probability-flow ODE (Song et
+  al. 2021 SDE, eq. 13; derived in `sampling.ode_sample`). gamma and gamma' broadcastable to z."""
+  _, sigma = alpha_sigma(gamma)
+  return 0.5 * gamma_prime * sigma * (eps_hat - sigma * z)
 
 
 def transition(*, gamma_s: ArrayLike, gamma_t: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -184,10 +206,7 @@ _FROM_EPS = {
 
 
 def _lookup(table: dict, parameterization: str):
-  if parameterization not in table:
-    raise ValueError(f"unknown parameterization {parameterization!r}; expected one of "
-                     f"{PARAMETERIZATIONS}")
-  return table[parameterization]
+  return table[checks.check_choice("parameterization", parameterization, PARAMETERIZATIONS)]
 
 
 def to_eps(prediction: ArrayLike, *, parameterization: str, z: ArrayLike,

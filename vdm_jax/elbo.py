@@ -12,25 +12,24 @@ Data are integers k in {0..K-1} of any shape [B, ...] and any vocabulary size K,
 bin centres x = 2 (k + 1/2) / K - 1. The network enters only through `eps_fn(z_t, gamma_t)`, and
 the schedule only through `gamma_fn(t)`, so any network and any schedule plug in.
 
-This module is the single home of every loss term: the Flax model and the trainer call it.
-Only jax / jax.numpy are imported here (plus the two sibling maths modules).
+This module is the single home of every term of the bound; the training objectives that reweight
+them (DDPM's L_simple, weighted losses) are in `vdm_jax.objectives`. Only jax / jax.numpy are
+imported here (plus the sibling maths modules).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from vdm_jax import diffusion
-from vdm_jax.schedules import alpha_sigma, gamma_and_derivative
-
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
-GammaFn = Callable[[jax.Array], jax.Array]
+from vdm_jax import checks, diffusion
+from vdm_jax.diffusion import EpsFn
+from vdm_jax.schedules import GammaFn, alpha_sigma, gamma_and_derivative
 
 
 class ELBOTerms(NamedTuple):
@@ -80,9 +79,26 @@ def encode(k: ArrayLike, *, vocab_size: int) -> jax.Array:
   return 2.0 * (jnp.asarray(k, jnp.float32) + 0.5) / vocab_size - 1.0
 
 
-def _sum_per_example(a: jax.Array) -> jax.Array:
+def sum_per_example(a: ArrayLike) -> jax.Array:
   """[B, ...] -> [B] by summing over all but the leading axis."""
+  a = jnp.asarray(a)
   return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
+
+
+def categorical_nll(k: ArrayLike, logits: ArrayLike) -> jax.Array:
+  """-sum_d log softmax(logits_d)[k_d]: the NLL of integer data under per-dimension categorical
+  distributions, summed per example -> [B] nats.
+
+  Args:
+    k: integer data [B, ...] in [0, K).
+    logits: [B, ..., K] (the shape of `k` plus a category axis).
+  """
+  k, logits = jnp.asarray(k), jnp.asarray(logits, jnp.float32)
+  if logits.shape[:-1] != k.shape:
+    raise ValueError(f"expected logits of shape {k.shape + ('K',)}, got {logits.shape}")
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, k[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return -sum_per_example(picked)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +114,7 @@ def gaussian_kl(mean1: ArrayLike, var1: ArrayLike, mean2: ArrayLike, var2: Array
   mean1, mean2 = jnp.asarray(mean1), jnp.asarray(mean2)
   ratio = jnp.broadcast_to(var1 / var2, mean1.shape)
   kl = 0.5 * (ratio - 1.0 - jnp.log(ratio) + (mean1 - mean2)**2 / var2)
-  return _sum_per_example(kl)
+  return sum_per_example(kl)
 
 
 def prior_kl(x: ArrayLike, *, gamma_1: ArrayLike) -> jax.Array:
@@ -117,7 +133,7 @@ def prior_kl(x: ArrayLike, *, gamma_1: ArrayLike) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   gamma_1 = diffusion.broadcast_to_data(jnp.asarray(gamma_1, jnp.float32), x)
   alpha2 = jax.nn.sigmoid(-gamma_1)
-  return _sum_per_example(0.5 * (alpha2 * (x * x - 1.0) + jax.nn.softplus(-gamma_1)))
+  return sum_per_example(0.5 * (alpha2 * (x * x - 1.0) + jax.nn.softplus(-gamma_1)))
 
 
 def decoder_logits(z_0: ArrayLike, *, gamma_0: ArrayLike, vocab_size: int) -> jax.Array:
@@ -145,16 +161,15 @@ def decoder_logits(z_0: ArrayLike, *, gamma_0: ArrayLike, vocab_size: int) -> ja
 def reconstruction_nll(k: ArrayLike, z_0: ArrayLike, *, gamma_0: ArrayLike,
                        vocab_size: int) -> jax.Array:
   """Reconstruction -log p(k | z_0) with the discrete decoder, summed per example -> [B] nats."""
-  k = jnp.asarray(k)
-  logp = jax.nn.log_softmax(decoder_logits(z_0, gamma_0=gamma_0, vocab_size=vocab_size), axis=-1)
-  return -_sum_per_example(jnp.take_along_axis(logp, k[..., None].astype(jnp.int32), axis=-1)[..., 0])
+  return categorical_nll(k, decoder_logits(z_0, gamma_0=gamma_0, vocab_size=vocab_size))
 
 
-def _squared_error(eps: ArrayLike, eps_hat: ArrayLike) -> jax.Array:
+def squared_error(eps: ArrayLike, eps_hat: ArrayLike) -> jax.Array:
+  """||eps - eps_hat||^2 per example: [B, ...] twice -> [B] (ValueError if the shapes differ)."""
   eps, eps_hat = jnp.asarray(eps, jnp.float32), jnp.asarray(eps_hat, jnp.float32)
   if eps.shape != eps_hat.shape:
     raise ValueError(f"eps_hat has shape {eps_hat.shape}; expected the data shape {eps.shape}")
-  return _sum_per_example((eps - eps_hat) ** 2)
+  return sum_per_example((eps - eps_hat) ** 2)
 
 
 def diffusion_loss_continuous(eps: ArrayLike, eps_hat: ArrayLike, *,
@@ -168,7 +183,7 @@ def diffusion_loss_continuous(eps: ArrayLike, eps_hat: ArrayLike, *,
   Returns:
     [B] nats (an unbiased one-sample estimate of the term when t ~ U(0, 1)).
   """
-  return 0.5 * jnp.asarray(gamma_prime, jnp.float32) * _squared_error(eps, eps_hat)
+  return 0.5 * jnp.asarray(gamma_prime, jnp.float32) * squared_error(eps, eps_hat)
 
 
 def diffusion_loss_discrete(eps: ArrayLike, eps_hat: ArrayLike, *, gamma_s: ArrayLike,
@@ -183,7 +198,7 @@ def diffusion_loss_discrete(eps: ArrayLike, eps_hat: ArrayLike, *, gamma_s: Arra
     [B] nats (an unbiased estimate when t is uniform on {1/T, ..., 1}).
   """
   gamma_s, gamma_t = jnp.asarray(gamma_s, jnp.float32), jnp.asarray(gamma_t, jnp.float32)
-  return 0.5 * num_steps * jnp.expm1(gamma_t - gamma_s) * _squared_error(eps, eps_hat)
+  return 0.5 * num_steps * jnp.expm1(gamma_t - gamma_s) * squared_error(eps, eps_hat)
 
 
 def sample_time(key: jax.Array, batch_size: int, *, num_steps: int = 0,
@@ -202,19 +217,6 @@ def sample_time(key: jax.Array, batch_size: int, *, num_steps: int = 0,
   if num_steps:
     t = (jnp.floor(t * num_steps) + 1.0) / num_steps
   return t
-
-
-def _check_steps(num_steps: int, *, minimum: int = 0) -> None:
-  if not isinstance(num_steps, int) or num_steps < minimum:
-    raise ValueError(f"expected an integer num_steps >= {minimum} (0 = continuous time), "
-                     f"got {num_steps!r}")
-
-
-def _call_eps_fn(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
-  eps_hat = eps_fn(z, gamma)
-  if jnp.shape(eps_hat) != z.shape:
-    raise ValueError(f"eps_fn returned shape {jnp.shape(eps_hat)}; expected the data shape {z.shape}")
-  return eps_hat
 
 
 def _noise(given: ArrayLike | None, key: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
@@ -249,7 +251,7 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
   Returns:
     ELBOTerms(prior, reconstruction, diffusion), each [B] float32.
   """
-  _check_steps(num_steps)
+  checks.check_number("num_steps", num_steps, integer=True, low=0)
   k = check_data(x, vocab_size=vocab_size)
   x = encode(k, vocab_size=vocab_size)
   batch = x.shape[0]
@@ -263,7 +265,7 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
     gamma_t, gamma_prime = gamma_and_derivative(gamma_fn, t)
   else:
     gamma_t = gamma_fn(t)
-  eps_hat = _call_eps_fn(eps_fn, diffusion.q_sample(x, gamma_t, eps), gamma_t)
+  eps_hat = diffusion.predict_eps(eps_fn, diffusion.q_sample(x, gamma_t, eps), gamma_t)
   if num_steps == 0:
     loss_diff = diffusion_loss_continuous(eps, eps_hat, gamma_prime=gamma_prime)
   else:
@@ -297,7 +299,7 @@ def consistency_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: 
   Args and returns as `elbo_terms` (num_steps >= 1 required; one random step i per example,
   weighted by T).
   """
-  _check_steps(num_steps, minimum=1)
+  checks.check_number("num_steps", num_steps, integer=True, low=1)
   k = check_data(x, vocab_size=vocab_size)
   x = encode(k, vocab_size=vocab_size)
   batch, steps = x.shape[0], num_steps
@@ -317,7 +319,7 @@ def consistency_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: 
   z_c = (diffusion.broadcast_to_data(coef_ab * coef_bc, x) * z_a
          + diffusion.broadcast_to_data(jnp.sqrt(coef_bc**2 * var_ab + var_bc), x)
          * jax.random.normal(key_c, x.shape))
-  x_hat = diffusion.x_from_eps(z_c, _call_eps_fn(eps_fn, z_c, g_c), gamma=g_c)
+  x_hat = diffusion.x_from_eps(z_c, diffusion.predict_eps(eps_fn, z_c, g_c), gamma=g_c)
   p_mean, p_var = diffusion.posterior(z_c, x_hat, gamma_s=g_b, gamma_t=g_c)
   r_mean, r_var = diffusion.gaussian_bridge(z_a, z_c, coef_ab=coef_ab, var_ab=var_ab,
                                             coef_bc=coef_bc, var_bc=var_bc)
@@ -378,125 +380,3 @@ def bits_per_dim(nats: ArrayLike, *, num_dims: int) -> jax.Array:
   if num_dims < 1:
     raise ValueError(f"expected num_dims >= 1, got {num_dims}")
   return jnp.asarray(nats) / (num_dims * math.log(2.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Training objectives. Only "elbo" is a likelihood bound; whatever the objective, the reported
-# bpd comes from `elbo_terms` (evaluated separately), never from `training_loss`.
-
-OBJECTIVES = ("elbo", "simple", "weighted")
-WEIGHTINGS = ("uniform", "sigmoid")
-
-
-def _check_name(kind: str, value: object, allowed: tuple[str, ...]) -> None:
-  if not isinstance(value, str) or value not in allowed:
-    raise ValueError(f"unknown {kind} {value!r}; expected one of {allowed}")
-
-
-def loss_weight(gamma: ArrayLike, *, weighting: str, bias: float = 0.0) -> jax.Array:
-  """Weighting w(lambda) of the diffusion loss, lambda = log SNR = -gamma.
-
-  - "uniform": w = 1, the ELBO (VDM eq. 17).
-  - "sigmoid": w = sigmoid(bias - lambda) = sigmoid(bias + gamma) (Kingma & Gao 2023,
-    "Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation", NeurIPS):
-    ~1 where noise dominates, ~exp(bias - lambda) towards clean data; a larger bias moves weight
-    to lower noise levels. It decreases monotonically in lambda, so the weighted loss is the ELBO
-    of the data perturbed by Gaussian noise (their main theorem): likelihood-based, but not a
-    bound on the likelihood of the data itself.
-
-  Args:
-    gamma: gamma(t), any shape.
-    weighting: one of WEIGHTINGS.
-    bias: b of the sigmoid weighting (unused by "uniform").
-
-  Returns:
-    w, float32, shape of `gamma`.
-  """
-  _check_name("weighting", weighting, WEIGHTINGS)
-  gamma = jnp.asarray(gamma, jnp.float32)
-  if weighting == "uniform":
-    return jnp.ones_like(gamma)
-  return jax.nn.sigmoid(bias + gamma)
-
-
-def weighted_diffusion_loss(eps: ArrayLike, eps_hat: ArrayLike, *, gamma_prime: ArrayLike,
-                            weight: ArrayLike) -> jax.Array:
-  """Weighted continuous diffusion loss 1/2 w(lambda_t) gamma'(t) ||eps - eps_hat||^2.
-
-  Kingma & Gao 2023's weighted loss L_w = -1/2 E_t [w(lambda_t) dlambda/dt ||eps - eps_hat||^2]
-  with lambda = -gamma, so dlambda/dt = -gamma'(t). It is `weight` times
-  `diffusion_loss_continuous`, so w = 1 is exactly the ELBO's term.
-
-  Args:
-    eps, eps_hat: [B, ...].
-    gamma_prime: d gamma / dt, [B] or scalar.
-    weight: w(lambda_t), e.g. from `loss_weight`, [B] or scalar.
-
-  Returns:
-    [B].
-  """
-  return jnp.asarray(weight, jnp.float32) * diffusion_loss_continuous(
-      eps, eps_hat, gamma_prime=gamma_prime)
-
-
-def simple_loss(eps: ArrayLike, eps_hat: ArrayLike) -> jax.Array:
-  """L_simple (Ho et al. 2020, eq. 14): the mean over dimensions of (eps - eps_hat)^2 -> [B].
-
-  The mean (not the sum) over the D dimensions of an example, as in the DDPM code, so the value
-  does not depend on the image size (~1 for eps_hat = 0) and DDPM's learning rates carry over.
-  The T-step ELBO term at the same (t, eps) is T/2 expm1(gamma_t - gamma_s) D times this.
-  """
-  return _squared_error(eps, eps_hat) / math.prod(jnp.shape(eps)[1:])
-
-
-def training_loss(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn,
-                  vocab_size: int, objective: str = "elbo", num_steps: int = 0,
-                  weighting: str = "sigmoid", weighting_bias: float = 0.0,
-                  t: ArrayLike | None = None, antithetic: bool = True) -> jax.Array:
-  """Per-example training loss [B] for the chosen objective.
-
-  - "elbo": `elbo_terms(...).total` in nats (continuous time, or T steps when num_steps = T).
-  - "simple": L_simple = mean_dims (eps - eps_hat(z_t))^2 with t uniform on {1/T, ..., 1}
-    (Ho et al. 2020, algorithm 1); needs num_steps = T >= 1. Not in nats.
-  - "weighted": prior + reconstruction + w(lambda_t) x diffusion term of `elbo_terms` at the same
-    t, i.e. `weighted_diffusion_loss` in continuous time (the T-step term weighted likewise when
-    num_steps > 0). The prior and reconstruction terms have no network parameters, so they do
-    not change the network's gradient; they are kept so that weighting="uniform" is exactly the
-    ELBO, and the value stays in nats. Use it with a fixed schedule: a learned one would get
-    gradients from the weight itself.
-
-  The same key gives the same t and eps as `elbo_terms` (same key split), so each objective is a
-  reweighting of the same draw.
-
-  Args:
-    key, x, eps_fn, gamma_fn, vocab_size, num_steps, t, antithetic: as `elbo_terms`.
-    objective: one of OBJECTIVES.
-    weighting, weighting_bias: `loss_weight`'s weighting and bias ("weighted" only; the name is
-      checked whatever the objective).
-
-  Returns:
-    [B] float32.
-  """
-  _check_name("objective", objective, OBJECTIVES)
-  _check_name("weighting", weighting, WEIGHTINGS)
-  _check_steps(num_steps)
-  if objective == "simple" and num_steps < 1:
-    raise ValueError(f"objective 'simple' samples t from {{1/T, ..., 1}} and needs num_steps = T "
-                     f">= 1, got num_steps={num_steps!r}")
-  kw = dict(eps_fn=eps_fn, gamma_fn=gamma_fn, vocab_size=vocab_size, num_steps=num_steps,
-            antithetic=antithetic)
-  if objective == "elbo":
-    return elbo_terms(key, x, t=t, **kw).total
-  k = check_data(x, vocab_size=vocab_size)
-  key_t, key_eps, _ = jax.random.split(key, 3)                  # as in elbo_terms
-  if t is None:
-    t = sample_time(key_t, k.shape[0], num_steps=num_steps, antithetic=antithetic)
-  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), k.shape[:1])
-  gamma_t = gamma_fn(t)
-  if objective == "weighted":
-    terms = elbo_terms(key, k, t=t, **kw)
-    weight = loss_weight(gamma_t, weighting=weighting, bias=weighting_bias)
-    return terms.prior + terms.reconstruction + weight * terms.diffusion
-  x = encode(k, vocab_size=vocab_size)
-  eps = jax.random.normal(key_eps, x.shape)
-  return simple_loss(eps, _call_eps_fn(eps_fn, diffusion.q_sample(x, gamma_t, eps), gamma_t))

@@ -1,13 +1,13 @@
 """What a user does with a trained run: `vdm-jax eval` and `vdm-jax sample`.
 
-  load_run(workdir)  -> Run: the stored config, the task, the EMA parameters of a checkpoint
   run_eval(workdir, ...)   -> bound (bpd mean, standard error, three terms), written to JSON
   run_sample(workdir, ...) -> a PNG grid and an .npz of integer samples, with any sampler and
                               optional classifier-free or classifier guidance
 
 Every bad input (unknown sampler, steps <= 0, a label outside the classes, guidance on an
-unconditional model, a directory without checkpoints) raises `RunError` or `ValueError` with a
-message naming the problem, before anything is compiled.
+unconditional model, a directory without checkpoints) raises `runs.RunError` or `ValueError` with
+a message naming the problem, before anything is compiled. Runs are read by `vdm_jax.runs`
+(`load_run`: the EMA parameters only, never the optimiser state).
 """
 
 from __future__ import annotations
@@ -15,102 +15,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vdm_jax import checkpointing, config_checks, data, metrics, parallel, sampling, tasks, train
-
-PyTree = Any
-
-
-# Config fields added after the first release, with the value older runs implicitly used.
-_ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"), ("model", "objective", "elbo"),
-                 ("model", "weighting", "sigmoid"), ("model", "weighting_bias", 0.0),
-                 ("sample", "sampler", "ancestral"), ("model", "norm_groups", 0),
-                 ("model", "conditioning_input", False), ("data", "rot90", False),
-                 ("optim", "weight_decay_rule", "kernels"), ("optim", "ema_warmup", True))
-_ADDED_SECTIONS = {"vae": {"channels": 32, "latent_channels": 4, "num_down": 1, "num_blocks": 1},
-                   "latent": {"vae_workdir": "", "vae_checkpoint": 0}}
-
-
-class RunError(ValueError):
-  """The run directory cannot be used as asked (no config, no checkpoint, wrong kind of run)."""
-
-
-class Run(NamedTuple):
-  """A trained run, restored: EMA parameters of checkpoint `step`."""
-  workdir: str
-  config: ml_collections.ConfigDict
-  info: data.DatasetInfo
-  task: Any
-  step: int
-  params: PyTree
-  frozen: PyTree
-  mesh: Any
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config stored by `vdm-jax train` in workdir/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise RunError(f"{workdir!r} is not a vdm-jax run directory: {path} does not exist (expected "
-                   f"the --workdir of a `vdm-jax train` run)")
-  with open(path) as f:
-    stored = json.load(f)
-  config = ml_collections.ConfigDict(stored["config"])
-  if (config.get("task", "vdm") in config_checks.NETWORK_TASKS
-      and "norm_groups" not in config.get("model", {})):
-    raise RunError(config_checks.OLD_NETWORK.format(workdir=workdir))
-  for section, fields in _ADDED_SECTIONS.items():
-    if section not in config:
-      config[section] = ml_collections.ConfigDict(fields)
-  for section, field, value in _ADDED_FIELDS:   # runs stored before these fields existed
-    target = config[section] if section else config
-    if field not in target:
-      target[field] = value
-  return config
-
-
-def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | None = None) -> Run:
-  """Restores checkpoint `step` (None: the newest usable one) of the run in `workdir`.
-
-  Raises:
-    RunError: no config.json, no checkpoint, or no checkpoint `step` (the message lists them).
-  """
-  config = load_config(workdir)
-  if eval_batch_size is not None:
-    config.eval.batch_size = int(eval_batch_size)
-  info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
-  task = train.build_task(config, info, restoring=True)
-  tx, mesh = train.build_optimizer(config), parallel.make_mesh()
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise RunError(f"{workdir!r} holds no checkpoint ({ckpt_dir} does not exist); train first: "
-                   f"vdm-jax train --config CONFIG --workdir {workdir}")
-  manager = checkpointing.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False)
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise RunError(f"{workdir!r} holds no checkpoint (nothing under {ckpt_dir}); train first: "
-                     f"vdm-jax train --config CONFIG --workdir {workdir}")
-    if step is not None and step not in steps:
-      raise RunError(f"{workdir!r} has no checkpoint for step {step}; available steps: {steps}")
-    abstract = train._abstract_state(   # pylint: disable=protected-access
-        lambda: train.init_state(task, tx, seed=config.seed), mesh)
-    step, state, _ = manager.restore(abstract, step=step)
-  finally:
-    manager.close()
-  return Run(workdir, config, info, task, int(step), state.ema_params, state.frozen, mesh)
-
-
-def _check_positive(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return int(value)
+from vdm_jax import data, guidance as guidance_lib, likelihood, metrics, parallel, pipeline
+from vdm_jax import sampling, steps as steps_lib
+from vdm_jax.checks import check_number
+from vdm_jax.runs import Run, RunError, load_run
 
 
 def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | None = None,
@@ -120,23 +34,24 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
              ode_max_examples: int = 200) -> dict[str, Any]:
   """The task's evaluation (for a VDM: the bound with EMA parameters) on `split`.
 
-  num_steps: T of the bound (0 = continuous time; None = the config's, `train.eval_num_steps`);
+  num_steps: T of the bound (0 = continuous time; None = the config's, `steps.eval_num_steps`);
   t_samples: time samples per image. Writes JSON to `out` (default
   workdir/eval/step{S}_T{T}_K{K}_{split}.json) and returns the result. With `ode`, the
   probability-flow ODE bound (`ode_eval`) is added side by side ("ode_bpd", "ode_bpd_se").
   """
-  if num_steps is not None and (isinstance(num_steps, bool) or num_steps < 0):
-    raise ValueError(f"num_steps must be >= 0 (0 = continuous time), got {num_steps!r}")
+  if num_steps is not None:
+    check_number("num_steps (0 = continuous time)", num_steps, integer=True, low=0)
   if t_samples is not None:
-    _check_positive("t_samples", t_samples)
+    check_number("t_samples", t_samples, integer=True, low=1)
   run = load_run(workdir, step=checkpoint, eval_batch_size=batch_size)
   split = split or data.default_eval_split(run.config.data.name)
   if run.config.eval.batch_size % run.mesh.size:
     raise ValueError(f"eval batch size {run.config.eval.batch_size} is not a multiple of the "
                      f"{run.mesh.size} devices; pass --batch_size")
-  result = train.evaluate(run.task, run.params, run.config, run.info, run.mesh,
-                          num_steps=num_steps, t_samples=t_samples, max_examples=max_examples,
-                          split=split, frozen=run.frozen, seed=seed)
+  result = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh,
+                              num_steps=num_steps, t_samples=t_samples,
+                              max_examples=max_examples, split=split, frozen=run.frozen,
+                              seed=seed)
   result = {"workdir": workdir, "checkpoint": run.step, "split": split, "task": run.task.name,
             **result}
   if ode:
@@ -150,7 +65,7 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
     json.dump(result, f, indent=2)
   print(f"checkpoint {run.step}, {split} ({result['num_examples']} examples, T="
         f"{result['num_steps'] or 'continuous'}, {result['t_samples']} t-samples): "
-        f"{train.summary_line(result, run.task.headline)} -> {out}", flush=True)
+        f"{steps_lib.summary_line(result, run.task.headline)} -> {out}", flush=True)
   return result
 
 
@@ -160,7 +75,6 @@ def ode_eval(run: Run, *, method: str = "rk45", num_steps: int = 100, max_exampl
   dequantization through q(z_0|x) and the ELBO's discrete decoder), mean and standard error in
   bpd, on the first `max_examples` examples of `split`. Slower than the ELBO (an adaptive solver
   takes hundreds of network evaluations), hence the small default."""
-  from vdm_jax import likelihood   # pylint: disable=g-import-not-at-top
   if run.task.name != "vdm":
     raise ValueError(f"the ODE likelihood needs a pixel-space VDM run; {run.workdir!r} is a "
                      f"{run.task.name!r} run")
@@ -168,9 +82,9 @@ def ode_eval(run: Run, *, method: str = "rk45", num_steps: int = 100, max_exampl
   bound = parallel.jit(lambda k, images: likelihood.ode_bpd(
       k, images, eps_fn=eps_fn, gamma_fn=gamma_fn, vocab_size=run.info.vocab_size,
       method=method, num_steps=num_steps, **ode_options))
-  it = data.eval_iterator(run.config.data.name, split=split,
-                          global_batch_size=run.config.eval.batch_size,
-                          data_dir=run.config.data.data_dir or None, max_examples=max_examples)
+  it = pipeline.eval_iterator(
+      run.config.data.name, split=split, global_batch_size=run.config.eval.batch_size,
+      data_dir=run.config.data.data_dir or None, max_examples=max_examples)
   values, nfe, key = [], [], jax.random.PRNGKey(seed + 7)
   for i, batch in enumerate(it):
     out = jax.device_get(bound(jax.random.fold_in(key, i), batch["image"]))
@@ -226,13 +140,13 @@ def guided_fns(run: Run, *, labels: jax.Array | None, guidance: float,
     eps_fn, gamma_fn, shape, decode = run.task.sampler_fns(
         run.params, run.frozen, null if conditional else None)
     log_prob = classifier.task.log_prob_fn(classifier.params, labels)
-    return (sampling.classifier_guided_eps_fn(eps_fn, log_prob, guidance=guidance), gamma_fn,
+    return (guidance_lib.classifier_guided_eps_fn(eps_fn, log_prob, guidance=guidance), gamma_fn,
             shape, decode)
   if labels is None or not guidance:
     return run.task.sampler_fns(run.params, run.frozen, labels if conditional else None)
   cond, gamma_fn, shape, decode = run.task.sampler_fns(run.params, run.frozen, labels)
   uncond = run.task.sampler_fns(run.params, run.frozen, null)[0]
-  return (sampling.classifier_free_eps_fn(cond, uncond, guidance=guidance), gamma_fn, shape,
+  return (guidance_lib.classifier_free_eps_fn(cond, uncond, guidance=guidance), gamma_fn, shape,
           decode)
 
 
@@ -245,8 +159,9 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
   Returns {"png": path, "npz": path, "samples": int array [num, H, W, C]}.
   """
   sampling.get_sampler(sampler)   # unknown names fail here, before loading anything
-  steps, num = _check_positive("steps", steps), _check_positive("num", num)
-  batch_size = _check_positive("batch_size", batch_size)
+  steps = check_number("steps", steps, integer=True, low=1)
+  num = check_number("num", num, integer=True, low=1)
+  batch_size = check_number("batch_size", batch_size, integer=True, low=1)
   if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
     raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
   run = load_run(workdir, step=checkpoint)
@@ -257,9 +172,9 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
     n = min(batch_size, num - start)
     fns = guided_fns(run, labels=None if labels is None else labels[start:start + n],
                      guidance=float(guidance), classifier=classifier)
-    chunks.append(train.draw_samples(fns, sampler=sampler, key=jax.random.fold_in(key, i),
-                                     num_images=n, num_steps=steps, info=run.info,
-                                     **sampler_kwargs))
+    chunks.append(steps_lib.draw_samples(fns, sampler=sampler, key=jax.random.fold_in(key, i),
+                                         num_images=n, num_steps=steps, info=run.info,
+                                         **sampler_kwargs))
   samples = np.concatenate(chunks)
   out = out or os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)

@@ -45,11 +45,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from vdm_jax import diffusion, elbo
-from vdm_jax.schedules import gamma_and_derivative
+from vdm_jax import checks, diffusion, elbo
+from vdm_jax.diffusion import EpsFn
+from vdm_jax.schedules import GammaFn, gamma_and_derivative
 
-EpsFn = elbo.EpsFn
-GammaFn = elbo.GammaFn
 LogitsFn = Callable[[jax.Array], jax.Array]
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -92,11 +91,6 @@ class ComposedTerms(NamedTuple):
 # Gaussian encoder and discrete decoder pieces.
 
 
-def _sum_per_example(a: jax.Array) -> jax.Array:
-  """[B, ...] -> [B] by summing over all but the leading axis."""
-  return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
-
-
 def _check_gaussian(mean: ArrayLike, log_var: ArrayLike) -> tuple[jax.Array, jax.Array]:
   mean, log_var = jnp.asarray(mean, jnp.float32), jnp.asarray(log_var, jnp.float32)
   if mean.shape != log_var.shape or mean.ndim < 1:
@@ -114,22 +108,7 @@ def sample_gaussian(key: jax.Array, mean: ArrayLike, log_var: ArrayLike) -> jax.
 def gaussian_entropy(log_var: ArrayLike) -> jax.Array:
   """H[N(mean, diag(exp(log_var)))] = 1/2 sum(log 2 pi + 1 + log_var), [B, ...] -> [B] nats."""
   log_var = jnp.asarray(log_var, jnp.float32)
-  return _sum_per_example(0.5 * (LOG_2PI + 1.0 + log_var))
-
-
-def categorical_nll(k: ArrayLike, logits: ArrayLike) -> jax.Array:
-  """-log p(k | y) = -sum_d log softmax(logits_d)[k_d] of the discrete decoder, -> [B] nats.
-
-  Args:
-    k: integer data [B, ...] in [0, K).
-    logits: [B, ..., K] (the shape of `k` plus a vocabulary axis).
-  """
-  k, logits = jnp.asarray(k), jnp.asarray(logits, jnp.float32)
-  if logits.shape[:-1] != k.shape:
-    raise ValueError(f"expected logits of shape {k.shape + ('K',)}, got {logits.shape}")
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp, k[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return -_sum_per_example(picked)
+  return elbo.sum_per_example(0.5 * (LOG_2PI + 1.0 + log_var))
 
 
 def _decoded_nll(k: jax.Array, y: jax.Array, logits_fn: LogitsFn, vocab_size: int) -> jax.Array:
@@ -137,7 +116,7 @@ def _decoded_nll(k: jax.Array, y: jax.Array, logits_fn: LogitsFn, vocab_size: in
   if logits.shape[-1] != vocab_size:
     raise ValueError(f"logits_fn returned {logits.shape[-1]} logits per dimension; expected "
                      f"vocab_size={vocab_size}")
-  return categorical_nll(k, logits)
+  return elbo.categorical_nll(k, logits)   # -log p(x | y) of the discrete decoder
 
 
 def vae_terms(key: jax.Array, x: ArrayLike, *, mean: ArrayLike, log_var: ArrayLike,
@@ -175,7 +154,7 @@ def gaussian_decoder_nll(y: ArrayLike, z_0: ArrayLike, *, gamma_0: ArrayLike) ->
   gamma_0 = diffusion.broadcast_to_data(jnp.asarray(gamma_0, jnp.float32), y)
   alpha_0, _ = diffusion.alpha_sigma(gamma_0)
   nll = 0.5 * (LOG_2PI + gamma_0 + (z_0 / alpha_0 - y) ** 2 * jnp.exp(-gamma_0))
-  return _sum_per_example(jnp.broadcast_to(nll, y.shape))
+  return elbo.sum_per_example(jnp.broadcast_to(nll, y.shape))
 
 
 def expected_gaussian_decoder_nll(*, gamma_0: ArrayLike, num_dims: int) -> jax.Array:
@@ -183,14 +162,6 @@ def expected_gaussian_decoder_nll(*, gamma_0: ArrayLike, num_dims: int) -> jax.A
   if not isinstance(num_dims, int) or num_dims < 1:
     raise ValueError(f"expected an integer num_dims >= 1, got {num_dims!r}")
   return 0.5 * num_dims * (LOG_2PI + 1.0 + jnp.asarray(gamma_0, jnp.float32))
-
-
-def _eps_hat(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
-  eps_hat = eps_fn(z, gamma)
-  if jnp.shape(eps_hat) != z.shape:
-    raise ValueError(f"eps_fn returned shape {jnp.shape(eps_hat)}; expected the latent shape "
-                     f"{z.shape}")
-  return eps_hat
 
 
 def gaussian_eps(z: ArrayLike, gamma: ArrayLike, *, mean: ArrayLike = 0.0,
@@ -254,7 +225,7 @@ def diffusion_control_variate(y: ArrayLike, eps: ArrayLike, *, mean: ArrayLike,
   g0, g1 = (jnp.asarray(g, jnp.float32) for g in gamma_endpoints)
   integral = (_integrated_sigmoid_sq(a - g0) - _integrated_sigmoid_sq(a - g1)
               + d * (jax.nn.sigmoid(g1 - a) - jax.nn.sigmoid(g0 - a)))
-  return correction + 0.5 * _sum_per_example(integral)
+  return correction + 0.5 * elbo.sum_per_example(integral)
 
 
 def latent_vdm_terms(key: jax.Array, y: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn,
@@ -285,8 +256,7 @@ def latent_vdm_terms(key: jax.Array, y: ArrayLike, *, eps_fn: EpsFn, gamma_fn: G
   Returns:
     elbo.ELBOTerms(prior, reconstruction = eq. (4), diffusion), each [B] float32.
   """
-  if not isinstance(num_steps, int) or num_steps < 0:
-    raise ValueError(f"expected an integer num_steps >= 0 (0 = continuous time), got {num_steps!r}")
+  checks.check_number("num_steps", num_steps, integer=True, low=0)
   y = jnp.asarray(y)
   if not jnp.issubdtype(y.dtype, jnp.floating) or y.ndim < 1:
     raise ValueError(f"expected a float latent of shape [B, ...], got {y.dtype} {y.shape}")
@@ -304,7 +274,7 @@ def latent_vdm_terms(key: jax.Array, y: ArrayLike, *, eps_fn: EpsFn, gamma_fn: G
     gamma_t = gamma_fn(t)
     loss_fn = functools.partial(elbo.diffusion_loss_discrete, gamma_s=gamma_fn(t - 1.0 / num_steps),
                                 gamma_t=gamma_t, num_steps=num_steps)
-  eps_hat = _eps_hat(eps_fn, diffusion.q_sample(y, gamma_t, eps), gamma_t)
+  eps_hat = diffusion.predict_eps(eps_fn, diffusion.q_sample(y, gamma_t, eps), gamma_t)
   loss_diff = loss_fn(eps, eps_hat)
   if cv_log_var is not None:
     loss_diff = loss_diff + diffusion_control_variate(

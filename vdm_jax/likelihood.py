@@ -1,7 +1,7 @@
 """Likelihood of a VDM through its probability-flow ODE (Song et al. 2021 SDE, section 4.3).
 
 The probability-flow ODE of the VP process with gamma(t) = -log SNR(t) (derived in
-`sampling.ode_sample`, the drift is `sampling._flow_drift`)
+`sampling.ode_sample`, the drift is `diffusion.flow_drift`)
 
     dz/dt = f(z, t) = 1/2 gamma'(t) sigma_t (eps_hat(z, gamma_t) - sigma_t z)
 
@@ -41,10 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import diffusion, elbo, sampling, schedules
+from vdm_jax import diffusion, elbo, schedules
+from vdm_jax.checks import check_choice, check_number
+from vdm_jax.diffusion import EpsFn
+from vdm_jax.schedules import GammaFn
 
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
-GammaFn = Callable[[jax.Array], jax.Array]
 TRACES = ("hutchinson_rademacher", "hutchinson_gaussian", "exact")
 TIME_VARIABLES = ("t", "gamma")
 DEQUANTIZATIONS = ("variational", "uniform")
@@ -117,7 +118,8 @@ def _make_rhs(eps_fn: EpsFn, gamma_fn: GammaFn, shape: tuple[int, ...], probes: 
     g_b, gp_b = diffusion.broadcast_to_data(gamma, z), diffusion.broadcast_to_data(gamma_prime, z)
 
     def drift(z):
-      return sampling._flow_drift(z, sampling._call_eps(eps_fn, z, gamma), g_b, gp_b)
+      eps_hat = jnp.asarray(diffusion.predict_eps(eps_fn, z, gamma), z.dtype)
+      return diffusion.flow_drift(z, eps_hat, gamma=g_b, gamma_prime=gp_b)
 
     f, jv = jax.vmap(lambda v: jax.jvp(drift, (z,), (v,)), out_axes=(None, 0))(probes)
     div = scale * jnp.sum((probes * jv).reshape(probes.shape[0], batch, dims), axis=(0, 2))
@@ -209,17 +211,14 @@ def _solve_adaptive(rhs, tab: Tableau, y0: jax.Array, *, rtol: float, atol: floa
 
 def _check_options(method: str, trace: str, num_steps: int, rtol: float, atol: float,
                    max_steps: int, num_probes: int, time_variable: str) -> None:
-  if method not in METHODS:
-    raise ValueError(f"unknown ODE method {method!r}; expected one of {METHODS}")
-  if trace not in TRACES:
-    raise ValueError(f"unknown trace estimator {trace!r}; expected one of {TRACES}")
-  if time_variable not in TIME_VARIABLES:
-    raise ValueError(f"unknown time_variable {time_variable!r}; expected one of {TIME_VARIABLES}")
-  sampling._check_number("num_steps", num_steps, integer=True, low=1)
-  sampling._check_number("max_steps", max_steps, integer=True, low=1)
-  sampling._check_number("num_probes", num_probes, integer=True, low=1)
-  sampling._check_number("rtol", rtol, low=0.0, strict=True)
-  sampling._check_number("atol", atol, low=0.0, strict=True)
+  check_choice("ODE method", method, METHODS)
+  check_choice("trace estimator", trace, TRACES)
+  check_choice("time_variable", time_variable, TIME_VARIABLES)
+  check_number("num_steps", num_steps, integer=True, low=1)
+  check_number("max_steps", max_steps, integer=True, low=1)
+  check_number("num_probes", num_probes, integer=True, low=1)
+  check_number("rtol", rtol, low=0.0, strict=True)
+  check_number("atol", atol, low=0.0, strict=True)
 
 
 def _integration_schedule(gamma_fn: GammaFn, time_variable: str, dtype) -> GammaFn:
@@ -295,7 +294,7 @@ def _dequantize(key: jax.Array, k: jax.Array, *, gamma_0: jax.Array, vocab_size:
   if dequantization == "variational":        # q(z_0 | x) = N(alpha_0 x, sigma_0^2 I)
     eps = jax.random.normal(key, x.shape)
     z_0 = alpha_0 * x + sigma_0 * eps
-    log_q = (-0.5 * jnp.sum(eps.reshape(x.shape[0], -1)**2, axis=-1)
+    log_q = (-0.5 * elbo.sum_per_example(eps**2)
              - dims * (0.5 * math.log(2.0 * math.pi) + 0.5 * jax.nn.log_sigmoid(gamma_0)))
     recon = elbo.reconstruction_nll(k, z_0, gamma_0=gamma_0, vocab_size=vocab_size)
     return z_0, log_q, recon
@@ -341,9 +340,7 @@ def ode_bpd(key: jax.Array, images_int: jax.typing.ArrayLike, *, eps_fn: EpsFn,
     {"reconstruction", "log_q", "ode_nll", "total"}: [B] nats (-log p(k | z_0), log q(z_0 | k),
     -log p_ODE(z_0) and their sum, the bound); "bpd": [B] = total / (D ln 2); "nfe": int32 scalar.
   """
-  if dequantization not in DEQUANTIZATIONS:
-    raise ValueError(f"unknown dequantization {dequantization!r}; expected one of "
-                     f"{DEQUANTIZATIONS}")
+  check_choice("dequantization", dequantization, DEQUANTIZATIONS)
   k = elbo.check_data(images_int, vocab_size=vocab_size)
   if k.ndim < 2:
     raise ValueError(f"expected images_int of shape [B, ...] with at least one data axis, got "

@@ -1,4 +1,4 @@
-"""Metric writers, a progress bar, image grids and a NaN guard for the trainer.
+"""Metric writers, a progress bar and image grids for the trainer.
 
 - `MetricWriter`: one JSON object per line in `workdir/metrics.jsonl` (`{"step": s, ...}`,
   appended to on resume, as in big_vision) and TensorBoard event files in `workdir/tb`
@@ -6,7 +6,6 @@
 - `ProgressBar`: step, bpd, steps/s and ETA; a single updating line on a terminal, plain log
   lines every `log_every` steps otherwise (log files, pods).
 - `image_grid` / `save_image_grid`: integer images in {0..K-1} -> one uint8 PNG.
-- `check_finite`: raises FloatingPointError naming the step and the non-finite metrics.
 """
 
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image
 import tensorboardX
 
-__all__ = ["MetricWriter", "ProgressBar", "check_finite", "image_grid", "save_image_grid"]
+__all__ = ["MetricWriter", "ProgressBar", "image_grid", "save_image_grid"]
 
 JSONL_NAME = "metrics.jsonl"
 TB_SUBDIR = "tb"
@@ -225,16 +224,3 @@ def save_image_grid(path: str | os.PathLike, images: np.ndarray, *, vocab_size: 
     os.makedirs(directory, exist_ok=True)
   picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   picture.save(path, format="PNG")
-
-
-def check_finite(step: int, scalars: Mapping[str, Any]) -> None:
-  """Raises FloatingPointError if any value is NaN or infinite, naming the step and the names.
-
-  Args:
-    step: the training step the values belong to.
-    scalars: name -> number (host values; call after `jax.device_get`).
-  """
-  bad = {name: float(value) for name, value in scalars.items()
-         if not math.isfinite(float(value))}
-  if bad:
-    raise FloatingPointError(f"non-finite loss at step {step}: {bad}")

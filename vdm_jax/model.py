@@ -1,8 +1,12 @@
 """The VDM as a Flax (Linen) module: a noise schedule with its parameters, and a score network.
 
-The module owns parameters only; every loss term comes from `vdm_jax.elbo` (nothing is written
-twice). Parameter tree: {"gamma": schedule parameters, "score_net": network parameters}; the
-optimiser keys on "gamma" for its schedule learning-rate multiplier and weight-decay mask.
+The module owns parameters only; every loss term comes from `vdm_jax.elbo` (the training
+objectives from `vdm_jax.objectives`; nothing is written twice). Parameter tree:
+{SCHEDULE_KEY: schedule parameters, "score_net": network parameters}; the optimiser keys on
+SCHEDULE_KEY for its schedule learning-rate multiplier and weight-decay mask.
+
+Configs name their schedule (`model.schedule`) from the registry below: a new one is a function
+returning a `ScheduleDef` and one `register_schedule` line.
 
 Use from outside (sampling, evaluation) through pure closures, so the samplers' `lax.scan` never
 sees a bound module:
@@ -14,29 +18,114 @@ sees a bound module:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from vdm_jax import diffusion, elbo, schedules
-from vdm_jax.networks import ScoreUNet
+from vdm_jax import elbo, networks, objectives, registry, schedules
 
-FIXED_SCHEDULES = ("fixed_linear", "beta_linear", "cosine")
-SCHEDULES = FIXED_SCHEDULES + ("learned_linear", "learned_monotone", "learned_nnet")
+# The name of the VDM's (and the latent VDM's) NoiseSchedule attribute, hence the top-level key
+# of the schedule's parameters: the one place the optimiser learns it from.
+SCHEDULE_KEY = "schedule"
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry of named schedules.
+
+
+class ScheduleDef(NamedTuple):
+  """One schedule of a family, for given endpoints.
+
+  Attributes:
+    gamma_fn: params -> the schedule t -> gamma(t) (params is {} for a fixed schedule).
+    init: PRNG key -> the initial params ({} for a fixed schedule).
+    param_names: the top-level keys of params, in creation order: each becomes one parameter of
+      `NoiseSchedule` (initialised to `init(key)[name]`).
+  """
+
+  gamma_fn: Callable[[schedules.Params], schedules.GammaFn]
+  init: Callable[[jax.Array], schedules.Params] = lambda key: {}
+  param_names: tuple[str, ...] = ()
+
+
+class ScheduleSpec(NamedTuple):
+  """A registered family of schedules.
+
+  Attributes:
+    make: (*, gamma_min, gamma_max, hidden) -> ScheduleDef with these endpoints (the initial
+      ones of a learned schedule); `hidden` is the width of a schedule network (unused by others).
+    learned: whether the schedule has parameters (trained with the model).
+  """
+
+  make: Callable[..., ScheduleDef]
+  learned: bool
+
+
+SCHEDULES: registry.Registry[ScheduleSpec] = registry.Registry("schedule")
+
+
+def register_schedule(name: str, make: Callable[..., ScheduleDef], *, learned: bool,
+                      replace: bool = False) -> ScheduleSpec:
+  """Makes `model.schedule = name` build `make(gamma_min=, gamma_max=, hidden=)`."""
+  return SCHEDULES.register(name, ScheduleSpec(make, learned), replace=replace)
+
+
+def get_schedule(name: str) -> ScheduleSpec:
+  """The family registered as `name` (ValueError naming the registered ones if none)."""
+  return SCHEDULES.get(name)
+
+
+def fixed_schedule(make_fn: Callable[..., schedules.GammaFn]) -> Callable[..., ScheduleDef]:
+  """The `make` of a parameter-free family `make_fn(gamma_min=, gamma_max=) -> GammaFn`."""
+  def make(*, gamma_min: float, gamma_max: float, hidden: int) -> ScheduleDef:
+    del hidden
+    return ScheduleDef(lambda params: make_fn(gamma_min=gamma_min, gamma_max=gamma_max))
+  return make
+
+
+def learned_schedule(init: Callable[..., schedules.Params], gamma: Callable[..., jax.Array],
+                     names: tuple[str, ...]) -> Callable[..., ScheduleDef]:
+  """The `make` of a learned family `gamma(t, params)`, params from
+  `init(key, gamma_min=, gamma_max=, hidden=)` with the top-level keys `names`."""
+  def make(*, gamma_min: float, gamma_max: float, hidden: int) -> ScheduleDef:
+    first = lambda key: init(key, gamma_min=gamma_min, gamma_max=gamma_max, hidden=hidden)
+    return ScheduleDef(lambda params: functools.partial(gamma, params=params), first, names)
+  return make
+
+
+def _linear(*, gamma_min: float, gamma_max: float) -> schedules.GammaFn:
+  return functools.partial(schedules.linear_gamma, gamma_min=gamma_min, gamma_max=gamma_max)
+
+
+def _init_linear(key: jax.Array, *, hidden: int, **endpoints: float) -> schedules.Params:
+  del key, hidden
+  return schedules.init_learned_linear(**endpoints)
+
+
+register_schedule("fixed_linear", fixed_schedule(_linear), learned=False)
+register_schedule("learned_linear", learned_schedule(
+    _init_linear, schedules.learned_linear_gamma, ("gamma_min", "delta")), learned=True)
+register_schedule("learned_monotone", learned_schedule(
+    schedules.init_monotone, schedules.monotone_gamma, ("gamma_min", "delta", "net")),
+                  learned=True)
+register_schedule("learned_nnet", learned_schedule(
+    schedules.init_nnet, schedules.nnet_gamma, ("l1", "l2", "l3")), learned=True)
+register_schedule("beta_linear", fixed_schedule(schedules.BetaLinear), learned=False)
+register_schedule("cosine", fixed_schedule(schedules.Cosine), learned=False)
 
 
 class NoiseSchedule(nn.Module):
   """gamma(t) as a Flax module; returns a pure callable t -> gamma(t) over its parameters.
 
   Attributes:
-    kind: "fixed_linear", "beta_linear", "cosine" (no parameters), "learned_linear" (learned
-      endpoints; the official `learnable_scalar`), "learned_monotone" (monotone network with
-      exactly the learned endpoints) or "learned_nnet" (the official `learnable_nnet`: the same
-      network, its parameters {"l1", "l2", "l3"} named and initialised as the official ones,
-      endpoints implicit).
+    kind: a registered schedule (`register_schedule`): "fixed_linear", "beta_linear", "cosine"
+      (no parameters), "learned_linear" (learned endpoints; the official `learnable_scalar`),
+      "learned_monotone" (monotone network with exactly the learned endpoints) or "learned_nnet"
+      (the official `learnable_nnet`: the same network, its parameters {"l1", "l2", "l3"} named
+      and initialised as the official ones, endpoints implicit).
     gamma_min, gamma_max: endpoints (initial values for the learned kinds).
     hidden: width of the monotone network.
   """
@@ -48,29 +137,11 @@ class NoiseSchedule(nn.Module):
 
   @nn.compact
   def __call__(self) -> schedules.GammaFn:
-    gmin, gmax = self.gamma_min, self.gamma_max
-    if self.kind == "learned_nnet":
-      init = lambda key: schedules.init_nnet(key, gamma_min=gmin, gamma_max=gmax,
-                                             hidden=self.hidden)
-      params = {name: self.param(name, lambda key, n=name: init(key)[n])
-                for name in ("l1", "l2", "l3")}
-      return functools.partial(schedules.nnet_gamma, params=params)
-    if self.kind == "fixed_linear":
-      return functools.partial(schedules.linear_gamma, gamma_min=gmin, gamma_max=gmax)
-    if self.kind == "beta_linear":
-      return schedules.BetaLinear(gamma_min=gmin, gamma_max=gmax)
-    if self.kind == "cosine":
-      return schedules.Cosine(gamma_min=gmin, gamma_max=gmax)
-    init = schedules.init_learned_linear(gamma_min=gmin, gamma_max=gmax)
-    params = {"gamma_min": self.param("gamma_min", lambda _: init["gamma_min"]),
-              "delta": self.param("delta", lambda _: init["delta"])}
-    if self.kind == "learned_linear":
-      return functools.partial(schedules.learned_linear_gamma, params=params)
-    if self.kind == "learned_monotone":
-      params["net"] = self.param("net", lambda key: schedules.init_monotone(
-          key, gamma_min=gmin, gamma_max=gmax, hidden=self.hidden)["net"])
-      return functools.partial(schedules.monotone_gamma, params=params)
-    raise ValueError(f"unknown schedule {self.kind!r}; expected one of {SCHEDULES}")
+    spec = get_schedule(self.kind).make(gamma_min=self.gamma_min, gamma_max=self.gamma_max,
+                                        hidden=self.hidden)
+    params = {name: self.param(name, lambda key, n=name: spec.init(key)[n])
+              for name in spec.param_names}
+    return spec.gamma_fn(params)
 
 
 class VDM(nn.Module):
@@ -83,9 +154,9 @@ class VDM(nn.Module):
     num_steps: T for the training loss; 0 = continuous time.
     cond_gamma_min, cond_gamma_max: the network sees t_cond = (gamma - min) / (max - min), fixed
       constants (the initial endpoints), so conditioning does not move with a learned schedule.
-    objective, weighting, weighting_bias: the training objective (`elbo.training_loss`): "elbo"
-      (the bound), "simple" (DDPM's L_simple, needs num_steps = T) or "weighted" (w(log-SNR) on
-      the continuous loss). The reported bound (`__call__`) is always the unweighted ELBO.
+    objective, weighting, weighting_bias: the training objective (`objectives.training_loss`):
+      "elbo" (the bound), "simple" (DDPM's L_simple, needs num_steps = T) or "weighted"
+      (w(log-SNR) on the continuous loss). The reported bound (`__call__`) is always the unweighted ELBO.
   """
 
   vocab_size: int
@@ -97,9 +168,6 @@ class VDM(nn.Module):
   objective: str = "elbo"
   weighting: str = "sigmoid"
   weighting_bias: float = 0.0
-
-  def gamma_fn(self) -> schedules.GammaFn:
-    return self.schedule()
 
   def gamma(self, t: ArrayLike) -> jax.Array:
     """gamma(t), shape of `t`."""
@@ -138,12 +206,13 @@ class VDM(nn.Module):
 
   def training_loss(self, images: ArrayLike, label: Optional[ArrayLike] = None,
                     conditioning: Optional[ArrayLike] = None, *, train: bool) -> jax.Array:
-    """Per-example loss [B] of `objective` (`elbo.training_loss`; rng "diffusion", "dropout")."""
+    """Per-example loss [B] of `objective` (`objectives.training_loss`; rng "diffusion",
+    "dropout")."""
     eps_fn = lambda z, g: self.eps(z, g, label, conditioning, train=train)
-    return elbo.training_loss(self.make_rng("diffusion"), images, eps_fn=eps_fn,
-                              gamma_fn=self.schedule(), vocab_size=self.vocab_size,
-                              objective=self.objective, num_steps=self.num_steps,
-                              weighting=self.weighting, weighting_bias=self.weighting_bias)
+    return objectives.training_loss(
+        self.make_rng("diffusion"), images, eps_fn=eps_fn, gamma_fn=self.schedule(),
+        vocab_size=self.vocab_size, objective=self.objective, num_steps=self.num_steps,
+        weighting=self.weighting, weighting_bias=self.weighting_bias)
 
   def endpoints(self) -> tuple[jax.Array, jax.Array]:
     """(gamma(0), gamma(1))."""
@@ -157,65 +226,21 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
                 remat: bool, dtype: Any, num_steps: int = 0, schedule_hidden: int = 1024,
                 objective: str = "elbo", weighting: str = "sigmoid",
                 weighting_bias: float = 0.0, norm_groups: int = 0,
-                conditioning_input: bool = False) -> VDM:
-  """A VDM from typed hyperparameters (train.py unpacks the config into these)."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+                conditioning_input: bool = False,
+                network: str = networks.DEFAULT_NETWORK) -> VDM:
+  """A VDM from typed hyperparameters (`tasks.build_vdm` unpacks the config into these);
+  `schedule` and `network` are registered names (`register_schedule`,
+  `networks.register_network`)."""
+  get_schedule(schedule)   # an unknown name fails here, naming the registered ones
   schedules.check_endpoints(gamma_min, gamma_max)
-  net = ScoreUNet(channels=channels, num_blocks=num_blocks,
-                  fourier_exponents=tuple(fourier_exponents),
-                  attention_everywhere=attention_everywhere, dropout=dropout,
-                  num_classes=num_classes, conditioning_input=conditioning_input,
-                  norm_groups=norm_groups, block_impl=block_impl, remat=remat, dtype=dtype)
+  net = networks.get_network(network)(
+      channels=channels, num_blocks=num_blocks, fourier_exponents=tuple(fourier_exponents),
+      attention_everywhere=attention_everywhere, dropout=dropout, num_classes=num_classes,
+      conditioning_input=conditioning_input, norm_groups=norm_groups, block_impl=block_impl,
+      remat=remat, dtype=dtype)
   return VDM(vocab_size=vocab_size,
              schedule=NoiseSchedule(kind=schedule, gamma_min=gamma_min, gamma_max=gamma_max,
                                     hidden=schedule_hidden),
              score_net=net, num_steps=num_steps, cond_gamma_min=gamma_min,
              cond_gamma_max=gamma_max, objective=objective, weighting=weighting,
              weighting_bias=weighting_bias)
-
-
-class NoisyClassifierModel(nn.Module):
-  """A noise-conditional classifier p(y | z_t, gamma_t) for classifier guidance.
-
-  It sees z_t = alpha_t x + sigma_t eps (VDM eq. 1, `diffusion.q_sample`) at gamma ~
-  Uniform(gamma_min, gamma_max), conditioned like the VDM's score net on
-  t_cond = (gamma - cond_gamma_min) / (cond_gamma_max - cond_gamma_min), so its gradient can be
-  added to a VDM's eps at the same gamma (survey eq. 163-166; Dhariwal & Nichol 2021).
-
-  Attributes:
-    vocab_size: K of the data.
-    classifier: a network (z [B, H, W, C], t_cond [B], *, train) -> logits [B, num_classes].
-    gamma_min, gamma_max: training range of gamma (cover the diffusion model's endpoints).
-  """
-
-  vocab_size: int
-  classifier: nn.Module
-  gamma_min: float = -13.3
-  gamma_max: float = 5.0
-
-  def log_probs(self, z: ArrayLike, gamma: ArrayLike, *, train: bool = False) -> jax.Array:
-    """log p(y | z_t, gamma_t): z [B, H, W, C], gamma [B] or scalar -> [B, num_classes]."""
-    z = jnp.asarray(z)
-    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (z.shape[0],))
-    t_cond = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
-    return jax.nn.log_softmax(self.classifier(z, t_cond, train=train), axis=-1)
-
-  def __call__(self, images: ArrayLike, labels: ArrayLike, *, train: bool,
-               gamma: Optional[ArrayLike] = None) -> tuple[jax.Array, jax.Array]:
-    """(cross-entropy [B] in nats, correct [B] in {0, 1}) on noised integer images [B, H, W, C].
-
-    gamma: [B] noise levels; None draws them from Uniform(gamma_min, gamma_max) (rng "diffusion").
-    """
-    x = elbo.encode(elbo.check_data(images, vocab_size=self.vocab_size),
-                    vocab_size=self.vocab_size)
-    key_gamma, key_eps = jax.random.split(self.make_rng("diffusion"))
-    if gamma is None:
-      gamma = jax.random.uniform(key_gamma, x.shape[:1], minval=self.gamma_min,
-                                 maxval=self.gamma_max)
-    gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), x.shape[:1])
-    z = diffusion.q_sample(x, gamma, jax.random.normal(key_eps, x.shape))
-    log_p = self.log_probs(z, gamma, train=train)
-    labels = jnp.asarray(labels, jnp.int32)
-    nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
-    return nll, (jnp.argmax(log_p, axis=-1) == labels).astype(jnp.float32)

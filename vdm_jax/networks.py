@@ -1,4 +1,4 @@
-"""Score networks: the VDM noise-prediction U-Net and a noise-conditional classifier.
+"""Score networks: the VDM noise-prediction U-Net and its building blocks; a registry by name.
 
 `ScoreUNet` is the network of the official VDM code (Kingma et al. 2021, appendix B;
 github.com/google-research/vdm `ScoreUNet`): Fourier features sin/cos(2^n 2 pi z) of z
@@ -16,18 +16,25 @@ channels (the official decoder hard-codes 3); a class label embedding with a "nu
 classifier-free guidance (`num_classes`); GroupNorm groups below 64 channels chosen so that no
 group holds a single channel (`norm_groups=0`, the default: see `num_groups`); scanned blocks and
 remat; a computation dtype. Params are float32; `dtype` sets the computation dtype.
+
+Configs name their score network (`model.network`, default "score_unet"): a new one is a Flax
+module with ScoreUNet's call signature and keyword arguments (see `register_network`), and one
+`register_network` line.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from vdm_jax import registry
+from vdm_jax.checks import check_choice, check_number
 
 BLOCK_IMPLS = ("unrolled", "scan")
 
@@ -186,7 +193,8 @@ def _scanned(block: type[nn.Module], *, length: int, in_axes: Any, remat: bool) 
                  in_axes=in_axes, length=length)
 
 
-def _check_dtype(dtype: Any) -> None:
+def check_dtype(dtype: Any) -> None:
+  """ValueError unless `dtype` is a floating dtype (float32, bfloat16, ...)."""
   try:
     ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
   except TypeError:
@@ -195,8 +203,8 @@ def _check_dtype(dtype: Any) -> None:
     raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {dtype!r}")
 
 
-def _check_time(t: ArrayLike, batch: int) -> jax.Array:
-  """t as a [B] float32 array (a scalar is broadcast)."""
+def batch_times(t: ArrayLike, batch: int) -> jax.Array:
+  """t as a [B] float32 array (a scalar is broadcast); ValueError for another shape."""
   t = jnp.asarray(t, jnp.float32)
   if t.ndim == 0:
     t = jnp.broadcast_to(t, (batch,))
@@ -293,23 +301,18 @@ class ScoreUNet(nn.Module):
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if not isinstance(self.channels, int) or self.channels <= 0:
-      raise ValueError(f"channels must be a positive int, got {self.channels!r}")
-    if not isinstance(self.norm_groups, int) or self.norm_groups < 0:
-      raise ValueError(f"norm_groups must be an int >= 0, got {self.norm_groups!r}")
+    check_number("channels", self.channels, integer=True, low=1)
+    check_number("norm_groups", self.norm_groups, integer=True, low=0)
     if self.norm_groups:
       group_count(self.channels, self.norm_groups)
-    if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
-      raise ValueError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
+    check_number("num_blocks", self.num_blocks, integer=True, low=1)
     if not all(isinstance(n, int) for n in self.fourier_exponents):
       raise ValueError(f"fourier_exponents must be ints, got {self.fourier_exponents!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-    if not isinstance(self.num_classes, int) or self.num_classes < 0:
-      raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-    if self.block_impl not in BLOCK_IMPLS:
-      raise ValueError(f"block_impl must be one of {BLOCK_IMPLS}, got {self.block_impl!r}")
-    _check_dtype(self.dtype)
+    check_number("num_classes", self.num_classes, integer=True, low=0)
+    check_choice("block_impl", self.block_impl, BLOCK_IMPLS)
+    check_dtype(self.dtype)
     super().__post_init__()
 
   @nn.compact
@@ -326,7 +329,7 @@ class ScoreUNet(nn.Module):
     if z.ndim != 4:
       raise ValueError(f"z must be [B, H, W, C], got shape {z.shape}")
     batch = z.shape[0]
-    t = _check_time(t, batch)
+    t = batch_times(t, batch)
     if label is not None and not self.num_classes:
       raise ValueError("label given to an unconditional ScoreUNet (num_classes=0); pass "
                        "label=None or set num_classes")
@@ -335,7 +338,7 @@ class ScoreUNet(nn.Module):
       if not self.conditioning_input:
         raise ValueError("conditioning given to a ScoreUNet without the conditioning input; "
                          "pass conditioning=None or set conditioning_input=True")
-      conditioning = _check_time(conditioning, batch)
+      conditioning = batch_times(conditioning, batch)
     cond = Conditioning(self.channels, self.num_classes, self.dtype, self.conditioning_input,
                         name="cond")(t, ids, conditioning)
 
@@ -383,44 +386,26 @@ class ScoreUNet(nn.Module):
     return ResnetBlock(self.channels, self.dropout, train, self.dtype, g, name="mid_block2")(h, cond)
 
 
-class NoisyClassifier(nn.Module):
-  """Noise-conditional classifier log p(y | z_t) for classifier guidance (Dhariwal & Nichol 2021).
+NETWORKS: registry.Registry[Callable[..., nn.Module]] = registry.Registry("network")
+DEFAULT_NETWORK = "score_unet"
 
-  3x3 conv, `num_blocks` residual blocks conditioned on t, GroupNorm, swish, global average
-  pooling, dense to logits.
 
-  Attributes:
-    num_classes: number of classes (>= 2).
-    channels: width of the residual blocks.
-    num_blocks: number of residual blocks (>= 1).
-    dtype: computation dtype; params are always float32.
+def register_network(name: str, make: Callable[..., nn.Module], *,
+                     replace: bool = False) -> Callable[..., nn.Module]:
+  """Makes `model.network = name` build the score network `make(**kwargs)`.
+
+  `make` (e.g. a Flax module class) takes ScoreUNet's keyword arguments (channels, num_blocks,
+  fourier_exponents, attention_everywhere, dropout, num_classes, conditioning_input,
+  norm_groups, block_impl, remat, dtype; it may absorb those it does not use in **kwargs) and
+  returns a module called as (z [B, H, W, C], t [B], label [B] | None[, conditioning [B]], *,
+  train) -> eps_hat [B, H, W, C]; `conditioning` is passed only when the batch carries it.
   """
-  num_classes: int
-  channels: int = 32
-  num_blocks: int = 2
-  dtype: Any = jnp.float32
+  return NETWORKS.register(name, make, replace=replace)
 
-  def __post_init__(self):
-    if not isinstance(self.num_classes, int) or self.num_classes < 2:
-      raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
-    if not isinstance(self.channels, int) or self.channels <= 0:
-      raise ValueError(f"channels must be a positive int, got {self.channels!r}")
-    if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
-      raise ValueError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
-    _check_dtype(self.dtype)
-    super().__post_init__()
 
-  @nn.compact
-  def __call__(self, z: ArrayLike, t: ArrayLike, *, train: bool) -> jax.Array:
-    """Logits [B, num_classes] float32 for z [B, H, W, C] and t [B] (no dropout: `train` unused)."""
-    del train
-    z = jnp.asarray(z)
-    if z.ndim != 4:
-      raise ValueError(f"z must be [B, H, W, C], got shape {z.shape}")
-    cond = Conditioning(self.channels, dtype=self.dtype, name="cond")(_check_time(t, z.shape[0]))
-    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-    for i in range(self.num_blocks):
-      h = ResnetBlock(self.channels, 0.0, False, self.dtype, name=f"block_{i}")(h, cond)
-    h = nn.swish(nn.GroupNorm(num_groups(self.channels), dtype=self.dtype, name="norm_out")(h))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(h.mean(axis=(1, 2)))
-    return logits.astype(jnp.float32)
+def get_network(name: str) -> Callable[..., nn.Module]:
+  """The network constructor registered as `name` (ValueError naming the registered ones)."""
+  return NETWORKS.get(name)
+
+
+register_network(DEFAULT_NETWORK, ScoreUNet)

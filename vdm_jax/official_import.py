@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from vdm_jax import checkpointing, convert, data, parallel, tasks, train
+from vdm_jax import checkpointing, convert, data, official_checkpoint, parallel
+from vdm_jax import state as state_lib, tasks
 from vdm_jax.config_checks import ConfigError, check_config, check_workdir_config
 
 
@@ -42,7 +43,6 @@ def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir:
     ValueError: bad config, a task other than "vdm", an existing run, or parameters that do
       not fit the config (naming the first official parameter that does not).
   """
-  from vdm_jax import official_checkpoint   # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   check_config(config, num_devices=mesh.size)
   if config.task != "vdm":
@@ -62,9 +62,9 @@ def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir:
   params = convert.convert_params(official["params"], config)
   ema_params = convert.convert_params(official["ema_params"], config)
 
-  task, tx = train.build_task(config, info), train.build_optimizer(config)
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
   rep = parallel.replicated(mesh)
-  fresh = jax.jit(lambda: train.init_state(task, tx, seed=config.seed), out_shardings=rep)()
+  fresh = jax.jit(lambda: state_lib.init_state(task, tx, seed=config.seed), out_shardings=rep)()
   jax.tree.map(_same_shape, fresh.params, params)   # the converted tree is the model's
   state = fresh.replace(params=jax.device_put(params, rep),
                         ema_params=jax.device_put(ema_params, rep),

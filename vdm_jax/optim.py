@@ -13,14 +13,16 @@ optionally with a warm-up (the official code uses a constant rate from the initi
 Two additions:
 
 - an optional global-norm gradient clip before Adam;
-- a learning-rate multiplier for the noise-schedule parameters (the top-level key "gamma"): with
-  one shared learning rate the learned endpoints gamma_min / gamma_max move slowly (about 0.3 per
-  minute from gamma_min = -13.3 on small runs), and a 10x multiplier lets them settle quickly.
+- a learning-rate multiplier for the noise-schedule parameters (the top-level key
+  `schedule_key`, the model's `model.SCHEDULE_KEY`): with one shared learning rate the learned
+  endpoints gamma_min / gamma_max move slowly (about 0.3 per minute from gamma_min = -13.3 on
+  small runs), and a 10x multiplier lets them settle quickly.
 
 Parameter layout: every function here takes the *inner* Flax parameter dict, i.e.
 `variables["params"]`, whose top-level keys are the sub-modules, e.g.
-`{"gamma": {...}, "score_net": {...}}`. A tree wrapped once more as `{"params": {...}}` is
-accepted too (the single "params" level is skipped when looking for the schedule key).
+`{"schedule": {...}, "score_net": {...}}`. A tree wrapped once more as `{"params": {...}}` is
+accepted too (the single "params" level is skipped when looking for the schedule key). The key
+of the schedule is always passed in (`schedule_key`): this module does not know the model.
 """
 
 from collections.abc import Mapping
@@ -29,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from vdm_jax.checks import check_choice
 
 PyTree = Any
 
@@ -87,7 +91,7 @@ def _is_wrapped(params: PyTree) -> bool:
   return isinstance(params, Mapping) and list(params.keys()) == ["params"]
 
 
-def schedule_mask(params: PyTree, *, schedule_key: str = "gamma") -> PyTree:
+def schedule_mask(params: PyTree, *, schedule_key: str) -> PyTree:
   """True for every leaf under the top-level key `schedule_key`, False elsewhere.
 
   Args:
@@ -109,14 +113,7 @@ def schedule_mask(params: PyTree, *, schedule_key: str = "gamma") -> PyTree:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _check_rule(rule: str) -> None:
-  if rule not in WEIGHT_DECAY_RULES:
-    raise ValueError(
-        f"unknown weight-decay rule {rule!r}; expected one of {WEIGHT_DECAY_RULES}.")
-
-
-def weight_decay_mask(
-    params: PyTree, *, schedule_key: str = "gamma", rule: str = "kernels") -> PyTree:
+def weight_decay_mask(params: PyTree, *, schedule_key: str, rule: str = "kernels") -> PyTree:
   """Which leaves get weight decay, by one of two rules.
 
   - rule "kernels": a leaf is decayed iff it has ndim >= 2 (dense / conv kernels, embeddings)
@@ -130,7 +127,7 @@ def weight_decay_mask(
     not have.)
 
   Args:
-    params: the inner Flax parameter dict, e.g. `{"gamma": {...}, "score_net": {...}}`
+    params: the inner Flax parameter dict, e.g. `{"schedule": {...}, "score_net": {...}}`
       (a tree wrapped as `{"params": {...}}` is accepted too).
     schedule_key: top-level key of the noise-schedule parameters (rule "kernels" only).
     rule: "kernels" or "official" (`WEIGHT_DECAY_RULES`).
@@ -141,7 +138,7 @@ def weight_decay_mask(
   Raises:
     ValueError: `rule` is not one of `WEIGHT_DECAY_RULES`.
   """
-  _check_rule(rule)
+  check_choice("weight-decay rule", rule, WEIGHT_DECAY_RULES)
   if rule == "official":
     def label(path, leaf):
       del leaf
@@ -172,7 +169,8 @@ def _check_hyperparameters(
 
 def make_optimizer(
     *,
-    learning_rate: float,
+    learning_rate: float | optax.Schedule,
+    schedule_key: str,
     warmup_steps: int = 100,
     b1: float = 0.9,
     b2: float = 0.99,
@@ -180,7 +178,6 @@ def make_optimizer(
     weight_decay: float = 0.01,
     grad_clip_norm: float | None = None,
     schedule_lr_multiplier: float = 1.0,
-    schedule_key: str = "gamma",
     weight_decay_rule: str = "kernels",
 ) -> optax.GradientTransformation:
   """AdamW with linear warm-up, masked weight decay, optional clipping and a schedule LR factor.
@@ -195,15 +192,16 @@ def make_optimizer(
   multiplier 1 and rule "official" this is the official VDM optimiser.
 
   Args:
-    learning_rate: peak learning rate after warm-up (VDM CIFAR-10: 2e-4).
-    warmup_steps: linear warm-up length in steps.
+    learning_rate: peak learning rate after warm-up (VDM CIFAR-10: 2e-4), or a schedule
+      step -> rate (e.g. from `learning_rate_schedule`), which is then applied as it is.
+    schedule_key: top-level parameter key of the noise schedule (`model.SCHEDULE_KEY`).
+    warmup_steps: linear warm-up length in steps (a float `learning_rate` only).
     b1: Adam first-moment decay.
     b2: Adam second-moment decay (VDM: 0.99).
     eps: Adam epsilon.
     weight_decay: decoupled weight-decay coefficient (VDM: 0.01).
     grad_clip_norm: clip the gradients to this global norm first; None for no clipping.
     schedule_lr_multiplier: factor on the updates of the noise-schedule parameters.
-    schedule_key: top-level parameter key of the noise schedule.
     weight_decay_rule: which leaves are decayed: "kernels" or "official" (see
       `weight_decay_mask`).
 
@@ -213,11 +211,12 @@ def make_optimizer(
   Raises:
     ValueError: a hyperparameter is out of range or `weight_decay_rule` is unknown.
   """
-  _check_rule(weight_decay_rule)
+  check_choice("weight-decay rule", weight_decay_rule, WEIGHT_DECAY_RULES)
   _check_hyperparameters(
       b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_clip_norm=grad_clip_norm,
       schedule_lr_multiplier=schedule_lr_multiplier)
-  schedule = learning_rate_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps)
+  schedule = (learning_rate if callable(learning_rate) else
+              learning_rate_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps))
   parts = []
   if grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))

@@ -70,11 +70,6 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
           for k, v in local_batch.items()}
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree of host arrays replicated on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
-
-
 @functools.cache
 def _checked_cpu_options(value: str, explicit: bool) -> dict[str, str] | None:
   options = {_YNN_OPTION: value}

@@ -1,4 +1,4 @@
-"""Samplers for the learned reverse process, and guidance wrappers (imports jax only).
+"""Samplers for the learned reverse process (imports jax only); guidance is in `vdm_jax.guidance`.
 
 Every sampler is a pure function `sampler(key, *, eps_fn, gamma_fn, shape, <steps>, ...,
 vocab_size=None) -> jax.Array` with eps_fn(z [B, ...], gamma [B]) -> eps_hat [B, ...],
@@ -8,6 +8,8 @@ once, so the network is traced and compiled once whatever the sampler: samplers 
 evaluations per step (Heun, predictor-corrector) run one stage per evaluation and select the
 update with `jnp.where`. gamma_fn is evaluated once, outside the loop, on the whole time grid.
 All samplers draw z_1 ~ N(0, I) from `jax.random.split(key)[0]`: same key, same starting noise.
+Samplers are chosen by name (`sample.sampler`, `vdm-jax sample --sampler`) from a registry: a new
+one is a function with the signature above and one `register_sampler` line (see the end).
 
 Output: with `vocab_size` the final latent z_0 (t = 0) is decoded to int32 data (`decode`,
 argmax of the discrete decoder); without it the float z_0 itself is returned (not x_hat), a draw
@@ -23,16 +25,19 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import diffusion, elbo, schedules
+from vdm_jax import diffusion, elbo, registry, schedules
+from vdm_jax.checks import check_choice, check_number
+from vdm_jax.diffusion import EpsFn
+from vdm_jax.schedules import GammaFn
 
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
-GammaFn = Callable[[jax.Array], jax.Array]
+# (key, *, eps_fn, gamma_fn, shape, <steps>, ..., vocab_size=None) -> [*shape]
+Sampler = Callable[..., jax.Array]
 DECODE_MODES = ("argmax", "sample")
 ODE_METHODS = ("euler", "heun")
 DDPM_VARIANCES = ("beta", "posterior")
@@ -42,20 +47,6 @@ DDPM_VARIANCES = ("beta", "posterior")
 # Argument checks and shared pieces.
 
 
-def _check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
-                  high: float | None = None, strict: bool = False) -> Any:
-  """`value` as int / float if it is finite and in [low, high] ((low, high] if strict)."""
-  kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-  ok = isinstance(value, kinds) and not isinstance(value, bool) and bool(np.isfinite(value))
-  ok = ok and (low is None or value > low or (not strict and value == low))
-  if not (ok and (high is None or value <= high)):
-    bounds = "" if low is None else (f" > {low}" if strict else f" >= {low}")
-    bounds += "" if high is None else f" and <= {high}"
-    kind = "an integer" if integer else "a finite number"
-    raise ValueError(f"expected {name} to be {kind}{bounds}, got {value!r}")
-  return int(value) if integer else float(value)
-
-
 def _check_common(shape: Sequence[int], vocab_size: int | None) -> tuple[int, ...]:
   """Validates `shape` ([B, ...] of positive ints) and `vocab_size` (None or >= 2)."""
   shape = tuple(shape)
@@ -63,7 +54,7 @@ def _check_common(shape: Sequence[int], vocab_size: int | None) -> tuple[int, ..
                       for d in shape):
     raise ValueError(f"expected shape [B, ...] of positive integers, got {shape!r}")
   if vocab_size is not None:
-    _check_number("vocab_size", vocab_size, integer=True, low=2)
+    check_number("vocab_size", vocab_size, integer=True, low=2)
   return tuple(int(d) for d in shape)
 
 
@@ -73,10 +64,9 @@ def _gammas(gamma_fn: GammaFn, t: np.ndarray) -> jax.Array:
 
 
 def _call_eps(eps_fn: EpsFn, z: jax.Array, gamma: jax.Array) -> jax.Array:
-  eps_hat = eps_fn(z, jnp.broadcast_to(gamma, z.shape[:1]))
-  if jnp.shape(eps_hat) != z.shape:
-    raise ValueError(f"eps_fn returned shape {jnp.shape(eps_hat)}; expected {z.shape}")
-  return jnp.asarray(eps_hat, z.dtype)
+  """eps_hat at one noise level: gamma (scalar) broadcast to [B], the result in z's dtype."""
+  return jnp.asarray(diffusion.predict_eps(eps_fn, z, jnp.broadcast_to(gamma, z.shape[:1])),
+                     z.dtype)
 
 
 def _finish(z_0: jax.Array, gamma_fn: GammaFn, vocab_size: int | None) -> jax.Array:
@@ -102,9 +92,8 @@ def decode(key: jax.Array | None, z_0: jax.Array, *, gamma_0: jax.Array, vocab_s
   Returns:
     [B, ...] int32 values in [0, K).
   """
-  _check_number("vocab_size", vocab_size, integer=True, low=2)
-  if mode not in DECODE_MODES:
-    raise ValueError(f"unknown decode mode {mode!r}; expected one of {DECODE_MODES}")
+  check_number("vocab_size", vocab_size, integer=True, low=2)
+  check_choice("decode mode", mode, DECODE_MODES)
   logits = elbo.decoder_logits(z_0, gamma_0=gamma_0, vocab_size=vocab_size)
   if mode == "argmax":
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -178,7 +167,7 @@ def ancestral_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape:
     [*shape] int32 data (vocab_size given) or float32 z_0.
   """
   shape = _check_common(shape, vocab_size)
-  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
+  t, s = _step_grid(check_number("num_steps", num_steps, integer=True, low=1))
 
   def body(z, g_t, g_s, noise):
     return _ancestral_step(z, _call_eps(eps_fn, z, g_t), noise, g_t, g_s, clip_x)
@@ -203,8 +192,8 @@ def ddim_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
   Args and returns as `ancestral_sample`, plus eta in [0, 1].
   """
   shape = _check_common(shape, vocab_size)
-  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
-  eta = _check_number("eta", eta, low=0.0, high=1.0)
+  t, s = _step_grid(check_number("num_steps", num_steps, integer=True, low=1))
+  eta = check_number("eta", eta, low=0.0, high=1.0)
 
   def body(z, g_t, g_s, noise):
     eps_hat = _call_eps(eps_fn, z, g_t)
@@ -241,9 +230,8 @@ def ddpm_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
   Args and returns as `ancestral_sample`, plus variance "beta" or "posterior".
   """
   shape = _check_common(shape, vocab_size)
-  steps = _check_number("num_steps", num_steps, integer=True, low=1)
-  if variance not in DDPM_VARIANCES:
-    raise ValueError(f"unknown DDPM variance {variance!r}; expected one of {DDPM_VARIANCES}")
+  steps = check_number("num_steps", num_steps, integer=True, low=1)
+  check_choice("DDPM variance", variance, DDPM_VARIANCES)
   t, s = _step_grid(steps)
   last = jnp.asarray(np.arange(steps) == steps - 1)
 
@@ -259,12 +247,6 @@ def ddpm_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
 
   z_0 = _scan(key, shape, body, (_gammas(gamma_fn, t), _gammas(gamma_fn, s), last))
   return _finish(z_0, gamma_fn, vocab_size)
-
-
-def _flow_drift(z, eps_hat, gamma, gamma_prime) -> jax.Array:
-  """dz/dt = 1/2 gamma'(t) sigma_t (eps_hat - sigma_t z): the VP probability-flow ODE."""
-  _, sigma = diffusion.alpha_sigma(gamma)
-  return 0.5 * gamma_prime * sigma * (eps_hat - sigma * z)
 
 
 def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequence[int],
@@ -286,9 +268,8 @@ def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Seque
   Args and returns as `ancestral_sample`, plus method "heun" or "euler".
   """
   shape = _check_common(shape, vocab_size)
-  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
-  if method not in ODE_METHODS:
-    raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS}")
+  t, s = _step_grid(check_number("num_steps", num_steps, integer=True, low=1))
+  check_choice("ODE method", method, ODE_METHODS)
   h = jnp.asarray(s - t)                                         # -1/T per step
   z_1 = jax.random.normal(jax.random.split(key)[0], shape)
   if method == "euler":
@@ -296,7 +277,8 @@ def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Seque
 
     def euler(z, xs):
       g_i, gp_i, h_i = xs
-      return z + h_i * _flow_drift(z, _call_eps(eps_fn, z, g_i), g_i, gp_i), None
+      drift = diffusion.flow_drift(z, _call_eps(eps_fn, z, g_i), gamma=g_i, gamma_prime=gp_i)
+      return z + h_i * drift, None
 
     return _finish(jax.lax.scan(euler, z_1, (g, g_prime, h))[0], gamma_fn, vocab_size)
 
@@ -308,7 +290,7 @@ def ode_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Seque
   def heun(carry, xs):
     (z, z_pred, d1), (g_i, gp_i, h_i, first_i) = carry, xs
     z_in = jnp.where(first_i, z, z_pred)
-    d = _flow_drift(z_in, _call_eps(eps_fn, z_in, g_i), g_i, gp_i)
+    d = diffusion.flow_drift(z_in, _call_eps(eps_fn, z_in, g_i), gamma=g_i, gamma_prime=gp_i)
     return (jnp.where(first_i, z, z + 0.5 * h_i * (d1 + d)),
             jnp.where(first_i, z + h_i * d, z_pred), jnp.where(first_i, d, d1)), None
 
@@ -342,11 +324,11 @@ def langevin_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: 
     [*shape] int32 data (vocab_size given) or float32 z at t = 0.
   """
   shape = _check_common(shape, vocab_size)
-  levels = _check_number("num_levels", num_levels, integer=True, low=1)
-  per = _check_number("steps_per_level", steps_per_level, integer=True, low=1)
-  snr = _check_number("snr", snr, low=0.0, strict=True)
+  levels = check_number("num_levels", num_levels, integer=True, low=1)
+  per = check_number("steps_per_level", steps_per_level, integer=True, low=1)
+  snr = check_number("snr", snr, low=0.0, strict=True)
   if step_size is not None:
-    step_size = _check_number("step_size", step_size, low=0.0, strict=True)
+    step_size = check_number("step_size", step_size, low=0.0, strict=True)
   gamma = jnp.repeat(_gammas(gamma_fn, _step_grid(levels)[1]), per)
 
   def body(z, g, noise):
@@ -369,9 +351,9 @@ def pc_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequen
   Args and returns as `ancestral_sample`, plus corrector_steps >= 0 and snr > 0.
   """
   shape = _check_common(shape, vocab_size)
-  t, s = _step_grid(_check_number("num_steps", num_steps, integer=True, low=1))
-  corrector_steps = _check_number("corrector_steps", corrector_steps, integer=True, low=0)
-  snr = _check_number("snr", snr, low=0.0, strict=True)
+  t, s = _step_grid(check_number("num_steps", num_steps, integer=True, low=1))
+  corrector_steps = check_number("corrector_steps", corrector_steps, integer=True, low=0)
+  snr = check_number("snr", snr, low=0.0, strict=True)
   per = corrector_steps + 1
   gamma_t, gamma_s = jnp.repeat(_gammas(gamma_fn, t), per), jnp.repeat(_gammas(gamma_fn, s), per)
   predict = jnp.asarray(np.arange(len(t) * per) % per == corrector_steps)
@@ -387,73 +369,22 @@ def pc_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequen
   return _finish(_scan(key, shape, body, (gamma_t, gamma_s, predict)), gamma_fn, vocab_size)
 
 
-SAMPLERS: dict[str, Callable[..., jax.Array]] = {
-    "ancestral": ancestral_sample, "ddim": ddim_sample, "ode": ode_sample,
-    "langevin": langevin_sample, "pc": pc_sample, "ddpm": ddpm_sample}
+SAMPLERS: registry.Registry[Sampler] = registry.Registry("sampler")
 
 
-def get_sampler(name: str) -> Callable[..., jax.Array]:
-  """The sampler registered under `name` (see SAMPLERS)."""
-  if name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
-  return SAMPLERS[name]
+def register_sampler(name: str, sampler: Sampler, *, replace: bool = False) -> Sampler:
+  """Makes `name` usable as `sample.sampler` / `vdm-jax sample --sampler name`."""
+  return SAMPLERS.register(name, sampler, replace=replace)
 
 
-# ----------------------------------------------------------------------------------------------
-# Guidance.
+def get_sampler(name: str) -> Sampler:
+  """The sampler registered as `name` (ValueError naming the registered ones if none)."""
+  return SAMPLERS.get(name)
 
 
-def classifier_free_eps_fn(cond_eps_fn: EpsFn, uncond_eps_fn: EpsFn, *,
-                           guidance: float) -> EpsFn:
-  """Classifier-free guidance (Ho & Salimans 2021, eq. 6): (1 + w) eps(z, y) - w eps(z, null).
-
-  w = 0 is the conditional model; w > 0 samples (approximately) from
-  p(z | y)^(1 + w) / p(z)^w = p(z | y) p(y | z)^w, sharper around class y.
-
-  Args:
-    cond_eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...] given the requested labels.
-    uncond_eps_fn: the same with the null label.
-    guidance: w.
-
-  Returns:
-    eps_fn(z, gamma) -> [B, ...].
-  """
-  w = _check_number("guidance", guidance)
-
-  def eps_fn(z: jax.Array, gamma: jax.Array) -> jax.Array:
-    return (1.0 + w) * cond_eps_fn(z, gamma) - w * uncond_eps_fn(z, gamma)
-
-  return eps_fn
-
-
-def classifier_guided_eps_fn(eps_fn: EpsFn, log_prob_fn: EpsFn, *, guidance: float) -> EpsFn:
-  """Classifier guidance (Dhariwal & Nichol 2021, algorithm 2; survey eq. 163-166).
-
-  Since grad log p(z_t | y) = grad log p(z_t) + grad log p(y | z_t) and eps = -sigma_t score,
-    eps_guided = eps_hat - w sigma_t grad_z log p(y | z_t, gamma_t).
-  With w = 1 and an exact eps_hat and classifier this is exactly the conditional eps(z_t | y).
-
-  Args:
-    eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...], the unconditional model.
-    log_prob_fn: (z [B, ...], gamma [B]) -> [B] log p(y | z_t) of the requested labels (closed
-      over).
-    guidance: w.
-
-  Returns:
-    eps_fn(z, gamma) -> [B, ...].
-  """
-  w = _check_number("guidance", guidance)
-
-  def total_log_prob(z, gamma):
-    log_prob = log_prob_fn(z, gamma)
-    if jnp.shape(log_prob) != z.shape[:1]:
-      raise ValueError(f"log_prob_fn returned shape {jnp.shape(log_prob)}; expected [B] = "
-                       f"{z.shape[:1]}")
-    return jnp.sum(log_prob)
-
-  def guided(z: jax.Array, gamma: jax.Array) -> jax.Array:
-    grad = jax.grad(total_log_prob)(z, gamma)
-    _, sigma = diffusion.alpha_sigma(diffusion.broadcast_to_data(gamma, z))
-    return eps_fn(z, gamma) - w * sigma * grad
-
-  return guided
+register_sampler("ancestral", ancestral_sample)
+register_sampler("ddim", ddim_sample)
+register_sampler("ode", ode_sample)
+register_sampler("langevin", langevin_sample)
+register_sampler("pc", pc_sample)
+register_sampler("ddpm", ddpm_sample)

@@ -9,6 +9,8 @@ Fixed schedules are frozen dataclasses (hashable, usable as static jit arguments
 schedules are a pure function of a parameter pytree plus an `init_*` function; the Flax wrapper
 that owns the parameters lives in `vdm_jax.model`.
 
+Configs name a schedule (`model.schedule`): the registry of those names is in `vdm_jax.model`.
+
 Only jax / jax.numpy are imported here (house rule: the maths never depends on the network
 library).
 """
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-GammaFn = Callable[[jax.Array], jax.Array]
+GammaFn = Callable[[jax.Array], jax.Array]   # t (any shape) -> gamma(t) (same shape)
 Params = dict[str, Any]
 
 
@@ -397,7 +399,3 @@ def monotone_gamma(t: ArrayLike, params: Params) -> jax.Array:
   shape = (nnet_gamma(t, net) - f0) / (f1 - f0)
   gmin, gmax = learned_endpoints(params)
   return gmin + (gmax - gmin) * shape
-
-
-SCHEDULES = ("fixed_linear", "learned_linear", "learned_monotone", "learned_nnet", "beta_linear",
-             "cosine")

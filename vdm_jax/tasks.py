@@ -13,6 +13,8 @@ metrics. A task provides (all pure, traced under jit):
 Tasks: "vdm" (the VDM bound or another objective, optionally class-conditional),
 "classifier" (a noise-conditional classifier for classifier guidance), "vae" (a discrete-decoder
 VAE) and "latent_vdm" (a VDM on the latents of a trained, frozen VAE; its bound is on -log p(x)).
+Tasks never read run directories: the latent VDM's trained VAE parameters are passed in
+(`build_task(..., vae_params=)`, read by `runs.load_vae_params`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdm_jax import data, elbo, model as model_lib
-from vdm_jax.networks import NoisyClassifier, ScoreUNet
+from vdm_jax import classifier as classifier_lib
+from vdm_jax import data, elbo, latent, model as model_lib, networks, schedules, vae as vae_lib
 
 PyTree = Any
 TASKS = ("vdm", "classifier", "vae", "latent_vdm")
@@ -36,12 +38,13 @@ def _dummy_images(info: data.DatasetInfo, batch: int = 1) -> jax.Array:
   return jnp.zeros((batch,) + tuple(info.shape), jnp.int32)
 
 
-def terms_bpd(terms: elbo.ELBOTerms, *, num_dims: int) -> dict[str, jax.Array]:
-  """Per-example bound and terms in bits per dimension ([B] each)."""
-  return {"bpd": elbo.bits_per_dim(terms.total, num_dims=num_dims),
-          "prior_bpd": elbo.bits_per_dim(terms.prior, num_dims=num_dims),
-          "reconstruction_bpd": elbo.bits_per_dim(terms.reconstruction, num_dims=num_dims),
-          "diffusion_bpd": elbo.bits_per_dim(terms.diffusion, num_dims=num_dims)}
+def terms_bpd(terms: Any, *, num_dims: int) -> dict[str, jax.Array]:
+  """{"bpd": the bound, "<term>_bpd": each term} in bits per dimension, [B] each, of per-example
+  terms in nats (a NamedTuple with a `total`: `elbo.ELBOTerms`, `latent.VAETerms`, ...)."""
+  out = {"bpd": elbo.bits_per_dim(terms.total, num_dims=num_dims)}
+  out.update({f"{k}_bpd": elbo.bits_per_dim(v, num_dims=num_dims)
+              for k, v in terms._asdict().items()})
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ class ClassifierTask:
   levels gamma ~ Uniform(gamma_min, gamma_max); evaluated at random noise levels ("accuracy",
   "nll") and at gamma_min, the cleanest level ("accuracy_clean")."""
 
-  model: model_lib.NoisyClassifierModel
+  model: classifier_lib.NoisyClassifierModel
   info: data.DatasetInfo
   name: str = "classifier"
   headline: str = "accuracy"
@@ -160,19 +163,9 @@ class ClassifierTask:
 
   def log_prob_fn(self, params, labels: jax.Array) -> Callable:
     """(z [B, ...], gamma [B]) -> log p(labels | z_t, gamma_t) [B], for classifier guidance."""
-    def fn(z, gamma):
-      log_p = self.model.apply({"params": params}, z, gamma,
-                               method=model_lib.NoisyClassifierModel.log_probs)
-      return jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
-    return fn
-
-
-def _bpd(terms: Any, *, num_dims: int, total: str = "bpd") -> dict[str, jax.Array]:
-  """{total: bound, "<field>_bpd": each term} in bits per dimension, [B] each (NamedTuple terms)."""
-  out = {total: elbo.bits_per_dim(terms.total, num_dims=num_dims)}
-  out.update({f"{k}_bpd": elbo.bits_per_dim(v, num_dims=num_dims)
-              for k, v in terms._asdict().items()})
-  return out
+    return lambda z, gamma: self.model.apply(
+        {"params": params}, z, gamma, labels,
+        method=classifier_lib.NoisyClassifierModel.label_log_prob)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +173,7 @@ class VAETask:
   """A convolutional VAE with a discrete decoder (Kingma & Welling 2014) trained on its bound
   (reconstruction + KL, in bpd); the first stage of latent diffusion."""
 
-  model: Any   # vae.VAE
+  model: vae_lib.VAE
   info: data.DatasetInfo
   name: str = "vae"
   headline: str = "bpd"
@@ -198,7 +191,7 @@ class VAETask:
   def _terms(self, params, batch, key, train):
     terms = self.model.apply({"params": params}, batch["image"], train=train,
                              rngs={"latent": key})
-    return _bpd(terms, num_dims=self.num_dims)
+    return terms_bpd(terms, num_dims=self.num_dims)
 
   def loss(self, params, frozen, batch, key):
     del frozen
@@ -219,7 +212,6 @@ class VAETask:
     del frozen
     if labels is not None:
       raise ValueError("labels were given but the VAE is unconditional")
-    from vdm_jax import latent, schedules   # pylint: disable=g-import-not-at-top
     eps_fn = lambda z, g: latent.gaussian_eps(z, g)
     gamma_fn = schedules.FixedLinear(gamma_min=-10.0, gamma_max=10.0)
     shape = self.model.latent_shape((1,) + tuple(self.info.shape))[1:]
@@ -237,7 +229,7 @@ class LatentVDMTask:
   this run, never updated.
   """
 
-  model: Any   # vae.LatentVDM
+  model: vae_lib.LatentVDM
   info: data.DatasetInfo
   vae_params: PyTree = None   # None: shapes only (restoring a run from its own checkpoint)
   name: str = "latent_vdm"
@@ -249,7 +241,6 @@ class LatentVDMTask:
     return int(np.prod(self.info.shape))
 
   def init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
-    from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
     k_params, k_latent, k_diff = jax.random.split(key, 3)
     variables = self.model.init({"params": k_params, "latent": k_latent, "diffusion": k_diff,
                                  "dropout": k_diff}, _dummy_images(self.info), train=False)
@@ -263,7 +254,7 @@ class LatentVDMTask:
     terms = self.model.apply({"params": params, **frozen}, batch["image"], train=train,
                              num_steps=num_steps,
                              rngs={"latent": k_latent, "diffusion": k_diff, "dropout": k_drop})
-    return _bpd(terms, num_dims=self.num_dims)
+    return terms_bpd(terms, num_dims=self.num_dims)
 
   def loss(self, params, frozen, batch, key):
     out = {k: jnp.mean(v) for k, v in self._terms(params, frozen, batch, key, True).items()}
@@ -273,12 +264,10 @@ class LatentVDMTask:
     return self._terms(params, frozen, batch, key, False, num_steps)
 
   def param_metrics(self, params) -> dict[str, jax.Array]:
-    from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
     gamma_0, gamma_1 = self.model.apply({"params": params}, method=vae_lib.LatentVDM.endpoints)
     return {"gamma_0": gamma_0, "gamma_1": gamma_1}
 
   def sampler_fns(self, params, frozen, labels=None):
-    from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
     if labels is not None:
       raise ValueError("labels were given but this latent VDM is unconditional")
     variables = {"params": params, **frozen}
@@ -308,23 +297,23 @@ def build_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> mode
       num_classes=info.num_classes if m.conditional else 0, block_impl=block_impl(config),
       remat=m.remat, dtype=jnp.dtype(m.dtype), num_steps=m.num_steps,
       objective=m.objective, weighting=m.weighting, weighting_bias=m.weighting_bias,
-      norm_groups=m.get("norm_groups", 0), conditioning_input=m.get("conditioning_input", False))
+      norm_groups=m.get("norm_groups", 0), conditioning_input=m.get("conditioning_input", False),
+      network=m.get("network", networks.DEFAULT_NETWORK))
 
 
 def build_classifier(config: ml_collections.ConfigDict,
-                     info: data.DatasetInfo) -> model_lib.NoisyClassifierModel:
+                     info: data.DatasetInfo) -> classifier_lib.NoisyClassifierModel:
   if info.num_classes < 2:
     raise ValueError(f"data set {info.name!r} has no class labels (num_classes="
                      f"{info.num_classes}); a classifier needs >= 2 classes")
   m = config.model
-  net = NoisyClassifier(num_classes=info.num_classes, channels=m.channels,
-                        num_blocks=m.num_blocks, dtype=jnp.dtype(m.dtype))
-  return model_lib.NoisyClassifierModel(vocab_size=info.vocab_size, classifier=net,
-                                        gamma_min=m.gamma_min, gamma_max=m.gamma_max)
+  net = classifier_lib.NoisyClassifier(num_classes=info.num_classes, channels=m.channels,
+                                       num_blocks=m.num_blocks, dtype=jnp.dtype(m.dtype))
+  return classifier_lib.NoisyClassifierModel(vocab_size=info.vocab_size, classifier=net,
+                                             gamma_min=m.gamma_min, gamma_max=m.gamma_max)
 
 
-def build_vae(config: ml_collections.ConfigDict, info: data.DatasetInfo):
-  from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
+def build_vae(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> vae_lib.VAE:
   v = config.vae
   return vae_lib.VAE(vocab_size=info.vocab_size, channels=v.channels,
                      latent_channels=v.latent_channels, num_down=v.num_down,
@@ -332,9 +321,9 @@ def build_vae(config: ml_collections.ConfigDict, info: data.DatasetInfo):
                      dtype=jnp.dtype(config.model.dtype))
 
 
-def build_latent_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+def build_latent_vdm(config: ml_collections.ConfigDict,
+                     info: data.DatasetInfo) -> vae_lib.LatentVDM:
   """A LatentVDM: the VAE of config.vae, a schedule and score net from config.model."""
-  from vdm_jax import vae as vae_lib   # pylint: disable=g-import-not-at-top
   m = config.model
   pixel = build_vdm(config, info)   # the same schedule and score-net construction
   return vae_lib.LatentVDM(vae=build_vae(config, info), schedule=pixel.schedule,
@@ -342,31 +331,18 @@ def build_latent_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo):
                            cond_gamma_min=m.gamma_min, cond_gamma_max=m.gamma_max)
 
 
-def load_vae_params(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> PyTree:
-  """The EMA parameters of the VAE run in config.latent.vae_workdir (checked to match)."""
-  from vdm_jax import evaluation   # pylint: disable=g-import-not-at-top
-  workdir = config.latent.vae_workdir
-  if not workdir:
-    raise ValueError("task 'latent_vdm' needs latent.vae_workdir: the run directory of a trained "
-                     "VAE (vdm-jax train --config configs/digits_vae.py --workdir runs/digits_vae)")
-  run = evaluation.load_run(workdir, step=config.latent.vae_checkpoint or None)
-  if run.task.name != "vae" or run.info.name != info.name:
-    raise ValueError(f"latent.vae_workdir={workdir!r} is a {run.task.name!r} run on "
-                     f"{run.info.name!r}; expected a 'vae' run on {info.name!r}")
-  mine, theirs = dict(config.vae), dict(run.config.vae)
-  if mine != theirs:
-    raise ValueError(f"config.vae {mine} differs from the VAE run's {theirs}")
-  return run.params
-
-
 def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo, *,
-               restoring: bool = False):
-  """The task named by config.task. `restoring`: the latent VDM's frozen VAE comes from the
-  run's own checkpoint, so the VAE run is not read."""
+               vae_params: PyTree = None):
+  """The task named by config.task.
+
+  Args:
+    vae_params: task "latent_vdm" only: the trained VAE's parameters, frozen into a fresh state
+      (`runs.load_vae_params` reads them from latent.vae_workdir); None when the state comes
+      from the run's own checkpoint (only their shapes are needed then).
+  """
   if config.task == "vae":
     return VAETask(build_vae(config, info), info)
   if config.task == "latent_vdm":
-    vae_params = None if restoring else load_vae_params(config, info)
     return LatentVDMTask(build_latent_vdm(config, info), info, vae_params=vae_params)
   if config.task == "vdm":
     return VDMTask(build_vdm(config, info), info, p_uncond=config.model.p_uncond)

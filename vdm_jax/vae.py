@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from vdm_jax import elbo, latent
+from vdm_jax.checks import check_number
 from vdm_jax.model import NoiseSchedule
 from vdm_jax.networks import num_groups
 
@@ -116,11 +117,6 @@ class _Decoder(nn.Module):
     return logits.astype(jnp.float32).reshape(h.shape[:3] + (self.data_channels, self.vocab_size))
 
 
-def _check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 class VAE(nn.Module):
   """Convolutional VAE with a Gaussian encoder and a discrete (softmax) decoder.
 
@@ -142,11 +138,11 @@ class VAE(nn.Module):
   num_blocks: int = 1
 
   def __post_init__(self):
-    _check_positive_int("vocab_size", self.vocab_size, minimum=2)
+    check_number("vocab_size", self.vocab_size, integer=True, low=2)
     for name in ("channels", "latent_channels", "data_channels"):
-      _check_positive_int(name, getattr(self, name))
+      check_number(name, getattr(self, name), integer=True, low=1)
     for name in ("num_down", "num_blocks"):
-      _check_positive_int(name, getattr(self, name), minimum=0)
+      check_number(name, getattr(self, name), integer=True, low=0)
     super().__post_init__()
 
   def setup(self):

@@ -1,0 +1,26 @@
+"""Tests for vdm_jax.bench_report: the markdown table and the JSON record of benchmark results."""
+
+import json
+
+from vdm_jax import bench_report
+
+
+def test_markdown_shows_known_columns_scaled_and_missing_values_as_dashes():
+  rows = [{"name": "a", "backend": "cpu", "params": 1234567, "step_s": 0.0125, "mfu": None},
+          {"name": "b", "params": 5, "flops_per_step": 3e9}]
+  table = bench_report.format_markdown(rows).splitlines()
+  assert table[0] == "| config | backend | params | step (ms) | GFLOP/step |"
+  assert table[1] == "|---|---|---|---|---|"
+  assert table[2] == "| a | cpu | 1,234,567 | 12.5 | - |"
+  assert table[3] == "| b | - | 5 | - | 3 |"
+  one = bench_report.format_markdown(rows[0]).splitlines()   # one dict: one row, its columns
+  assert one == ["| config | backend | params | step (ms) |", "|---|---|---|---|",
+                 "| a | cpu | 1,234,567 | 12.5 |"]
+
+
+def test_json_record_holds_the_results_and_the_machine(tmp_path):
+  path = bench_report.write_json(tmp_path / "out" / "b.json", [{"x": 1.5}], note="n")
+  record = json.loads(path.read_text())
+  assert record["results"] == [{"x": 1.5}] and record["note"] == "n"
+  assert {"date", "jax", "backend", "device_kind", "cpu_count", "python"} <= set(
+      record["environment"])

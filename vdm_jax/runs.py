@@ -1,0 +1,126 @@
+"""Run directories read back: the stored config, and a checkpoint's parameters for evaluation.
+
+  load_config(workdir)  -> the config `vdm-jax train` stored in workdir/config.json
+  load_run(workdir)     -> Run: config, task, and the EMA parameters of a checkpoint (restored
+                           without the optimiser state, which evaluation never needs)
+  load_vae_params(...)  -> the trained VAE a latent VDM is built on (latent.vae_workdir)
+  training_task(...)    -> the task a training run of a config optimises
+
+Tasks never read run directories; this module hands them what they need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from vdm_jax import checkpointing, config_checks, data, parallel, state as state_lib, tasks
+
+PyTree = Any
+
+# Config fields added after the first release, with the value older runs implicitly used.
+_ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"),
+                 ("model", "objective", "elbo"), ("model", "weighting", "sigmoid"),
+                 ("model", "weighting_bias", 0.0), ("sample", "sampler", "ancestral"),
+                 ("model", "norm_groups", 0), ("model", "conditioning_input", False),
+                 ("data", "rot90", False), ("optim", "weight_decay_rule", "kernels"),
+                 ("optim", "ema_warmup", True))
+_ADDED_SECTIONS = {"vae": {"channels": 32, "latent_channels": 4, "num_down": 1, "num_blocks": 1},
+                   "latent": {"vae_workdir": "", "vae_checkpoint": 0}}
+
+
+class RunError(ValueError):
+  """The run directory cannot be used as asked (no config, no checkpoint, wrong kind of run)."""
+
+
+class Run(NamedTuple):
+  """A trained run, restored: EMA parameters of checkpoint `step`."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  info: data.DatasetInfo
+  task: Any
+  step: int
+  params: PyTree
+  frozen: PyTree
+  mesh: Any
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config stored by `vdm-jax train` in workdir/config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise RunError(f"{workdir!r} is not a vdm-jax run directory: {path} does not exist (expected "
+                   f"the --workdir of a `vdm-jax train` run)")
+  with open(path) as f:
+    stored = json.load(f)
+  config = ml_collections.ConfigDict(stored["config"])
+  if (config.get("task", "vdm") in config_checks.NETWORK_TASKS
+      and "norm_groups" not in config.get("model", {})):
+    raise RunError(config_checks.OLD_NETWORK.format(workdir=workdir))
+  for section, fields in _ADDED_SECTIONS.items():
+    if section not in config:
+      config[section] = ml_collections.ConfigDict(fields)
+  for section, field, value in _ADDED_FIELDS:   # runs stored before these fields existed
+    target = config[section] if section else config
+    if field not in target:
+      target[field] = value
+  return config
+
+
+def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | None = None) -> Run:
+  """Restores the EMA parameters of checkpoint `step` (None: the newest usable one) of the run
+  in `workdir`: only `state.EVAL_FIELDS` are read, never the parameters being trained or the
+  optimiser state.
+
+  Raises:
+    RunError: no config.json, no checkpoint, or no checkpoint `step` (the message lists them).
+  """
+  config = load_config(workdir)
+  if eval_batch_size is not None:
+    config.eval.batch_size = int(eval_batch_size)
+  info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
+  task, mesh = tasks.build_task(config, info), parallel.make_mesh()
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise RunError(f"{workdir!r} holds no checkpoint ({ckpt_dir} does not exist); train first: "
+                   f"vdm-jax train --config CONFIG --workdir {workdir}")
+  manager = checkpointing.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise RunError(f"{workdir!r} holds no checkpoint (nothing under {ckpt_dir}); train first: "
+                     f"vdm-jax train --config CONFIG --workdir {workdir}")
+    if step is not None and step not in steps:
+      raise RunError(f"{workdir!r} has no checkpoint for step {step}; available steps: {steps}")
+    abstract = state_lib.abstract_eval_state(task, seed=config.seed, mesh=mesh)
+    step, restored, _ = manager.restore(abstract, step=step, partial=True)
+  finally:
+    manager.close()
+  return Run(workdir, config, info, task, int(step), restored["ema_params"], restored["frozen"],
+             mesh)
+
+
+def load_vae_params(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> PyTree:
+  """The EMA parameters of the VAE run in config.latent.vae_workdir (checked to match)."""
+  workdir = config.latent.vae_workdir
+  if not workdir:
+    raise ValueError("task 'latent_vdm' needs latent.vae_workdir: the run directory of a trained "
+                     "VAE (vdm-jax train --config configs/digits_vae.py --workdir runs/digits_vae)")
+  run = load_run(workdir, step=config.latent.vae_checkpoint or None)
+  if run.task.name != "vae" or run.info.name != info.name:
+    raise ValueError(f"latent.vae_workdir={workdir!r} is a {run.task.name!r} run on "
+                     f"{run.info.name!r}; expected a 'vae' run on {info.name!r}")
+  mine, theirs = dict(config.vae), dict(run.config.vae)
+  if mine != theirs:
+    raise ValueError(f"config.vae {mine} differs from the VAE run's {theirs}")
+  return run.params
+
+
+def training_task(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """The task a training run of `config` optimises (`tasks.build_task`); a latent VDM gets its
+  frozen VAE from the VAE run in latent.vae_workdir."""
+  vae_params = load_vae_params(config, info) if config.task == "latent_vdm" else None
+  return tasks.build_task(config, info, vae_params=vae_params)
