@@ -43,14 +43,34 @@ def test_bad_env_value_names_it(monkeypatch):
     parallel.jit(lambda x: x * 2)
 
 
+def _np_conv_loss_and_weight_grad(x, w):
+  """_conv_loss and its gradient in w, float64 NumPy: y = SAME 3x3 convolution (zero padding),
+  L = sum(tanh(y) x), dL/dw[i, j, c, d] = sum_{b, h, v} xpad[b, h + i, v + j, c] dL/dy[b, h, v, d]
+  with dL/dy = (1 - tanh(y)^2) x."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  size = x.shape[1]
+  xpad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = np.stack([np.stack([xpad[:, i:i + size, j:j + size] for j in range(3)], 3)
+                      for i in range(3)], 3)        # [B, H, W, 3 (i), 3 (j), C]
+  y = np.einsum("bhwijc,ijcd->bhwd", patches, w)
+  dy = (1.0 - np.tanh(y)**2) * x
+  return np.sum(np.tanh(y) * x), np.einsum("bhwijc,bhwd->ijcd", patches, dy)
+
+
 def test_jit_with_options_computes_the_same_gradients(monkeypatch):
-  """The options change which library runs the convolutions, not the function (float32 rounding)."""
+  """The options change which library runs the convolutions, not the function: the loss and its
+  weight gradient under `parallel.jit` and plain `jax.jit` both match float64 NumPy (float32
+  rounding), and the input gradients agree."""
   monkeypatch.delenv(ENV, raising=False)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32)
-  grad = jax.grad(_conv_loss, argnums=(0, 1))
-  ours = parallel.jit(grad)(x, w)
-  default = jax.jit(grad)(x, w)
+  value_and_grad = jax.value_and_grad(_conv_loss, argnums=(0, 1))
+  ours = parallel.jit(value_and_grad)(x, w)
+  default = jax.jit(value_and_grad)(x, w)
   chex.assert_tree_all_finite(ours)
-  chex.assert_trees_all_close(ours, default, rtol=1e-4, atol=1e-4)
+  loss, grad_w = _np_conv_loss_and_weight_grad(x, w)
+  for value, (_, g_w) in (ours, default):
+    np.testing.assert_allclose(value, loss, rtol=1e-5)
+    np.testing.assert_allclose(g_w, grad_w, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(ours[1][0], default[1][0], rtol=1e-4, atol=1e-4)

@@ -7,10 +7,12 @@ import runpy
 import shutil
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, evaluation, runs as runs_lib, train
+from vdm_jax import config_checks, data, evaluation, runs as runs_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,10 +45,31 @@ def runs(tmp_path_factory):
 
 
 def test_vae_reports_its_bound(runs):
+  """The VAE run's reported bound and standard error against a direct Monte-Carlo estimate: the
+  task's own per-example values on the same 32 test images, 64 latent draws each (float64).
+  The reported mean has one draw per image: tolerance 5 standard errors of the two estimates
+  given the images. Its SE estimates sqrt(variance of one draw over images and draws / 32):
+  tolerance a factor 1.5 (an SE from 32 values spreads by ~13%)."""
   r = runs["vae_result"]
-  assert np.isfinite(r["bpd"]) and r["bpd_se"] > 0
   np.testing.assert_allclose(r["reconstruction_bpd"] + r["kl_bpd"], r["bpd"], rtol=1e-5)
   assert (pathlib.Path(runs["vae"]) / "samples" / "step_00000003.png").exists()
+  run = runs_lib.load_run(runs["vae"])
+  source = data.get_source("digits", split="test")
+  n = r["num_examples"]
+  assert n == 32
+  batch = {"image": jnp.asarray(source.images[:n], jnp.int32),
+           "label": jnp.asarray(source.labels[:n], jnp.int32)}
+  draws = jax.jit(jax.vmap(lambda key: run.task.eval_terms(
+      run.params, run.frozen, batch, key, num_steps=0)["bpd"]))(
+          jax.random.split(jax.random.PRNGKey(7), 64))
+  draws = np.asarray(draws, np.float64)                   # [64 draws, 32 images]
+  within = draws.var(axis=0, ddof=1).mean()               # latent noise, per image
+  se_reported_mean = np.sqrt(within / n)
+  se_mc = np.sqrt(within / draws.size)
+  assert abs(r["bpd"] - draws.mean()) < 5 * np.hypot(se_reported_mean, se_mc) + 1e-5, (
+      r["bpd"], draws.mean(), se_reported_mean)
+  se = np.sqrt((draws.mean(axis=0).var(ddof=1) + within) / n)
+  assert 1 / 1.5 < r["bpd_se"] / se < 1.5, (r["bpd_se"], se)
 
 
 def test_latent_bound_composes_in_bpd_of_the_data(runs):
@@ -72,7 +95,12 @@ def test_latent_eval_and_sample_without_the_vae_run(runs, tmp_path):
   stored["config"]["latent"]["vae_workdir"] = str(tmp_path / "gone")   # the VAE run is gone
   (copy / "config.json").write_text(json.dumps(stored))
   result = evaluation.run_eval(str(copy), max_examples=16, num_steps=10)
-  assert np.isfinite(result["bpd"]) and result["task"] == "latent_vdm"
+  assert result["task"] == "latent_vdm"
+  # The same bound as the original run's, whose VAE run still exists (same seed, same draws).
+  original = evaluation.run_eval(runs["latent"], max_examples=16, num_steps=10,
+                                 out=str(tmp_path / "original.json"))
+  for k in ("bpd", "bpd_se", "latent_diffusion_bpd", "data_reconstruction_bpd"):
+    np.testing.assert_allclose(result[k], original[k], rtol=1e-6, err_msg=k)
   out = evaluation.run_sample(str(copy), sampler="ddim", steps=3, num=4, out=str(tmp_path))
   assert out["samples"].shape == (4, 8, 8, 1) and out["samples"].max() < 17
 
