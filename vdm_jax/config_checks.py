@@ -1,17 +1,22 @@
 """Config validation before any compilation, and the run directory's memory of its config.
 
-`check_config` reports every bad field at once. `check_workdir_config` stores the config in the
-run directory and refuses to resume it with a different model or data config (listing the fields
-that differ) unless `training.allow_config_change` is set.
+`check_config` reports every bad field at once (every field of configs/base.py has a rule).
+`check_workdir_config` refuses to resume a run directory with a different model or data config
+(listing the fields that differ) unless `training.allow_config_change` is set; `store_config`
+writes the config into the run directory, and `read_stored_config` reads it back (a damaged
+file is named as such).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from vdm_jax import data, model as model_lib, networks, objectives, optim, sampling, tasks
 
@@ -20,6 +25,8 @@ BLOCK_IMPLS = ("auto", "unrolled", "scan")
 # Fields that define what is being trained: a resumed run must agree on them.
 PINNED_SECTIONS = ("data", "model", "vae", "latent")
 PINNED_FIELDS = ("seed", "task")
+# Seeds are folded into 32-bit PRNG keys (with small offsets for eval and sampling).
+MAX_SEED = 2**31
 
 
 # Tasks whose score network changed in vdm_jax 0.2 (the official network: Fourier features
@@ -43,48 +50,103 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(value: Any, low: int) -> bool:
+  return _is_int(value) and value >= low
+
+
+def _number_in(value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+               high_open: bool = True) -> bool:
+  """A finite number in the interval from `low` to `high` (open or closed ends)."""
+  if not _is_number(value):
+    return False
+  above = value > low if low_open else value >= low
+  below = value < high if high_open else value <= high
+  return above and below
+
+
 def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
-  """(field, value, ok, expectation) for every checked field (names: the registries')."""
+  """(field, value, ok, expectation) for every field of configs/base.py (and model.network).
+
+  `checked_fields` lists the fields named here; tests/test_train.py checks that it covers every
+  field of configs/base.py, so a new field needs a rule here. Names come from the registries.
+  """
+  return _data_rules(c) + _model_rules(c) + _run_rules(c)
+
+
+def _data_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
+  """Rules for the task, the data and the latent model's VAE."""
   known = data.DATASETS.names()
+  return [
+      ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS}"),
+      ("vae.channels", c.vae.channels, _int_at_least(c.vae.channels, 1), "an integer > 0"),
+      ("vae.latent_channels", c.vae.latent_channels, _int_at_least(c.vae.latent_channels, 1),
+       "an integer > 0"),
+      ("vae.num_down", c.vae.num_down, _int_at_least(c.vae.num_down, 0), "an integer >= 0"),
+      ("vae.num_blocks", c.vae.num_blocks, _int_at_least(c.vae.num_blocks, 0),
+       "an integer >= 0"),
+      ("latent.vae_workdir", c.latent.vae_workdir,
+       isinstance(c.latent.vae_workdir, str)
+       and (c.task != "latent_vdm" or bool(c.latent.vae_workdir)),
+       "the run directory of a trained VAE (task 'latent_vdm')"),
+      ("latent.vae_checkpoint", c.latent.vae_checkpoint,
+       _int_at_least(c.latent.vae_checkpoint, 0), "an integer >= 0 (0 = the newest)"),
+      ("data.name", c.data.name, c.data.name in known, f"one of {known}"),
+      ("data.data_dir", c.data.data_dir, isinstance(c.data.data_dir, str),
+       "a directory path ('' = the TFDS default)"),
+      ("data.flip", c.data.flip, _is_bool(c.data.flip), "True or False"),
+      ("data.rot90", c.data.rot90, _is_bool(c.data.rot90), "True or False"),
+  ]
+
+
+def _model_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
+  """Rules for the model: network, schedule, objective."""
   schedule_names = model_lib.SCHEDULES.names()
   fixed = tuple(n for n in schedule_names if not model_lib.get_schedule(n).learned)
   network = c.model.get("network", networks.DEFAULT_NETWORK)
   groups, width = c.model.norm_groups, c.model.channels
   groups_ok = _is_int(groups) and groups >= 0 and (
       groups == 0 or (_is_int(width) and width > 0 and width % groups == 0))
+  exponents = c.model.fourier_exponents
+  gamma_ok = _is_number(c.model.gamma_min) and _is_number(c.model.gamma_max)
   return [
-      ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS}"),
-      ("vae.channels", c.vae.channels, c.vae.channels > 0, "> 0"),
-      ("vae.latent_channels", c.vae.latent_channels, c.vae.latent_channels > 0, "> 0"),
-      ("vae.num_down", c.vae.num_down, c.vae.num_down >= 0, ">= 0"),
-      ("vae.num_blocks", c.vae.num_blocks, c.vae.num_blocks >= 0, ">= 0"),
-      ("latent.vae_workdir", c.latent.vae_workdir,
-       c.task != "latent_vdm" or bool(c.latent.vae_workdir),
-       "the run directory of a trained VAE (task 'latent_vdm')"),
-      ("data.name", c.data.name, c.data.name in known, f"one of {known}"),
       ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
        f"one of {schedule_names}"),
       ("model.network", network, network in networks.NETWORKS,
        f"one of {networks.NETWORKS.names()}"),
-      ("model.gamma_min", c.model.gamma_min, c.model.gamma_min < c.model.gamma_max,
-       f"< model.gamma_max={c.model.gamma_max}"),
-      ("model.channels", c.model.channels, c.model.channels > 0, "> 0"),
+      ("model.gamma_min", c.model.gamma_min, gamma_ok and c.model.gamma_min < c.model.gamma_max,
+       f"a finite number < model.gamma_max={c.model.gamma_max}"),
+      ("model.gamma_max", c.model.gamma_max, _is_number(c.model.gamma_max), "a finite number"),
+      ("model.schedule_hidden", c.model.schedule_hidden, _int_at_least(c.model.schedule_hidden, 1),
+       "an integer > 0"),
+      ("model.channels", c.model.channels, _int_at_least(c.model.channels, 1), "an integer > 0"),
+      ("model.fourier_exponents", exponents,
+       isinstance(exponents, (tuple, list)) and all(_is_int(n) for n in exponents),
+       "a tuple of integers n (features sin/cos(2^n 2 pi z); () = none)"),
+      ("model.attention_everywhere", c.model.attention_everywhere,
+       _is_bool(c.model.attention_everywhere), "True or False"),
       ("model.norm_groups", groups, groups_ok,
        f"an int >= 0 (0 = the project's rule) that divides model.channels={width}"),
       ("model.conditioning_input", c.model.conditioning_input,
        _is_bool(c.model.conditioning_input), "True or False"),
-      ("data.flip", c.data.flip, _is_bool(c.data.flip), "True or False"),
-      ("data.rot90", c.data.rot90, _is_bool(c.data.rot90), "True or False"),
-      ("model.num_blocks", c.model.num_blocks, c.model.num_blocks > 0, "> 0"),
-      ("model.dropout", c.model.dropout, 0 <= c.model.dropout < 1, "in [0, 1)"),
+      ("model.num_blocks", c.model.num_blocks, _int_at_least(c.model.num_blocks, 1),
+       "an integer > 0"),
+      ("model.dropout", c.model.dropout, _number_in(c.model.dropout, 0, 1), "in [0, 1)"),
       ("model.block_impl", c.model.block_impl, c.model.block_impl in BLOCK_IMPLS,
        f"one of {BLOCK_IMPLS}"),
+      ("model.remat", c.model.remat, _is_bool(c.model.remat), "True or False"),
       ("model.dtype", c.model.dtype, c.model.dtype in DTYPES, f"one of {DTYPES}"),
-      ("model.num_steps", c.model.num_steps, c.model.num_steps >= 0, ">= 0 (0 = continuous)"),
+      ("model.num_steps", c.model.num_steps, _int_at_least(c.model.num_steps, 0),
+       "an integer >= 0 (0 = continuous)"),
       ("model.objective", c.model.objective, c.model.objective in objectives.OBJECTIVES,
        f"one of {objectives.OBJECTIVES}"),
       ("model.weighting", c.model.weighting, c.model.weighting in objectives.WEIGHTINGS,
        f"one of {objectives.WEIGHTINGS}"),
+      ("model.weighting_bias", c.model.weighting_bias, _is_number(c.model.weighting_bias),
+       "a finite number"),
       ("model.schedule", c.model.schedule,
        c.model.objective == "elbo" or c.model.schedule in fixed,
        f"a fixed schedule {fixed} with objective {c.model.objective!r} "
@@ -92,37 +154,73 @@ def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
       ("model.num_steps", c.model.num_steps,
        c.model.objective != "simple" or c.model.num_steps >= 1,
        ">= 1 with objective 'simple' (t ~ Uniform{1..T})"),
-      ("sample.sampler", c.sample.sampler, c.sample.sampler in sampling.SAMPLERS,
-       f"one of {sampling.SAMPLERS.names()}"),
-      ("sample.ddpm_variance", c.sample.ddpm_variance,
-       c.sample.ddpm_variance in sampling.DDPM_VARIANCES, f"one of {sampling.DDPM_VARIANCES}"),
-      ("model.p_uncond", c.model.p_uncond, 0 <= c.model.p_uncond < 1, "in [0, 1)"),
-      ("optim.learning_rate", c.optim.learning_rate, c.optim.learning_rate > 0, "> 0"),
-      ("optim.warmup_steps", c.optim.warmup_steps, c.optim.warmup_steps >= 0, ">= 0"),
-      ("optim.weight_decay", c.optim.weight_decay, c.optim.weight_decay >= 0, ">= 0"),
-      ("optim.weight_decay_rule", c.optim.weight_decay_rule,
-       c.optim.weight_decay_rule in optim.WEIGHT_DECAY_RULES,
-       f"one of {optim.WEIGHT_DECAY_RULES}"),
-      ("optim.ema_decay", c.optim.ema_decay, 0 <= c.optim.ema_decay < 1, "in [0, 1)"),
-      ("optim.ema_warmup", c.optim.ema_warmup, _is_bool(c.optim.ema_warmup), "True or False"),
-      ("optim.schedule_lr_multiplier", c.optim.schedule_lr_multiplier,
-       c.optim.schedule_lr_multiplier > 0, "> 0"),
-      ("training.batch_size", c.training.batch_size, c.training.batch_size > 0, "> 0"),
-      ("training.num_steps", c.training.num_steps, c.training.num_steps > 0, "> 0"),
-      ("training.log_every", c.training.log_every, c.training.log_every > 0, "> 0"),
-      ("training.eval_every", c.training.eval_every, c.training.eval_every > 0, "> 0"),
-      ("training.sample_every", c.training.sample_every, c.training.sample_every > 0, "> 0"),
-      ("training.checkpoint_every", c.training.checkpoint_every,
-       c.training.checkpoint_every > 0, "> 0"),
-      ("training.keep_checkpoints", c.training.keep_checkpoints,
-       c.training.keep_checkpoints > 0, "> 0"),
-      ("eval.batch_size", c.eval.batch_size, c.eval.batch_size > 0, "> 0"),
-      ("eval.t_samples", c.eval.t_samples, c.eval.t_samples > 0, "> 0"),
-      ("eval.num_steps", c.eval.num_steps, c.eval.num_steps >= -1,
-       ">= -1 (0 = continuous time, -1 = the model's own model.num_steps)"),
-      ("sample.num_steps", c.sample.num_steps, c.sample.num_steps > 0, "> 0"),
-      ("sample.num_images", c.sample.num_images, c.sample.num_images > 0, "> 0"),
+      ("model.conditional", c.model.conditional, _is_bool(c.model.conditional), "True or False"),
+      ("model.p_uncond", c.model.p_uncond, _number_in(c.model.p_uncond, 0, 1), "in [0, 1)"),
   ]
+
+
+def _run_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
+  """Rules for how it is trained, evaluated and sampled: seed, optim, training, eval, sample,
+  distributed."""
+  o, t, e, s, d = c.optim, c.training, c.eval, c.sample, c.distributed
+  processes_ok = _int_at_least(d.num_processes, 1)
+  return [
+      ("seed", c.seed, _is_int(c.seed) and 0 <= c.seed < MAX_SEED,
+       f"an integer in [0, {MAX_SEED})"),
+      ("sample.sampler", s.sampler, s.sampler in sampling.SAMPLERS,
+       f"one of {sampling.SAMPLERS.names()}"),
+      ("sample.ddpm_variance", s.ddpm_variance, s.ddpm_variance in sampling.DDPM_VARIANCES,
+       f"one of {sampling.DDPM_VARIANCES}"),
+      ("optim.learning_rate", o.learning_rate, _number_in(o.learning_rate, 0, low_open=True),
+       "a finite number > 0"),
+      ("optim.warmup_steps", o.warmup_steps, _int_at_least(o.warmup_steps, 0), "an integer >= 0"),
+      ("optim.b1", o.b1, _number_in(o.b1, 0, 1), "in [0, 1)"),
+      ("optim.b2", o.b2, _number_in(o.b2, 0, 1), "in [0, 1)"),
+      ("optim.eps", o.eps, _number_in(o.eps, 0, low_open=True), "a finite number > 0"),
+      ("optim.weight_decay", o.weight_decay, _number_in(o.weight_decay, 0), "a finite number >= 0"),
+      ("optim.grad_clip_norm", o.grad_clip_norm, _number_in(o.grad_clip_norm, 0),
+       "a finite number >= 0 (0 = no clipping)"),
+      ("optim.weight_decay_rule", o.weight_decay_rule,
+       o.weight_decay_rule in optim.WEIGHT_DECAY_RULES, f"one of {optim.WEIGHT_DECAY_RULES}"),
+      ("optim.ema_decay", o.ema_decay, _number_in(o.ema_decay, 0, 1), "in [0, 1)"),
+      ("optim.ema_warmup", o.ema_warmup, _is_bool(o.ema_warmup), "True or False"),
+      ("optim.schedule_lr_multiplier", o.schedule_lr_multiplier,
+       _number_in(o.schedule_lr_multiplier, 0, low_open=True), "a finite number > 0"),
+      ("training.batch_size", t.batch_size, _int_at_least(t.batch_size, 1), "an integer > 0"),
+      ("training.num_steps", t.num_steps, _int_at_least(t.num_steps, 1), "an integer > 0"),
+      ("training.log_every", t.log_every, _int_at_least(t.log_every, 1), "an integer > 0"),
+      ("training.eval_every", t.eval_every, _int_at_least(t.eval_every, 1), "an integer > 0"),
+      ("training.sample_every", t.sample_every, _int_at_least(t.sample_every, 1),
+       "an integer > 0"),
+      ("training.checkpoint_every", t.checkpoint_every, _int_at_least(t.checkpoint_every, 1),
+       "an integer > 0"),
+      ("training.keep_checkpoints", t.keep_checkpoints, _int_at_least(t.keep_checkpoints, 1),
+       "an integer > 0"),
+      ("training.max_nonfinite_steps", t.max_nonfinite_steps,
+       _int_at_least(t.max_nonfinite_steps, 0), "an integer >= 0 (0 = stop at the first)"),
+      ("training.allow_config_change", t.allow_config_change, _is_bool(t.allow_config_change),
+       "True or False"),
+      ("eval.batch_size", e.batch_size, _int_at_least(e.batch_size, 1), "an integer > 0"),
+      ("eval.max_examples", e.max_examples, _int_at_least(e.max_examples, 0),
+       "an integer >= 0 (0 = the whole split)"),
+      ("eval.t_samples", e.t_samples, _int_at_least(e.t_samples, 1), "an integer > 0"),
+      ("eval.num_steps", e.num_steps, _int_at_least(e.num_steps, -1),
+       "an integer >= -1 (0 = continuous time, -1 = the model's own model.num_steps)"),
+      ("sample.num_steps", s.num_steps, _int_at_least(s.num_steps, 1), "an integer > 0"),
+      ("sample.num_images", s.num_images, _int_at_least(s.num_images, 1), "an integer > 0"),
+      ("distributed.initialize", d.initialize, _is_bool(d.initialize), "True or False"),
+      ("distributed.coordinator_address", d.coordinator_address,
+       isinstance(d.coordinator_address, str), "'host:port' ('' = the cluster's own discovery)"),
+      ("distributed.num_processes", d.num_processes, processes_ok, "an integer >= 1"),
+      ("distributed.process_id", d.process_id,
+       _is_int(d.process_id) and (not processes_ok or 0 <= d.process_id < d.num_processes),
+       f"an integer in [0, distributed.num_processes={d.num_processes})"),
+  ]
+
+
+def checked_fields(config: ml_collections.ConfigDict) -> set[str]:
+  """The config fields that `check_config` has a rule for (dotted names)."""
+  return {name for name, _, _, _ in _rules(config)}
 
 
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
@@ -162,30 +260,149 @@ def pinned(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, *,
-                         write: bool = True) -> None:
-  """Compares `config` with the one stored in `workdir/config.json`, then stores it.
+CONFIG_FILE = "config.json"
+
+
+def read_stored_config(workdir: str) -> dict[str, Any] | None:
+  """The JSON stored in `workdir/config.json` ({"pinned": ..., "config": ...}), or None where
+  there is no such file.
 
   Raises:
-    ConfigError: the stored run used different model/data fields (each listed with both values),
-      and `training.allow_config_change` is False.
+    ConfigError: the file exists but is damaged (not JSON, truncated, or without a "config"
+      object); the message names the file.
   """
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
       stored = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+    raise ConfigError(f"{path} is damaged (not valid JSON: {e}); restore it from a copy of the "
+                      f"run, or train in a new --workdir") from e
+  if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+    raise ConfigError(f"{path} is damaged (no \"config\" object in it); restore it from a copy "
+                      f"of the run, or train in a new --workdir")
+  return stored
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """"field: old -> new" for each differing field of two flattened configs."""
+  return [f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def flat_config(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
+  """Every field of a config (or of a stored config's dict) by dotted name."""
+  d = config if isinstance(config, dict) else json.loads(config.to_json())
+  return _flatten(d)
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, *,
+                         write: bool = True) -> dict[str, Any] | None:
+  """Compares `config` with the one stored in `workdir/config.json`; stores it if `write`.
+
+  The trainer calls it with write=False and stores the config (`store_config`) only once the
+  first checkpoint under it is written, so that a refused or failed start never changes what the
+  run directory says about its checkpoints.
+
+  Returns:
+    The stored JSON (see `read_stored_config`), or None for a directory without config.json.
+
+  Raises:
+    ConfigError: config.json is damaged, or the stored run used different model/data fields
+      (each listed with both values) and `training.allow_config_change` is False.
+  """
+  stored = read_stored_config(workdir)
+  if stored is not None:
     old, new = stored.get("pinned", {}), pinned(config)
     if old.get("task", "vdm") in NETWORK_TASKS and "model.norm_groups" not in old:
       raise ConfigError(OLD_NETWORK.format(workdir=workdir))
-    diff = [f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diff = config_diff(old, new)
     if diff and not config.training.allow_config_change:
       raise ConfigError(
           f"{workdir} holds a run with a different config; differing fields:\n  "
           + "\n  ".join(diff)
           + "\nUse another --workdir, or pass --config.training.allow_config_change=True.")
   if write:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"pinned": pinned(config), "config": json.loads(config.to_json())}, f, indent=2)
-    os.replace(tmp, path)
+    store_config(config, workdir)
+  return stored
+
+
+def store_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` atomically (a temporary file, then a rename)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"pinned": pinned(config), "config": json.loads(config.to_json())}, f, indent=2)
+  os.replace(tmp, path)
+
+
+# The config sections whose fields can change the train state's structure (and so are named when
+# a state does not fit a run's checkpoint).
+STATE_SECTIONS = ("task", "data", "model", "vae", "latent", "optim")
+Leaves = dict[tuple[str, ...], tuple[tuple[int, ...], str]]   # key path -> (shape, dtype)
+
+
+def leaf_table(tree: Any) -> Leaves:
+  """{key path as strings: (shape, dtype name)} of a tree of arrays, abstract arrays or orbax
+  array metadata (dict keys, attribute names and sequence indices all become strings)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      keys = tuple(str(next((getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)), k))
+                   for k in path)
+      out[keys] = (tuple(int(n) for n in leaf.shape), _dtype_name(leaf.dtype))
+  return out
+
+
+def _dtype_name(dtype: Any) -> str:
+  try:
+    return np.dtype(dtype).name
+  except TypeError:   # extended dtypes (PRNG keys)
+    return str(dtype)
+
+
+def _leaf_line(path: tuple[str, ...], old: Any, new: Any) -> str:
+  name = "/".join(path)
+  if old is None:
+    return f"{name}: only in the new config's state {new[0]} {new[1]}"
+  if new is None:
+    return f"{name}: only in the checkpoint {old[0]} {old[1]}"
+  return f"{name}: checkpoint {old[0]} {old[1]}, new config {new[0]} {new[1]}"
+
+
+def check_state_fits(new: Leaves, stored: Leaves, *, step: int, config: ml_collections.ConfigDict,
+                     stored_config: dict[str, Any] | None, workdir: str,
+                     max_lines: int = 8) -> None:
+  """Refuses a config whose train state does not fit the run's checkpoint: the same key paths,
+  shapes and dtypes (the dry run of a restore, before anything in the run directory changes).
+
+  Args:
+    new: the new config's abstract train state, as {key path: (shape, dtype name)}.
+    stored: the same for the checkpoint of `step`.
+    config: the new config; stored_config: the run's config.json (None if there is none).
+
+  Raises:
+    ConfigError: naming the config fields that differ from config.json (model, optimiser, data)
+      and the first `max_lines` leaves that differ.
+  """
+  diff = [_leaf_line(k, stored.get(k), new.get(k)) for k in sorted(set(stored) | set(new))
+          if stored.get(k) != new.get(k)]
+  if not diff:
+    return
+  shown = diff[:max_lines] + ([f"... and {len(diff) - max_lines} more"]
+                              if len(diff) > max_lines else [])
+  if stored_config is None:
+    fields = ["(the run has no config.json to compare with)"]
+  else:
+    old, now = flat_config(stored_config["config"]), flat_config(config)
+    fields = [line for line in config_diff(old, now)
+              if line.split(".")[0].split(":")[0] in STATE_SECTIONS] or [
+                  "(none of the model / optimiser / data fields differ from config.json)"]
+  raise ConfigError(
+      f"{workdir}: the train state of this config does not fit the run's checkpoint of step "
+      f"{step}, so the run cannot continue with it (nothing was changed). Config fields that "
+      f"differ from the run's config.json:\n  " + "\n  ".join(fields)
+      + f"\nTrain state leaves that differ ({len(diff)}):\n  " + "\n  ".join(shown)
+      + "\nRevert these fields, or train in a new --workdir.")

@@ -1,35 +1,60 @@
 """Training: `train_and_evaluate(config, workdir)`, the loop around the compiled step.
 
 The train state and the optimiser are in `vdm_jax.state`, the compiled train / eval / sampling
-programs in `vdm_jax.steps`; this module runs them: resume, train, log, evaluate, sample,
-checkpoint, stop on preemption.
+programs in `vdm_jax.steps`; this module runs them: check, resume, train, log, evaluate, sample,
+checkpoint, stop on a signal.
+
+What a run directory can rely on:
+- every config check, and a dry run of the restore (the new config's train state against the
+  checkpoint's tree of shapes), happens before anything in the run directory changes; config.json
+  is replaced only once the first checkpoint under the new config is written;
+- one trainer at a time: an exclusive lock on `workdir/train.lock` (released when the process
+  ends, however it ends), so two trainers never write the same checkpoints;
+- SIGTERM / SIGINT are caught from the start: before the first step (restoring, compiling)
+  there is nothing new to save and the trainer stops at once; after it, the current step ends,
+  the state is saved and the trainer stops. Exit statuses: `EXIT_PREEMPTED` (SIGTERM) and
+  `EXIT_INTERRUPTED` (SIGINT), returned as "exit_status";
+- every exit path waits for the checkpoint being written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
+import sys
+import threading
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdm_jax import checkpointing, data, metrics, parallel, pipeline, runs, state as state_lib
-from vdm_jax import steps
-from vdm_jax.config_checks import check_config, check_workdir_config
+from vdm_jax import checkpointing, config_checks, data, metrics, parallel, pipeline, runs
+from vdm_jax import state as state_lib, steps
+
+# Exit statuses of a run stopped by a signal (a finished run exits 0, bad input 2).
+EXIT_PREEMPTED = 3       # SIGTERM: state saved (or nothing new to save); rerun to resume
+EXIT_INTERRUPTED = 130   # SIGINT (Ctrl-C), the shell's 128 + 2; state saved as for SIGTERM
+EXIT_STATUS = {"SIGTERM": EXIT_PREEMPTED, "SIGINT": EXIT_INTERRUPTED}
+LOCK_FILE = "train.lock"
 
 
-class _Preemption:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
+class _StopRequests:
+  """SIGTERM / SIGINT -> `requested` (the first signal's name), which the trainer checks; the
+  handlers are installed in the main thread only (elsewhere signals keep their handlers)."""
 
   def __init__(self):
-    self.requested = None
+    self.requested: str | None = None
     self._old = {}
 
-  def __enter__(self):
+  def __enter__(self) -> "_StopRequests":
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -37,13 +62,96 @@ class _Preemption:
         pass
     return self
 
-  def _handle(self, signum, frame):
+  def _handle(self, signum, frame) -> None:
     del frame
-    self.requested = signal.Signals(signum).name
+    if self.requested is None:
+      self.requested = signal.Signals(signum).name
 
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
+  def __exit__(self, *exc) -> None:
+    old, self._old = self._old, {}
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
+
+
+class _RunLock:
+  """An exclusive `fcntl.flock` on `workdir/train.lock`, held while a trainer runs.
+
+  The kernel releases it when the process ends, however it ends (no stale lock after a crash);
+  the file itself stays, holding the last holder's pid and host. Readers (`vdm-jax eval`,
+  `sample`) do not take it.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.path, self.enabled, self._file = os.path.join(workdir, LOCK_FILE), enabled, None
+
+  def __enter__(self) -> "_RunLock":
+    if not self.enabled:
+      return self
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      f = open(self.path, "a+", encoding="utf-8")
+    except OSError as e:
+      raise runs.RunError(f"cannot use {os.path.dirname(self.path)!r} as a run directory: "
+                          f"{e.strerror or e} ({self.path})") from e
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      f.seek(0)
+      holder = f.read().strip()
+      f.close()
+      if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+        logging.warning("cannot lock %s (%s): a second trainer on this run would not be "
+                        "detected", self.path, e)
+        return self
+      raise runs.RunError(
+          f"{os.path.dirname(self.path)!r} is being trained by another process "
+          f"({holder or 'holder unknown'}; lock {self.path}); two trainers would write the same "
+          f"checkpoints. Wait for it or stop it, or use another --workdir (vdm-jax eval and "
+          f"sample may run beside it)") from e
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc) -> None:
+    f, self._file = self._file, None
+    if f is not None:
+      fcntl.flock(f, fcntl.LOCK_UN)
+      f.close()
+
+
+class _Abandoned(NamedTuple):
+  """A preparation left running in its thread after a signal (see `_responsive`)."""
+  phase: str
+
+
+def _responsive(fn: Callable[[Callable[[str], None]], Any], stop: _StopRequests) -> Any:
+  """fn(set_phase) in a worker thread, the calling thread waiting in short slices so that its
+  signal handlers run at once (XLA compilation is one long C++ call that would defer them).
+
+  Returns fn's value, or `_Abandoned(phase)` when a signal came first (the worker is a daemon
+  thread; an uninterruptible compilation finishes there, unused). fn's exception is re-raised.
+  """
+  box: dict[str, Any] = {"phase": "starting"}
+  done = threading.Event()
+
+  def run():
+    try:
+      box["value"] = fn(lambda phase: box.__setitem__("phase", phase))
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the caller
+      box["error"] = e
+    finally:
+      done.set()
+
+  threading.Thread(target=run, name="vdm-jax-prepare", daemon=True).start()
+  while not done.wait(0.05):
+    if stop.requested is not None:
+      return _Abandoned(box["phase"])
+  if "error" in box:
+    raise box["error"]
+  return box["value"]
 
 
 def _host_check(step: int, out: dict, max_nonfinite: int) -> None:
@@ -62,74 +170,231 @@ def augmentation(config: ml_collections.ConfigDict) -> dict[str, bool]:
           "augment_flag": bool(config.model.get("conditioning_input", False))}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+class _Prepared(NamedTuple):
+  """Everything the loop needs, built before the first step."""
+  task: Any
+  ckpt: checkpointing.CheckpointManager
+  state: state_lib.TrainState
+  start: int
+  step_fn: Callable        # the compiled train step
+  train_it: Any
+  first_batch: dict
+
+
+def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: _StopRequests,
+             set_phase: Callable[[str], None]) -> _Prepared | None:
+  """Builds the task, checks the restore (dry run), restores or initialises the state and
+  compiles the train step; None if a stop was requested meanwhile."""
+  set_phase("building the task")
+  task, optimizer = runs.training_task(config, info), state_lib.build_optimizer(config)
+  init_fn = lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed)
+  abstract = state_lib.abstract_state(init_fn, mesh)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  _check_restore(abstract, ckpt_dir, config=config, stored=stored, workdir=workdir)
+  if stop.requested:
+    return None
+  set_phase("restoring")
+  ckpt = checkpointing.CheckpointManager(
+      ckpt_dir, max_to_keep=config.training.keep_checkpoints,
+      save_interval_steps=config.training.checkpoint_every)
+  try:
+    restored = ckpt.restore(abstract)
+    if restored is None:
+      state = jax.jit(init_fn, out_shardings=parallel.replicated(mesh))()
+    else:
+      state = restored[1]
+      logging.info("resumed from step %d in %s", restored[0], workdir)
+    start = int(jax.device_get(state.step))
+    train_it = pipeline.train_iterator(
+        config.data.name, global_batch_size=config.training.batch_size, seed=config.seed,
+        start_step=start, flip=config.data.flip, data_dir=config.data.data_dir or None,
+        **augmentation(config))
+    batch = parallel.shard_batch(next(train_it), mesh)
+    if stop.requested:
+      ckpt.close()
+      return None
+    set_phase("compiling the train step")
+    logging.info("compiling the train step (a signal now stops at once: nothing new to save)")
+    step_fn = steps.jit_train_step(config, task, optimizer, mesh).lower(state, batch).compile()
+  except BaseException:
+    ckpt.close()
+    raise
+  if stop.requested:   # came during the compilation (the caller may have left already)
+    ckpt.close()
+    return None
+  return _Prepared(task, ckpt, state, start, step_fn, train_it, batch)
+
+
+# TO MOVE into vdm_jax.checkpointing (the only module that should import orbax) as a public
+# "abstract tree of checkpoint step S", e.g. `CheckpointManager.stored_tree(step)`; requested
+# from its owner (issue 15 item 3). Until then this reads orbax's tree metadata here.
+def _stored_tree(directory: str, step: int) -> Any:
+  """The checkpoint's tree of array metadata (shape, dtype) of its "state" item; no array is
+  read. Raises whatever orbax raises for a step it cannot read."""
+  import orbax.checkpoint as ocp   # pylint: disable=import-outside-toplevel
+  from etils import epath   # pylint: disable=import-outside-toplevel
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(epath.Path(directory) / str(step) / "state").tree
+  finally:
+    handler.close()
+
+
+def _check_restore(abstract, ckpt_dir: str, *, config, stored: dict | None,
+                   workdir: str) -> None:
+  """The restore's dry run: the newest checkpoint whose tree can be read must have the key
+  paths, shapes and dtypes of `abstract` (`config_checks.check_state_fits`). Nothing is
+  written; a checkpoint whose tree cannot be read is left to the restore (and its fallback)."""
+  if not os.path.isdir(ckpt_dir):
+    return
+  # Complete steps are the directories named by their step alone (orbax writes into
+  # "S.orbax-checkpoint-tmp*" and renames). No orbax manager is opened here: on several
+  # processes its creation is a collective, which this check must not be.
+  candidates = sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True)
+  for step in candidates:
+    try:
+      tree = _stored_tree(ckpt_dir, step)
+    except Exception as e:  # pylint: disable=broad-except  # the restore will say what is wrong
+      logging.warning("could not read the tree of checkpoint %d for the restore's dry run: %s",
+                      step, e)
+      continue
+    config_checks.check_state_fits(config_checks.leaf_table(abstract),
+                                   config_checks.leaf_table(tree), step=step,
+                                   config=config, stored_config=stored, workdir=workdir)
+    return
+
+
+class _ConfigAfterCheckpoint:
+  """Stores config.json once the first checkpoint under this config is written (waiting for
+  that one save): until then the run directory keeps describing its checkpoints."""
+
+  def __init__(self, config, workdir: str, stored: dict | None, *, write: bool):
+    same = stored is not None and stored.get("config") == json.loads(config.to_json())
+    self.config, self.workdir, self.write, self.done = config, workdir, write, same
+
+  def after_save(self, ckpt: checkpointing.CheckpointManager, saved: bool) -> None:
+    if saved and not self.done:
+      ckpt.wait_until_finished()
+      if self.write:
+        config_checks.store_config(self.config, self.workdir)
+      self.done = True
+
+
+def _say(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _stopped(sig: str, step: int | None, *, saved: bool, abandoned: bool = False,
+             phase: str | None = None) -> dict[str, Any]:
+  """The result of a run stopped by signal `sig` (and the line saying so)."""
+  status = EXIT_STATUS[sig]
+  if saved:
+    _say(f"{sig} received: saved step {step} and stopped (exit status {status}); run the same "
+         f"command to resume")
+  else:
+    _say(f"{sig} received before the first step{f' ({phase})' if phase else ''}: nothing new "
+         f"to save, stopped (exit status {status})")
+  return {"preempted_at": step, "signal": sig, "exit_status": status, "saved": saved,
+          "abandoned_compilation": abandoned}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates and samples.
 
   Returns:
-    The final evaluation metrics (bpd of the EMA parameters on the test split, and its terms).
+    The final evaluation metrics (bpd of the EMA parameters on the test split, and its terms);
+    for a run stopped by SIGTERM / SIGINT: {"preempted_at": step (None if unknown), "signal",
+    "exit_status" (`EXIT_STATUS`), "saved", "abandoned_compilation"} ("abandoned_compilation":
+    a compilation was left running in a daemon thread, so the process should end with
+    `os._exit`, as `vdm-jax train` does).
+
+  Raises:
+    ConfigError: an invalid field (all are listed), a config that differs from the run's, or a
+      train state that does not fit the run's checkpoint; nothing in `workdir` was changed.
+    RunError: another trainer holds `workdir`.
   """
-  if config.distributed.initialize:
-    parallel.initialize_distributed(
-        coordinator_address=config.distributed.coordinator_address,
-        num_processes=config.distributed.num_processes, process_id=config.distributed.process_id)
-  mesh = parallel.make_mesh()
-  check_config(config, num_devices=mesh.size)   # every bad field at once, before compiling
-  is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(config, workdir, write=is_chief)
+  config_checks.check_config(config)   # every field, before any side effect
+  with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(_StopRequests())   # before anything compiles
+    if config.distributed.initialize:
+      parallel.initialize_distributed(
+          coordinator_address=config.distributed.coordinator_address,
+          num_processes=config.distributed.num_processes,
+          process_id=config.distributed.process_id)
+    mesh = parallel.make_mesh()
+    config_checks.check_config(config, num_devices=mesh.size)
+    is_chief = jax.process_index() == 0
+    info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
+    stack.enter_context(_RunLock(workdir, enabled=is_chief))
+    stored = config_checks.check_workdir_config(config, workdir, write=False)
+    if stop.requested:
+      return _stopped(stop.requested, None, saved=False)
+    prepared = _responsive(
+        lambda set_phase: _prepare(config, info, mesh, workdir, stored, stop, set_phase), stop)
+    if prepared is None or isinstance(prepared, _Abandoned):
+      return _stopped(stop.requested, None, saved=False, abandoned=prepared is not None,
+                      phase=getattr(prepared, "phase", None))
+    writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_chief))
+    state, step = _loop(config, workdir, info, mesh, prepared, stop, stored, writer, is_chief)
+    if stop.requested is not None:
+      return _stopped(stop.requested, step, saved=step > prepared.start)
+    stop.__exit__()   # the state is saved: from here on a signal has its usual effect
+    return _final(config, workdir, info, mesh, prepared.task, state, step, writer, is_chief)
 
-  info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
-  task, optimizer = runs.training_task(config, info), state_lib.build_optimizer(config)
-  rep = parallel.replicated(mesh)
-  init_fn = lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed)
-  ckpt = checkpointing.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), max_to_keep=config.training.keep_checkpoints,
-      save_interval_steps=config.training.checkpoint_every)
-  restored = ckpt.restore(state_lib.abstract_state(init_fn, mesh))
-  if restored is None:
-    state = jax.jit(init_fn, out_shardings=rep)()
-  else:
-    state = restored[1]
-    logging.info("resumed from step %d in %s", restored[0], workdir)
-  start = int(jax.device_get(state.step))
 
-  step_fn = steps.jit_train_step(config, task, optimizer, mesh)
-  writer = metrics.MetricWriter(workdir, enabled=is_chief)
-  bar = metrics.ProgressBar(total=config.training.num_steps, initial=start, enabled=is_chief,
-                            log_every=config.training.log_every)
-  train_it = pipeline.train_iterator(
-      config.data.name, global_batch_size=config.training.batch_size, seed=config.seed,
-      start_step=start, flip=config.data.flip, data_dir=config.data.data_dir or None,
-      **augmentation(config))
+def _loop(config, workdir, info, mesh, p: _Prepared, stop: _StopRequests, stored, writer,
+          is_chief):
+  """Steps from p.start to the last step (or a stop request); returns (state, step). Every exit
+  waits for the checkpoint being written and closes the checkpointer."""
   t = config.training
-  pending, tick, tick_step = None, time.perf_counter(), start
-  step = start
-  with _Preemption() as preempt:
-    while step < t.num_steps and preempt.requested is None:
-      state, out = step_fn(state, parallel.shard_batch(next(train_it), mesh))
-      step += 1
+  bar = metrics.ProgressBar(total=t.num_steps, initial=p.start, enabled=is_chief,
+                            log_every=t.log_every)
+  config_saved = _ConfigAfterCheckpoint(config, workdir, stored, write=is_chief)
+  state, step, batch = p.state, p.start, p.first_batch
+  pending, tick, tick_step = None, time.perf_counter(), p.start
+  try:
+    while step < t.num_steps and stop.requested is None:
+      batch = batch if batch is not None else parallel.shard_batch(next(p.train_it), mesh)
+      state, out = p.step_fn(state, batch)
+      step, batch = step + 1, None
       if pending is not None:   # the previous step's metrics: ready by now, no stall
-        _report(pending, writer, bar, t, mesh, tick_info=None)
+        _report(pending, writer, bar, t, tick_info=None)
       pending = (step, out)
       if step % t.log_every == 0 or step == t.num_steps:
-        _report(pending, writer, bar, t, mesh, tick_info=(tick, tick_step))
+        _report(pending, writer, bar, t, tick_info=(tick, tick_step))
         pending, tick, tick_step = None, time.perf_counter(), step
       if step % t.eval_every == 0 and step < t.num_steps:
         writer.write_scalars(step, _prefix(steps.evaluate(
-            task, state.ema_params, config, info, mesh, frozen=state.frozen), "eval/"))
+            p.task, state.ema_params, config, info, mesh, frozen=state.frozen), "eval/"))
       if step % t.sample_every == 0 and step < t.num_steps:
-        _write_samples(task, state, config, info, workdir, step, is_chief)
-      ckpt.save(step, state, metadata=_metadata(config, step))
+        _write_samples(p.task, state, config, info, workdir, step, is_chief)
+      config_saved.after_save(p.ckpt, p.ckpt.save(step, state, metadata=_metadata(config, step)))
     if pending is not None:
-      _report(pending, writer, bar, t, mesh, tick_info=None)
-    ckpt.save(step, state, metadata=_metadata(config, step), force=True)
-    ckpt.wait_until_finished()
+      _report(pending, writer, bar, t, tick_info=None)
+    if step > p.start:
+      config_saved.after_save(p.ckpt, p.ckpt.save(step, state, metadata=_metadata(config, step),
+                                                   force=True))
+    p.ckpt.wait_until_finished()
+  except BaseException:
+    _close_quietly(p.ckpt, bar)
+    raise
+  p.ckpt.close()
   bar.close()
-  if preempt.requested is not None:
-    logging.warning("%s received: saved step %d and stopped", preempt.requested, step)
-    writer.close()
-    ckpt.close()
-    return {"preempted_at": step}
+  return state, step
+
+
+def _close_quietly(ckpt, bar) -> None:
+  """On an error: wait for the checkpoint in flight and close the checkpointer, logging (not
+  raising) a failure of its own, so that the error being raised stays the one reported."""
+  for what, fn in (("finishing the checkpoint in flight", ckpt.close), ("ending the bar", bar.close)):
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("%s failed as well: %s: %s", what, type(e).__name__, e)
+
+
+def _final(config, workdir, info, mesh, task, state, step, writer, is_chief) -> dict[str, Any]:
+  """The final evaluation and samples; eval.json."""
   result = steps.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen)
   writer.write_scalars(step, _prefix(result, "eval/"))
   _write_samples(task, state, config, info, workdir, step, is_chief)
@@ -138,8 +403,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump({"step": step, **result}, f, indent=2)
     print(f"step {step}: test {steps.summary_line(result, task.headline)} -> {workdir}",
           flush=True)
-  writer.close()
-  ckpt.close()
   return result
 
 
@@ -151,7 +414,7 @@ def _metadata(config, step: int) -> dict:
   return {"step": step, "data_position": step, "seed": config.seed}
 
 
-def _report(pending, writer, bar, t, mesh, tick_info) -> None:
+def _report(pending, writer, bar, t, *, tick_info) -> None:
   step, out = pending
   host = {k: float(v) for k, v in jax.device_get(out).items()}
   _host_check(step, host, t.max_nonfinite_steps)
