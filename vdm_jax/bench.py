@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdm_jax import bench_report, data, parallel, pipeline, runs, sampling, state as state_lib
+from vdm_jax import bench_report, config_checks, data, parallel, pipeline, runs, sampling
+from vdm_jax import state as state_lib
+from vdm_jax.checks import check_number
 from vdm_jax import steps as steps_lib, tasks
 
 PARTS = ("train", "data", "eval", "sample", "roofline")
@@ -390,7 +392,14 @@ def main(config: ml_collections.ConfigDict, *, batch_size: int | None = None, st
   """`vdm-jax bench`: runs `run_benchmark`, prints the markdown table, writes JSON to out_path.
 
   Extra keyword arguments go to `run_benchmark` (warmup, eval_images, sample_steps, parts, ...).
+
+  Raises:
+    ConfigError: an invalid config field (all are listed), before anything is compiled.
+    ValueError: `steps` or `batch_size` < 1 (and what `run_benchmark` refuses).
   """
+  config_checks.check_config(config)
+  if batch_size is not None:
+    check_number("batch", batch_size, integer=True, low=1)
   result = run_benchmark(config, batch_size=batch_size, steps=steps, **kwargs)
   result["name"] = name or config.data.name
   print(bench_report.format_markdown(result), flush=True)

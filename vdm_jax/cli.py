@@ -6,10 +6,17 @@
       [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
   vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
   vdm-jax import-official --checkpoint PATH --config configs/cifar10.py --workdir DIR
+
+Exit status: 0 done; 2 bad input (a ValueError: `ConfigError`, `RunError`, ...), printed as one
+`error: ...` line on stderr without a traceback, by every command; 1 any other failure (with its
+traceback). `train` stopped by a signal: 3 after SIGTERM (`train.EXIT_PREEMPTED`: the state was
+saved, or there was nothing new to save before the first step; rerun the same command to
+resume) and 130 after SIGINT / Ctrl-C (`train.EXIT_INTERRUPTED`, saved likewise).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -61,7 +68,15 @@ def _train(argv):
   del argv
   _need("train", "config", "workdir")
   from vdm_jax import train   # imported late: keeps `--help` fast
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if "exit_status" in result:   # stopped by SIGTERM / SIGINT
+    if result.get("abandoned_compilation"):
+      # A compilation is still running in another thread: the interpreter cannot shut down
+      # cleanly around it (a crash at exit), and there is nothing left to save or flush.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(result["exit_status"])
+    sys.exit(result["exit_status"])
 
 
 def _eval(argv):
@@ -79,11 +94,12 @@ def _sample(argv):
   del argv
   _need("sample", "workdir")
   from vdm_jax import evaluation
-  evaluation.run_sample(FLAGS.workdir, sampler=FLAGS.sampler, steps=1000 if FLAGS.steps is None else FLAGS.steps, num=FLAGS.num,
+  evaluation.run_sample(FLAGS.workdir, sampler=FLAGS.sampler,
+                        steps=1000 if FLAGS.steps is None else FLAGS.steps, num=FLAGS.num,
                         out=FLAGS.out, label=FLAGS.label, guidance=FLAGS.guidance,
                         classifier_workdir=FLAGS.classifier_workdir,
                         checkpoint=FLAGS.checkpoint, seed=FLAGS.seed,
-                        batch_size=FLAGS.batch_size or 256,
+                        batch_size=256 if FLAGS.batch_size is None else FLAGS.batch_size,
                         **({"variance": FLAGS.ddpm_variance} if FLAGS.sampler == "ddpm" else {}))
 
 
@@ -91,7 +107,8 @@ def _bench(argv):
   del argv
   _need("bench", "config")
   from vdm_jax import bench
-  bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=FLAGS.steps or 10, out_path=FLAGS.out)
+  bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=10 if FLAGS.steps is None else FLAGS.steps,
+             out_path=FLAGS.out)
 
 
 def _import_official(argv):
@@ -117,7 +134,8 @@ def _official_checkpoint_flag(argv: list[str]) -> list[str]:
 
 
 def _friendly(fn):
-  """Bad input (ValueError and its subclasses) -> one line on stderr and exit 2, no traceback."""
+  """Bad input (ValueError and its subclasses: ConfigError, RunError) -> one `error:` line on
+  stderr and exit 2, no traceback."""
   def wrapped(argv):
     try:
       fn(argv)
@@ -137,9 +155,9 @@ def main(argv=None) -> None:
   if command == "import-official":
     argv = _official_checkpoint_flag(argv)
   logging.set_verbosity(logging.INFO)
-  commands = {"train": _train, "eval": _friendly(_eval), "sample": _friendly(_sample),
-              "bench": _bench, "import-official": _friendly(_import_official)}
-  app.run(commands[command], argv=argv)
+  commands = {"train": _train, "eval": _eval, "sample": _sample, "bench": _bench,
+              "import-official": _import_official}
+  app.run(_friendly(commands[command]), argv=argv)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
   run_sample(workdir, ...) -> a PNG grid and an .npz of integer samples, with any sampler and
                               optional classifier-free or classifier guidance
 
-Every bad input (unknown sampler, steps <= 0, a label outside the classes, guidance on an
-unconditional model, a directory without checkpoints) raises `runs.RunError` or `ValueError` with
-a message naming the problem, before anything is compiled. Runs are read by `vdm_jax.runs`
+Every bad input (unknown sampler, steps <= 0, batch_size <= 0, a label outside the classes,
+guidance on an unconditional model, a directory without checkpoints, a damaged config.json, a
+sample --out that is a file) raises `runs.RunError`, `ConfigError` or `ValueError` with a message
+naming the problem, before anything is compiled. `run_eval` prints the bound before writing it,
+so a read-only run still shows it (the write failure is then a `RunError`). Runs are read by `vdm_jax.runs`
 (`load_run`: the EMA parameters only, never the optimiser state).
 """
 
@@ -21,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import data, guidance as guidance_lib, likelihood, metrics, parallel, pipeline
+from vdm_jax import config_checks, data, guidance as guidance_lib, likelihood, metrics, parallel
+from vdm_jax import pipeline
 from vdm_jax import sampling, steps as steps_lib
 from vdm_jax.checks import check_number
 from vdm_jax.runs import Run, RunError, load_run
@@ -43,6 +46,11 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
     check_number("num_steps (0 = continuous time)", num_steps, integer=True, low=0)
   if t_samples is not None:
     check_number("t_samples", t_samples, integer=True, low=1)
+  if batch_size is not None:
+    check_number("batch_size", batch_size, integer=True, low=1)
+  if max_examples is not None:
+    check_number("max_examples", max_examples, integer=True, low=1)
+  config_checks.read_stored_config(workdir)   # a damaged config.json is named as such
   run = load_run(workdir, step=checkpoint, eval_batch_size=batch_size)
   split = split or data.default_eval_split(run.config.data.name)
   if run.config.eval.batch_size % run.mesh.size:
@@ -57,15 +65,20 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
   if ode:
     result.update(ode_eval(run, method=ode_method, split=split, seed=seed,
                            max_examples=min(ode_max_examples, max_examples or ode_max_examples)))
+  print(f"checkpoint {run.step}, {split} ({result['num_examples']} examples, T="
+        f"{result['num_steps'] or 'continuous'}, {result['t_samples']} t-samples): "
+        f"{steps_lib.summary_line(result, run.task.headline)}", flush=True)   # first: then write
   if out is None:
     out = os.path.join(workdir, "eval", f"step{run.step}_T{result['num_steps']}_"
                        f"K{result['t_samples']}_{split}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"checkpoint {run.step}, {split} ({result['num_examples']} examples, T="
-        f"{result['num_steps'] or 'continuous'}, {result['t_samples']} t-samples): "
-        f"{steps_lib.summary_line(result, run.task.headline)} -> {out}", flush=True)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+  except OSError as e:
+    raise RunError(f"the result above was not saved: cannot write {out} ({e.strerror or e}); "
+                   f"pass --out with a writable path") from e
+  print(f"-> {out}", flush=True)
   return result
 
 
@@ -150,6 +163,19 @@ def guided_fns(run: Run, *, labels: jax.Array | None, guidance: float,
           decode)
 
 
+def _check_output_directory(path: str) -> None:
+  """Raises RunError unless `path` is a writable directory or can be created as one."""
+  probe = os.path.abspath(path)
+  if os.path.exists(probe) and not os.path.isdir(probe):
+    raise RunError(f"--out {path!r} exists and is not a directory; sample writes a PNG and an "
+                   f".npz into a directory: pass a new or existing directory")
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+    raise RunError(f"cannot write the samples to {path!r}: {probe!r} is not a writable "
+                   f"directory; pass --out with a writable directory")
+
+
 def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, num: int = 64,
                out: str | None = None, label: int | None = None, guidance: float = 0.0,
                classifier_workdir: str | None = None, checkpoint: int | None = None,
@@ -164,6 +190,9 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
   batch_size = check_number("batch_size", batch_size, integer=True, low=1)
   if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
     raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+  out = out or os.path.join(workdir, "samples")
+  _check_output_directory(out)   # before sampling, not after
+  config_checks.read_stored_config(workdir)   # a damaged config.json is named as such
   run = load_run(workdir, step=checkpoint)
   classifier = None if classifier_workdir is None else load_run(classifier_workdir)
   labels = _labels(run, label, num, classifier)
@@ -176,15 +205,17 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
                                          num_images=n, num_steps=steps, info=run.info,
                                          **sampler_kwargs))
   samples = np.concatenate(chunks)
-  out = out or os.path.join(workdir, "samples")
-  os.makedirs(out, exist_ok=True)
   stem = f"{sampler}_steps{steps}_n{num}_ckpt{run.step}"
   if label is not None:
     stem += f"_label{label}_w{guidance:g}" + ("_clf" if classifier is not None else "")
   png, npz = os.path.join(out, stem + ".png"), os.path.join(out, stem + ".npz")
-  metrics.save_image_grid(png, samples, vocab_size=run.info.vocab_size)
-  np.savez(npz, samples=samples, label=-1 if label is None else label, guidance=guidance,
-           sampler=sampler, steps=steps, checkpoint=run.step)
+  try:
+    os.makedirs(out, exist_ok=True)
+    metrics.save_image_grid(png, samples, vocab_size=run.info.vocab_size)
+    np.savez(npz, samples=samples, label=-1 if label is None else label, guidance=guidance,
+             sampler=sampler, steps=steps, checkpoint=run.step)
+  except OSError as e:
+    raise RunError(f"cannot write the samples to {out} ({e.strerror or e})") from e
   print(f"{num} samples ({sampler}, {steps} steps) from checkpoint {run.step} -> {png}, {npz}",
         flush=True)
   return {"png": png, "npz": npz, "samples": samples}

@@ -2,7 +2,9 @@
 
 - `MetricWriter`: one JSON object per line in `workdir/metrics.jsonl` (`{"step": s, ...}`,
   appended to on resume, as in big_vision) and TensorBoard event files in `workdir/tb`
-  (tensorboardX, no TensorFlow needed). Only process 0 writes by default.
+  (tensorboardX's event format, no TensorFlow needed), both written in the caller's thread so
+  that a failing disk raises (JSONL) or turns TensorBoard off with one warning, never a hang.
+  Only process 0 writes by default.
 - `ProgressBar`: step, bpd, steps/s and ETA; a single updating line on a terminal, plain log
   lines every `log_every` steps otherwise (log files, pods).
 - `image_grid` / `save_image_grid`: integer images in {0..K-1} -> one uint8 PNG.
@@ -10,6 +12,7 @@
 
 from collections.abc import Mapping
 import json
+import logging
 import math
 import os
 import sys
@@ -19,9 +22,12 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 from PIL import Image
-import tensorboardX
+from tensorboardX import event_file_writer, summary as tb_summary
+from tensorboardX.proto import event_pb2
 
-__all__ = ["MetricWriter", "ProgressBar", "image_grid", "save_image_grid"]
+__all__ = ["MetricWriter", "MetricsWriteError", "ProgressBar", "image_grid", "save_image_grid"]
+
+_log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
 TB_SUBDIR = "tb"
@@ -31,29 +37,60 @@ def _now() -> float:
   return time.perf_counter()
 
 
+class MetricsWriteError(OSError):
+  """metrics.jsonl could not be written (e.g. the disk is full); the message names the file."""
+
+
 class MetricWriter:
   """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard files in `workdir/tb`.
 
   Values are converted to Python floats; a NaN / Inf is written as JSON `NaN` / `Infinity`
   (read back by Python's `json` and pandas). Each JSONL line is flushed as it is written, so the
   file is complete up to the last call even after a crash.
+
+  Both files are written in the calling thread (no background writer whose death could leave a
+  caller blocked on its queue), so a failure surfaces where it happens: a JSONL write error
+  raises `MetricsWriteError`; a TensorBoard write error (e.g. "No space left on device" under
+  `tb/`) turns the TensorBoard events off with one warning, and metrics.jsonl goes on.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None,
+               tb_flush_secs: float = 30.0):
     """Opens the writers.
 
     Args:
       workdir: run directory (created if needed).
       enabled: write anything at all; None means "on process 0 only".
+      tb_flush_secs: the TensorBoard file is flushed to disk at most this often (and on
+        `flush` / `close`).
     """
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
     self.workdir = os.fspath(workdir)
+    self.tb_dir = os.path.join(self.workdir, TB_SUBDIR)
     self._jsonl: TextIO | None = None
-    self._tb: tensorboardX.SummaryWriter | None = None
+    self._tb: event_file_writer.EventsWriter | None = None
+    self._tb_flush_secs, self._tb_flushed = tb_flush_secs, _now()
+    self.tb_error: OSError | None = None   # why TensorBoard events were turned off, if they were
     if self.enabled:
       os.makedirs(self.workdir, exist_ok=True)
       self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
-      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(self.workdir, TB_SUBDIR))
+      try:
+        os.makedirs(self.tb_dir, exist_ok=True)
+        self._tb = event_file_writer.EventsWriter(os.path.join(self.tb_dir, "events"))
+      except OSError as e:
+        self._drop_tb(e)
+
+  def _drop_tb(self, error: OSError) -> None:
+    """Turns TensorBoard events off after a write error, with one warning."""
+    self.tb_error = error
+    _log.warning("TensorBoard events in %s turned off after a write error (%s); metrics.jsonl "
+                 "is still written", self.tb_dir, error)
+    tb, self._tb = self._tb, None
+    if tb is not None:
+      try:
+        tb.close()
+      except OSError:
+        pass
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes `{"step": step, **scalars}` as one JSONL line and one TB scalar per name.
@@ -61,28 +98,58 @@ class MetricWriter:
     Args:
       step: global training step.
       scalars: name -> number (Python, NumPy or 0-d jax values).
+
+    Raises:
+      MetricsWriteError: metrics.jsonl could not be written.
     """
     if not self.enabled:
       return
     values = {str(name): float(value) for name, value in scalars.items()}
     if "step" in values:
       raise ValueError("scalars may not contain the reserved name 'step'.")
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._jsonl.flush()
-    for name, value in values.items():
-      self._tb.add_scalar(name, value, global_step=int(step))
+    if self._jsonl is None:
+      raise ValueError("write_scalars on a closed MetricWriter.")
+    try:
+      self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      path = os.path.join(self.workdir, JSONL_NAME)
+      raise MetricsWriteError(e.errno, f"writing metrics to {path} failed at step {step}: "
+                              f"{e.strerror or e}") from e
+    if self._tb is not None:
+      try:
+        for name, value in values.items():
+          self._tb.write_event(event_pb2.Event(
+              wall_time=time.time(), step=int(step),
+              summary=tb_summary.scalar(name, value)))
+        if _now() - self._tb_flushed >= self._tb_flush_secs:
+          self._tb.flush()
+          self._tb_flushed = _now()
+      except OSError as e:
+        self._drop_tb(e)
 
   def flush(self) -> None:
+    """Writes buffered events to disk (a TensorBoard failure turns its events off)."""
     if self.enabled and self._jsonl is not None:
       self._jsonl.flush()
-      self._tb.flush()
+      if self._tb is not None:
+        try:
+          self._tb.flush()
+          self._tb_flushed = _now()
+        except OSError as e:
+          self._drop_tb(e)
 
   def close(self) -> None:
-    """Flushes and closes both writers; further writes are errors. Idempotent."""
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._tb.close()
-      self._jsonl = self._tb = None
+    """Flushes and closes both writers; further writes are errors. Idempotent; a failure to
+    flush while closing is logged, not raised (the lines written before were flushed)."""
+    jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
+    for name, f in (("metrics.jsonl", jsonl), ("TensorBoard events", tb)):
+      if f is None:
+        continue
+      try:
+        f.close()
+      except OSError as e:
+        _log.warning("closing %s in %s failed: %s", name, self.workdir, e)
 
   def __enter__(self) -> "MetricWriter":
     return self
