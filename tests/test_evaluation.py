@@ -4,14 +4,16 @@ both kinds of guidance, the classifier task, and a clear error for each bad inpu
 import json
 import os
 import pathlib
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from vdm_jax import evaluation, runs as runs_lib, train
+from vdm_jax import config_checks, evaluation, runs as runs_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -134,6 +136,7 @@ def test_classifier_guidance_on_unconditional_model(runs, tmp_path):
     (dict(label=3, guidance=1.0), r"unconditional"),
     (dict(label=3), r"needs a class-conditional model"),
     (dict(guidance=-1.0), r"guidance must be a finite number >= 0, got -1.0"),
+    (dict(batch_size=0), r"expected batch_size to be an integer >= 1, got 0"),
 ])
 def test_sample_bad_input(runs, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -168,6 +171,9 @@ def test_cli_errors_are_one_line(runs, tmp_path):
       (["sample", "--workdir", runs["uncond"], "--sampler", "nope"], "unknown sampler 'nope'"),
       (["eval", "--workdir", str(tmp_path / "none")], "not a vdm-jax run directory"),
       (["sample", "--workdir", runs["uncond"], "--steps", "0"], "expected steps to be an integer >= 1"),
+      # 0 is not "the default" (it once silently meant 256)
+      (["sample", "--workdir", runs["uncond"], "--steps", "2", "--num", "2", "--batch_size", "0",
+        "--out", str(tmp_path / "s0")], "expected batch_size to be an integer >= 1, got 0"),
   ]:
     proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", *args], capture_output=True,
                           text=True, timeout=300)
@@ -188,3 +194,44 @@ def test_cli_eval_and_sample(runs, tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(list((tmp_path / "s").glob("*.npz"))) == 1
+
+
+def test_eval_prints_the_bound_before_a_failed_write(runs, tmp_path, capsys):
+  """A run whose eval/ directory cannot be created (here a file stands in its way; a read-only
+  run directory fails the same way): the bound is printed, then one error names the file."""
+  run = tmp_path / "read_only"
+  shutil.copytree(runs["uncond"], run, ignore=shutil.ignore_patterns("eval"))
+  (run / "eval").write_text("not a directory")
+  with pytest.raises(runs_lib.RunError,
+                     match=r"the result above was not saved: cannot write .*step2_T0_K1_test"):
+    evaluation.run_eval(str(run), max_examples=16)
+  out = capsys.readouterr().out
+  assert re.search(r"checkpoint 2, test \(16 examples, T=continuous, 1 t-samples\): bpd \d", out), out
+
+
+def test_eval_bad_batch_size_and_max_examples(runs):
+  with pytest.raises(ValueError, match="expected batch_size to be an integer >= 1, got 0"):
+    evaluation.run_eval(runs["uncond"], batch_size=0)
+  with pytest.raises(ValueError, match="expected max_examples to be an integer >= 1, got -1"):
+    evaluation.run_eval(runs["uncond"], max_examples=-1)
+
+
+def test_a_damaged_config_json_is_named(runs, tmp_path):
+  run = tmp_path / "damaged"
+  shutil.copytree(runs["uncond"], run)
+  path = run / "config.json"
+  path.write_text(path.read_text()[:200])   # truncated
+  for call in (lambda: evaluation.run_eval(str(run)),
+               lambda: evaluation.run_sample(str(run), steps=2, num=2, out=str(tmp_path / "s"))):
+    with pytest.raises(config_checks.ConfigError, match=rf"{re.escape(str(path))} is damaged"):
+      call()
+
+
+def test_sample_out_an_existing_file_is_refused_before_sampling(runs, tmp_path, monkeypatch):
+  taken = tmp_path / "taken.png"
+  taken.write_bytes(b"mine")
+  monkeypatch.setattr(evaluation.steps_lib, "draw_samples",
+                      lambda *a, **k: pytest.fail("sampled before checking --out"))
+  with pytest.raises(runs_lib.RunError, match="exists and is not a directory"):
+    evaluation.run_sample(runs["uncond"], steps=2, num=2, out=str(taken))
+  assert taken.read_bytes() == b"mine"

@@ -1,10 +1,13 @@
 """Tests for vdm_jax.metrics: JSONL + TensorBoard writer, progress bar, image grids, NaN guard."""
 
+import errno
 import glob
 import io
 import json
+import logging
 import os
 import struct
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +185,53 @@ def test_save_image_grid_png(tmp_path, channels, mode):
     read = np.asarray(picture)
   expected = metrics.image_grid(images, vocab_size=256, num_cols=3)
   np.testing.assert_array_equal(read.reshape(expected.shape), expected)
+
+
+def _no_space(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_tensorboard_write_failure_is_one_warning_and_never_a_hang(tmp_path, monkeypatch, caplog):
+  """A full disk under tb/: the events are turned off with one warning, metrics.jsonl goes on,
+  and no write ever blocks (tensorboardX's own writer thread died on the error, and every later
+  write blocked on its full queue)."""
+  import tensorboardX.record_writer
+  caplog.set_level(logging.WARNING, logger="vdm_jax.metrics")
+  writer = metrics.MetricWriter(tmp_path, enabled=True)
+  monkeypatch.setattr(tensorboardX.record_writer.RecordWriter, "write", _no_space)
+  done = threading.Event()
+
+  def write_many():
+    for step in range(100):
+      writer.write_scalars(step, {"a": float(step), "b": 1.0})
+    done.set()
+
+  threading.Thread(target=write_many, daemon=True).start()
+  assert done.wait(timeout=120), "write_scalars blocked on a failing TensorBoard writer"
+  writer.close()
+  warned = [r for r in caplog.records if "TensorBoard events" in r.getMessage()]
+  assert len(warned) == 1 and "No space left on device" in warned[0].getMessage()
+  assert isinstance(writer.tb_error, OSError) and writer.tb_error.errno == errno.ENOSPC
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == list(range(100))
+
+
+class _FullFile:
+  def write(self, text):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_jsonl_write_failure_raises_naming_the_file(tmp_path, monkeypatch):
+  writer = metrics.MetricWriter(tmp_path, enabled=True)
+  monkeypatch.setattr(writer, "_jsonl", _FullFile())
+  with pytest.raises(metrics.MetricsWriteError,
+                     match=r"metrics.jsonl failed at step 7: No space left on device") as err:
+    writer.write_scalars(7, {"a": 1.0})
+  assert err.value.errno == errno.ENOSPC and str(tmp_path) in str(err.value)
+  writer.close()   # closing after a failure does not raise

@@ -1,0 +1,33 @@
+"""`vdm-jax` entry points: bad input gives one `error:` line on stderr and exit status 2 for every
+command (issue 15 item 8); nothing is created by a refused command."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.py")
+
+
+def _cli(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "vdm_jax.cli", *args], capture_output=True,
+                        text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("train", ["--config.seed=-1"], "seed=-1: expected an integer in [0, 2147483648)"),
+    ("train", ["--config.eval.max_examples=-1"], "eval.max_examples=-1: expected"),
+    ("bench", ["--config.training.log_every=0"], "training.log_every=0: expected"),
+    ("bench", ["--steps", "0"], "expected steps >= 1"),
+    ("import-official", ["--checkpoint", "nowhere"], "data.name: 'digits' has vocab_size 17"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, command, args, message):
+  workdir = tmp_path / "run"
+  proc = _cli(command, "--config", SMOKE, "--workdir", str(workdir), *args, cwd=tmp_path)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and message in proc.stderr, proc.stderr[-3000:]
+  assert not workdir.exists()
