@@ -1,6 +1,9 @@
-"""Tests for vdm_jax.checkpointing: exact round trips, retention, NaN refusal, damage, crashes."""
+"""Tests for vdm_jax.checkpointing: exact round trips, retention, NaN refusal, damage, crashes,
+the integrity record (its damage cases are in test_checkpoint_integrity.py)."""
 
 import glob
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -312,3 +315,49 @@ def test_partial_restore_reads_only_the_named_fields(tmp_path):
   assert set(restored) == {"step", "ema_params"}
   chex.assert_trees_all_equal(restored, {"step": state.step, "ema_params": state.ema_params},
                               strict=False)
+
+
+def _sha256_of(items):
+  """SHA-256 over length-prefixed byte strings, computed here independently of the library."""
+  digest = hashlib.sha256()
+  for item in items:
+    digest.update(len(item).to_bytes(8, "little"))
+    digest.update(item)
+  return digest.hexdigest()
+
+
+def test_integrity_record_is_the_documented_digest(tmp_path):
+  """The metadata item holds, per top-level field, SHA-256 over (path, dtype, shape) JSON and
+  the little-endian bytes of each leaf in sorted path order, and a digest of the metadata."""
+  state = {"w": jnp.arange(3.0), "net": {"z": jnp.asarray(7, jnp.int32),
+                                         "a": jnp.ones((2, 2), jnp.bfloat16)}}
+  with CheckpointManager(tmp_path / "ckpt", async_save=False) as mgr:
+    mgr.save(1, state, metadata={"data_step": 4})
+  with open(tmp_path / "ckpt" / "1" / "metadata" / "metadata") as f:
+    stored = json.load(f)
+  record = stored.pop("_integrity")
+  assert stored == {"data_step": 4}
+  header = lambda path, dtype, shape: json.dumps([path, dtype, shape]).encode()
+  w_bytes = np.arange(3.0, dtype="<f4").tobytes()
+  a_bytes = bytes.fromhex("803f") * 4                   # bfloat16 1.0, little-endian
+  z_bytes = (7).to_bytes(4, "little")
+  assert record["format"] == 1 and record["algorithm"] == "sha256"
+  assert record["fields"]["w"] == {
+      "sha256": _sha256_of([header([], "float32", [3]), w_bytes]),
+      "structure": _sha256_of([header([], "float32", [3])]), "leaves": 1}
+  assert record["fields"]["net"]["sha256"] == _sha256_of([
+      header(["a"], "bfloat16", [2, 2]), a_bytes, header(["z"], "int32", []), z_bytes])
+  assert record["metadata"] == hashlib.sha256(b'{"data_step": 4}').hexdigest()
+
+
+def test_stored_tree_gives_the_saved_shapes_and_dtypes(tmp_path):
+  state = {"w": jnp.ones((2, 3)), "net": {"b": jnp.zeros((4,), jnp.int32)}}
+  directory = tmp_path / "ckpt"
+  with CheckpointManager(directory, async_save=False) as mgr:
+    mgr.save(1, state)
+  with CheckpointManager(directory, async_save=False) as mgr:
+    tree = mgr.stored_tree(1)
+    with pytest.raises(ValueError, match="step 2"):
+      mgr.stored_tree(2)
+  assert (tree["w"].shape, tree["w"].dtype) == ((2, 3), jnp.float32)
+  assert (tree["net"]["b"].shape, tree["net"]["b"].dtype) == ((4,), jnp.int32)

@@ -73,10 +73,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | None = None) -> Run:
   """Restores the EMA parameters of checkpoint `step` (None: the newest usable one) of the run
   in `workdir`: only `state.EVAL_FIELDS` are read, never the parameters being trained or the
-  optimiser state.
+  optimiser state. What is read is verified (`checkpointing.CheckpointManager.restore`: the
+  digests of those fields, finite values); without `step` a damaged checkpoint is skipped with
+  a warning, and one deleted by a running trainer's rotation while being read is retried on
+  the newest remaining one.
 
   Raises:
-    RunError: no config.json, no checkpoint, or no checkpoint `step` (the message lists them).
+    RunError: no config.json, no checkpoint, no checkpoint `step` (the message lists them),
+      checkpoint `step` damaged, every checkpoint damaged, or checkpoints that do not fit the
+      run's config.
+    checkpointing.CheckpointReadError: a read failed without showing damage (an I/O error).
   """
   config = load_config(workdir)
   if eval_batch_size is not None:
@@ -96,7 +102,16 @@ def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | No
     if step is not None and step not in steps:
       raise RunError(f"{workdir!r} has no checkpoint for step {step}; available steps: {steps}")
     abstract = state_lib.abstract_eval_state(task, seed=config.seed, mesh=mesh)
-    step, restored, _ = manager.restore(abstract, step=step, partial=True)
+    try:   # verified: the digests of the fields read, finite values; past damaged steps
+      result = manager.restore(abstract, step=step, partial=True)
+    except (checkpointing.CheckpointDamagedError, checkpointing.NoUsableCheckpointError,
+            checkpointing.CheckpointStructureError) as e:
+      raise RunError(f"{workdir!r} cannot be loaded: {e}") from e
+    except ValueError as e:   # the requested step was deleted meanwhile
+      raise RunError(f"{workdir!r}: {e}") from e
+    if result is None:
+      raise RunError(f"{workdir!r} holds no checkpoint any more (nothing under {ckpt_dir})")
+    step, restored, _ = result
   finally:
     manager.close()
   return Run(workdir, config, info, task, int(step), restored["ema_params"], restored["frozen"],
