@@ -275,3 +275,15 @@ def test_config_check_accepts_good_new_fields(field, value):
   section, leaf = field.split(".")
   config[section][leaf] = value
   config_checks.check_config(config)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("cifar10", {"rot90": False, "augment_flag": True}),
+    ("cifar10_aug", {"rot90": True, "augment_flag": True}),
+    ("digits", {"rot90": False, "augment_flag": False})])
+def test_trainer_feeds_the_augmentation_flag_to_the_conditioning_input(name, expected):
+  """The trainer's pipeline options: cifar10_aug rotates and passes the "augmented" flag, which
+  the network's conditioning input reads (batch["conditioning"], tasks.VDMTask.loss)."""
+  from vdm_jax import train
+  config = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
+  assert train.augmentation(config) == expected
