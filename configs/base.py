@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-4
   c.optim.warmup_steps = 100
+  # "constant" after the warm-up (the official code), or "cosine": decay to 0 at
+  # training.num_steps (short runs; resuming with another num_steps reshapes the decay).
+  c.optim.lr_decay = "constant"
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
   c.optim.eps = 1e-8

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from vdm_jax import checkpointing
 from vdm_jax.checkpointing import CheckpointManager
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,9 +356,11 @@ def test_stored_tree_gives_the_saved_shapes_and_dtypes(tmp_path):
   directory = tmp_path / "ckpt"
   with CheckpointManager(directory, async_save=False) as mgr:
     mgr.save(1, state)
-  with CheckpointManager(directory, async_save=False) as mgr:
-    tree = mgr.stored_tree(1)
-    with pytest.raises(ValueError, match="step 2"):
-      mgr.stored_tree(2)
+  os.makedirs(directory / "2.orbax-checkpoint-tmp-7")   # an unfinished save is not a step
+  assert checkpointing.complete_steps(str(directory)) == [1]
+  assert checkpointing.complete_steps(str(tmp_path / "absent")) == []
+  tree = checkpointing.stored_tree(str(directory), 1)
+  with pytest.raises(ValueError, match="step 2"):
+    checkpointing.stored_tree(str(directory), 2)
   assert (tree["w"].shape, tree["w"].dtype) == ((2, 3), jnp.float32)
   assert (tree["net"]["b"].shape, tree["net"]["b"].dtype) == ((4,), jnp.int32)

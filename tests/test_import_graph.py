@@ -15,14 +15,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vdm_jax"
 # Lowest first. "base" modules import no other layer: registries and validators, data sets and
 # pipelines, devices, checkpoints, metrics, the optimiser, the reader of official checkpoints.
 LAYERS = (
-    ("base", ("registry", "checks", "data", "pipeline", "parallel", "checkpointing", "metrics",
-              "optim", "official_checkpoint", "bench_report")),
+    ("base", ("registry", "checks", "data", "pipeline", "parallel", "checkpoint_integrity",
+              "checkpointing", "metrics", "optim", "official_checkpoint", "bench_report")),
     ("maths", ("schedules", "diffusion", "elbo", "objectives", "sampling", "guidance",
                "likelihood", "latent")),
     ("model", ("networks", "model", "classifier", "vae")),
     ("tasks", ("tasks", "convert", "config_checks")),
     ("state", ("state", "steps")),
-    ("runs", ("runs",)),
+    ("runs", ("runs", "run_control")),
     ("apps", ("train", "evaluation", "bench", "official_import")),
     ("cli", ("cli",)),
 )

@@ -59,6 +59,29 @@ def test_learning_rate_schedule_without_warmup_is_constant():
     np.testing.assert_allclose(schedule(step), 2e-4, rtol=1e-6)
 
 
+def test_learning_rate_schedule_cosine_decay_against_float64():
+  peak, warmup, total = 3e-3, 10, 110
+  schedule = jax.jit(optim.learning_rate_schedule(
+      learning_rate=peak, warmup_steps=warmup, decay="cosine", total_steps=total))
+  for step in (0, 5, 10, 35, 60, 85, 109, 110, 500):
+    if step < warmup:
+      expected = peak * step / warmup
+    elif step <= total:
+      expected = peak * 0.5 * (1.0 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+    else:
+      expected = 0.0
+    np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"decay": "linear"}, "linear"),
+    ({"decay": "cosine", "total_steps": 10}, "total_steps 10 and warmup_steps 10"),
+])
+def test_learning_rate_schedule_rejects_a_bad_decay(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    optim.learning_rate_schedule(learning_rate=1e-3, warmup_steps=10, **kwargs)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"learning_rate": 0.0}, "learning_rate"),
     ({"learning_rate": -1.0}, "learning_rate"),

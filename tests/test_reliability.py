@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import checkpointing, config_checks, data, elbo, parallel, pipeline, runs
+from vdm_jax import checkpointing, config_checks, data, elbo, parallel, pipeline, run_control, runs
 from vdm_jax import state as state_lib, steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -120,7 +120,8 @@ def test_preemption_saves_and_resumes(tmp_path, sig):
       proc.kill()
       proc.wait()
   # A distinct status, not the 0 of a finished run: 3 (SIGTERM, preempted), 130 (SIGINT).
-  expected = {signal.SIGTERM: train.EXIT_PREEMPTED, signal.SIGINT: train.EXIT_INTERRUPTED}[sig]
+  expected = {signal.SIGTERM: run_control.EXIT_PREEMPTED,
+              signal.SIGINT: run_control.EXIT_INTERRUPTED}[sig]
   assert proc.returncode == expected, out.decode()[-2000:]
   assert f"{sig.name} received: saved step" in out.decode()
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
@@ -161,8 +162,8 @@ def _lines(proc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, status", [(signal.SIGINT, train.EXIT_INTERRUPTED),
-                                         (signal.SIGTERM, train.EXIT_PREEMPTED)])
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, run_control.EXIT_INTERRUPTED),
+                                         (signal.SIGTERM, run_control.EXIT_PREEMPTED)])
 def test_signal_while_compiling_stops_at_once(tmp_path, sig, status):
   """SIGINT / SIGTERM while the first train step compiles: a prompt, clean exit with the signal's
   status and a line saying so (not a segfault, not a wait for the compilation), nothing saved."""
@@ -212,7 +213,7 @@ def _snapshot(workdir):
   for root, _, files in os.walk(workdir):
     for name in files:
       path = os.path.join(root, name)
-      if name != train.LOCK_FILE:
+      if name != run_control.LOCK_FILE:
         st = os.stat(path)
         out[os.path.relpath(path, workdir)] = (st.st_size, st.st_mtime_ns)
   return out
@@ -303,7 +304,8 @@ time.sleep(600)
 
 def test_a_second_trainer_is_refused_while_eval_may_read(trained):
   before = _snapshot(trained)
-  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(trained / train.LOCK_FILE)],
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK,
+                             str(trained / run_control.LOCK_FILE)],
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
@@ -315,10 +317,10 @@ def test_a_second_trainer_is_refused_while_eval_may_read(trained):
   finally:
     holder.kill()   # a crash: the kernel drops its lock, the file stays
     holder.wait()
-  assert (trained / train.LOCK_FILE).exists()
+  assert (trained / run_control.LOCK_FILE).exists()
   result = train.train_and_evaluate(smoke_config(num_steps=3, checkpoint_every=1), str(trained))
   assert np.isfinite(result["bpd"])
-  assert f"pid {os.getpid()} " in (trained / train.LOCK_FILE).read_text()
+  assert f"pid {os.getpid()} " in (trained / run_control.LOCK_FILE).read_text()
 
 
 # --- A failing metrics writer (item 9) and the checkpoint in flight (item 10) -----------------

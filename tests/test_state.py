@@ -34,6 +34,18 @@ def test_the_optimiser_applies_its_learning_rate_schedule(config):
   np.testing.assert_allclose(expected, [1e-3 * min(k / 10, 1.0) for k in range(14)], rtol=1e-6)
 
 
+def test_a_cosine_decay_ends_at_the_configured_training_step(config):
+  """optim.lr_decay = "cosine" decays from the peak after the warm-up to 0 at
+  training.num_steps (the run's length, not another number)."""
+  config.optim.lr_decay = "cosine"
+  config.training.num_steps = 50
+  optimizer = state_lib.build_optimizer(config)
+  np.testing.assert_allclose(optimizer.learning_rate(10), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(optimizer.learning_rate(30), 0.5e-3, rtol=1e-5)
+  np.testing.assert_allclose(optimizer.learning_rate(50), 0.0, atol=1e-12)
+  assert float(optimizer.learning_rate(49)) > 0.0
+
+
 def test_the_train_step_logs_the_rate_it_applies(config):
   """The trainer's step logs `optimizer.learning_rate(step)`; at step 0 of the warm-up that rate
   is 0 and the parameters do not move (the weight decay is scaled by it too)."""

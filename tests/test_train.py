@@ -224,7 +224,8 @@ BAD_VALUES = {
     "model.weighting_bias": float("inf"), "model.conditional": None, "model.p_uncond": 1.0,
     "vae.channels": 0, "vae.latent_channels": 0, "vae.num_down": -1, "vae.num_blocks": -1,
     "latent.vae_workdir": None, "latent.vae_checkpoint": -1,
-    "optim.learning_rate": 0.0, "optim.warmup_steps": -1, "optim.b1": 1.0, "optim.b2": -0.1,
+    "optim.learning_rate": 0.0, "optim.warmup_steps": -1, "optim.lr_decay": "linear",
+    "optim.b1": 1.0, "optim.b2": -0.1,
     "optim.eps": 0.0, "optim.weight_decay": -0.01, "optim.grad_clip_norm": -1.0,
     "optim.schedule_lr_multiplier": 0.0, "optim.weight_decay_rule": "all",
     "optim.ema_decay": 1.0, "optim.ema_warmup": None,
@@ -238,6 +239,16 @@ BAD_VALUES = {
     "distributed.initialize": None, "distributed.coordinator_address": None,
     "distributed.num_processes": 0, "distributed.process_id": -1,
 }
+
+
+def test_a_cosine_decay_needs_more_steps_than_the_warmup():
+  config = load_config("smoke")
+  config.optim.lr_decay = "cosine"
+  config.optim.warmup_steps = config.training.num_steps
+  with pytest.raises(config_checks.ConfigError, match="optim.lr_decay='cosine'"):
+    config_checks.check_config(config)
+  config.optim.warmup_steps = config.training.num_steps - 1
+  config_checks.check_config(config)
 
 
 def test_every_field_of_the_base_config_has_a_rule():

@@ -6,15 +6,8 @@ This is the only module of vdm_jax that imports orbax. A checkpoint of step s li
 - `state`: any pytree of jax / numpy arrays (a flax.struct dataclass or a dict; typed PRNG key
   arrays from `jax.random.key` are stored as they are), written with `StandardSave`;
 - `metadata`: a JSON-able dict (data-iterator position, config, ...), written with `JsonSave`,
-  plus the integrity record under the reserved key "_integrity" (not returned by `restore`):
-  {"format": 1, "algorithm": "sha256", "metadata": HEX, "fields": {FIELD: {"sha256": HEX,
-  "structure": HEX, "leaves": N}}} with one entry per top-level field of the state ("params",
-  "ema_params", "opt_state", ... of a train state; the keys of a dict). "sha256" hashes, for
-  every leaf of the field in the sorted order of its key path: the path, dtype and shape
-  (JSON), then the leaf's bytes (little-endian, C order; a PRNG key's key data), each prefixed
-  by its length (8 bytes, little-endian); "structure" hashes the same without the bytes;
-  "metadata" is the SHA-256 of the rest of the metadata as JSON with sorted keys. It is
-  computed on host from the arrays being saved.
+  plus the integrity record under the reserved key "_integrity" (not returned by `restore`;
+  its format is in `checkpoint_integrity`).
 
 Safety properties:
 
@@ -47,260 +40,58 @@ Multi-host: create the manager and call `save` / `restore` on every process (orb
 the writes); `abstract_state` should carry the global shardings wanted after restore.
 """
 
-from collections.abc import Iterator, Mapping
-import concurrent.futures
-import hashlib
+from collections.abc import Mapping
 import json
 import logging
 import os
+import pathlib
 import time
 from typing import Any
-import warnings
 
-import jax
-from jax.experimental import multihost_utils
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
+
+from vdm_jax import checkpoint_integrity as integrity
+from vdm_jax.checkpoint_integrity import (CheckpointDamagedError, CheckpointReadError,
+                                          CheckpointStructureError, NoUsableCheckpointError,
+                                          non_finite_leaves)
 
 PyTree = Any
 
-__all__ = ["CheckpointManager", "CheckpointDamagedError", "CheckpointReadError",
+__all__ = ["CheckpointManager", "complete_steps", "stored_tree", "CheckpointDamagedError", "CheckpointReadError",
            "CheckpointStructureError", "NoUsableCheckpointError", "non_finite_leaves"]
 
 _STATE = "state"
 _METADATA = "metadata"
 _INTEGRITY = "_integrity"   # reserved key of the metadata item
-_FORMAT = 1
 # A step directory that fails to read is watched this long for its disappearance (a deletion
 # by rotation removes the files first, then the directory) before the failure counts as damage.
 _VANISH_GRACE_S = 0.5
 _MAX_VANISHED = 8   # re-listings after steps disappeared mid-read, per restore
-# tensorstore status codes (the start of its error messages) that show a damaged file, and
-# those that show a failure of the storage, not of the checkpoint.
-_DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION")
-_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-                    "ABORTED", "CANCELLED", "UNAUTHENTICATED", "INTERNAL", "UNKNOWN")
-_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
-# Words of tensorstore / zstd / JSON errors about the bytes read (they can come without a code).
-_DECODING_SIGNS = ("decod", "decompress", "corrupt", "truncated", "invalid json", "checksum")
-_STRUCTURE_SIGNS = ("Structure mismatch", "tree structures do not match",
-                    "is not compatible with the stored shape")
-
-
-class CheckpointDamagedError(ValueError):
-  """Checkpoint `step` is positively damaged (`reason` says how)."""
-
-  def __init__(self, step: int, directory: str, reason: str):
-    self.step, self.reason = step, reason
-    super().__init__(f"Checkpoint step {step} in {directory} is damaged: {reason}")
-
-
-class CheckpointStructureError(ValueError):
-  """The restore target differs from the structure the checkpoint was saved with."""
-
-  def __init__(self, step: int, directory: str, fields: list[str], detail: str = ""):
-    self.step, self.fields = step, fields
-    named = f" in field(s) {fields}" if fields else ""
-    super().__init__(
-        f"Checkpoint step {step} in {directory} was saved with another structure than the one "
-        f"asked for{named} (shapes, dtypes or tree; a changed config?){detail}")
-
-
-class CheckpointReadError(OSError):
-  """A checkpoint could not be read for a reason that does not show damage (I/O, permission)."""
-
-
-class NoUsableCheckpointError(RuntimeError):
-  """Checkpoints exist, and every one of them is damaged."""
-
-
-@jax.jit
-def _leaves_finite(leaves: list[jax.Array]) -> list[jax.Array]:
-  """One bool scalar per leaf: all entries finite (scalars, hence replicated on every host)."""
-  return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
-
-
-def _is_float(leaf: Any) -> bool:
-  dtype = getattr(leaf, "dtype", None)
-  if dtype is None:
-    dtype = np.asarray(leaf).dtype
-  return jnp.issubdtype(dtype, jnp.inexact)
-
-
-def _to_bool(flag: jax.Array) -> bool:
-  # A 0-d result is replicated: the first local shard holds the value, also on multi-host.
-  return bool(np.asarray(flag.addressable_data(0)))
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-  """`error` and the exceptions it was raised from or during."""
-  seen = set()
-  while error is not None and id(error) not in seen and len(seen) < 16:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or error.__context__
-
-
-def _describe(error: BaseException, limit: int = 300) -> str:
-  text = f"{type(error).__name__}: {error}"
-  for cut in (" [tensorstore_spec", " See full TensorStore details"):
-    text = text.split(cut)[0]
-  return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _damage_reason(error: BaseException, directory: str) -> str | None:
-  """How `error` (raised by a read) shows damage; None if it does not (then it is not damage).
-  Words are looked for in the messages without `directory` (a path may contain any word)."""
-  chain = list(_chain(error))
-  for e in chain:
-    if ((isinstance(e, OSError) and not isinstance(e, _MISSING))
-        or str(e).startswith(_TRANSIENT_CODES)):
-      return None
-  for e in reversed(chain):   # the innermost cause names the file and the fault
-    text = str(e).replace(directory, "")
-    if isinstance(e, CheckpointDamagedError):
-      return e.reason
-    if isinstance(e, _MISSING):
-      return f"missing file ({_describe(e)})"
-    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
-      return f"undecodable metadata ({_describe(e)})"
-    if isinstance(e, KeyError) and "not found in the checkpoint" in text:
-      return f"missing item ({_describe(e)})"
-    if text.startswith(_DAMAGE_CODES) or any(word in text.lower() for word in _DECODING_SIGNS):
-      return f"unreadable array data ({_describe(e)})"
-  return None
-
-
-def _is_structure_error(error: BaseException) -> bool:
-  return any(sign in str(e) for e in _chain(error) for sign in _STRUCTURE_SIGNS)
-
-
-def _warn(message: str) -> None:
-  logging.warning(message)
-  warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def non_finite_leaves(state: PyTree) -> list[str]:
-  """Key paths (as `jax.tree_util.keystr`) of the floating leaves with a NaN or an Inf."""
-  floats = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-            if _is_float(leaf)]
-  on_device = [(path, leaf) for path, leaf in floats if isinstance(leaf, jax.Array)]
-  on_host = [(path, leaf) for path, leaf in floats if not isinstance(leaf, jax.Array)]
-  bad = []
-  if on_device:
-    flags = _leaves_finite([leaf for _, leaf in on_device])
-    bad += [path for (path, _), ok in zip(on_device, flags) if not _to_bool(ok)]
-  bad += [path for path, leaf in on_host if not np.all(np.isfinite(leaf))]
-  return [jax.tree_util.keystr(path) for path in bad]
-
-
-# ---- the integrity record: per-field digests, the same for a full and a partial tree ----
-
-def _key_name(entry: Any) -> str:
-  """A key-path entry as a name independent of the container (attribute, dict key, index)."""
-  for attr in ("name", "key", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def _fields(tree: PyTree) -> dict[str, PyTree]:
-  """The top-level fields of `tree` by name (a dataclass's attributes, a dict's keys)."""
-  top, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
-  return {"/".join(_key_name(k) for k in path): sub for path, sub in top}
-
-
-def _dtype_name(dtype: Any) -> str:
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):   # PRNG keys: "key<fry>"
-    return str(dtype)
-  return np.dtype(dtype).name
-
-
-def _host_array(leaf: Any) -> np.ndarray:
-  """The leaf's values on this host, C-contiguous and little-endian (a key's key data)."""
-  if isinstance(leaf, jax.Array):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    if leaf.is_fully_addressable:
-      leaf = jax.device_get(leaf)
-    elif leaf.is_fully_replicated:
-      leaf = leaf.addressable_data(0)
-    else:
-      leaf = multihost_utils.process_allgather(leaf, tiled=True)
-  data = np.ascontiguousarray(np.asarray(leaf))
-  if data.dtype.byteorder == ">":
-    data = data.astype(data.dtype.newbyteorder("<"))
-  return data
-
-
-def _update(digest: Any, data: Any) -> None:
-  digest.update(len(data).to_bytes(8, "little"))
-  digest.update(data)
-
-
-def _field_entry(sub: PyTree, *, with_data: bool) -> tuple[dict, list[str]]:
-  """({"structure", "leaves"[, "sha256"]}, non-finite leaf paths) of one field."""
-  content, structure = hashlib.sha256(), hashlib.sha256()
-  leaves = sorted((([_key_name(k) for k in path], leaf)
-                   for path, leaf in jax.tree_util.tree_leaves_with_path(sub)),
-                  key=lambda item: item[0])
-  bad = []
-  for names, leaf in leaves:
-    shape = list(getattr(leaf, "shape", np.shape(leaf)))
-    dtype = getattr(leaf, "dtype", None)
-    dtype = np.asarray(leaf).dtype if dtype is None else dtype
-    header = json.dumps([names, _dtype_name(dtype), shape]).encode()
-    _update(content, header)
-    _update(structure, header)
-    if with_data:
-      data = _host_array(leaf)
-      _update(content, data.reshape(-1).view(np.uint8))
-      if _is_float(data) and not np.all(np.isfinite(data)):
-        bad.append("/".join(names))
-  entry = {"structure": structure.hexdigest(), "leaves": len(leaves)}
-  if with_data:
-    entry["sha256"] = content.hexdigest()
-  return entry, bad
-
-
-def _field_entries(tree: PyTree, *, with_data: bool) -> dict[str, tuple[dict, list[str]]]:
-  fields = _fields(tree)
-  if not with_data or jax.process_count() > 1 or len(fields) < 2:  # no collectives in threads
-    return {name: _field_entry(sub, with_data=with_data) for name, sub in fields.items()}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(fields))) as pool:
-    futures = {name: pool.submit(_field_entry, sub, with_data=True)
-               for name, sub in fields.items()}
-    return {name: future.result() for name, future in futures.items()}
-
-
-def _metadata_digest(metadata: Mapping[str, Any]) -> str:
-  canonical = json.loads(json.dumps(metadata))   # as read back: str keys, lists for tuples
-  return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-
-
-def _integrity_record(state: PyTree, metadata: Mapping[str, Any]) -> dict:
-  """The record `save` stores beside `state`: per top-level field, a SHA-256 digest of every
-  leaf's path, dtype, shape and bytes, and one of the structure alone; a digest of `metadata`."""
-  entries = _field_entries(state, with_data=True)
-  return {"format": _FORMAT, "algorithm": "sha256", "metadata": _metadata_digest(metadata),
-          "fields": {name: entry for name, (entry, _) in entries.items()}}
-
-
-def _saved_fields(record: Any) -> dict[str, dict] | None:
-  """The record's fields if the record is well formed, else None."""
-  if not isinstance(record, dict) or record.get("format") != _FORMAT:
-    return None
-  fields = record.get("fields")
-  if not isinstance(record.get("metadata"), str) or not isinstance(fields, dict) or not all(
-      isinstance(e, dict) and isinstance(e.get("sha256"), str)
-      and isinstance(e.get("structure"), str) for e in fields.values()):
-    return None
-  return fields
-
-
 class _Vanished(Exception):
   """The step directory disappeared while it was read (rotated away): not damage."""
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory`, newest first, read from the directory
+  listing alone (orbax writes into "S.orbax-checkpoint-tmp*" and renames when complete). No
+  manager is opened: on several processes opening one is a collective, this is not."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+
+
+def stored_tree(directory: str, step: int) -> PyTree:
+  """The tree of array metadata (`.shape`, `.dtype` per leaf) of the state of checkpoint `step`
+  in `directory`, for a restore's dry run: no array is read and no manager opened (no
+  collective). Not verified: raises whatever orbax raises for metadata it cannot read, and
+  ValueError if there is no complete checkpoint `step`."""
+  if step not in complete_steps(directory):
+    raise ValueError(f"No checkpoint for step {step} in {directory}.")
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(pathlib.Path(directory) / str(step) / _STATE).tree
+  finally:
+    handler.close()
 
 
 class CheckpointManager:
@@ -358,24 +149,6 @@ class CheckpointManager:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def stored_tree(self, step: int) -> PyTree:
-    """The tree of array metadata (`.shape` and `.dtype` per leaf, as orbax recorded them) of
-    checkpoint `step`'s state: no array is read. For a restore's dry run (compare it with the
-    target before anything in the run directory changes). Not verified: a damaged checkpoint
-    may raise whatever orbax raises for metadata it cannot read.
-
-    Raises:
-      ValueError: there is no checkpoint `step`.
-    """
-    self._manager.reload()
-    if step not in self.all_steps():
-      raise ValueError(f"No checkpoint for step {step} in {self._directory}.")
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      return handler.metadata(self._manager.directory / str(step) / _STATE).tree   # an epath
-    finally:
-      handler.close()
-
   def save(
       self,
       step: int,
@@ -422,7 +195,7 @@ class CheckpointManager:
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists; not saving again.", step)
       return False
-    metadata[_INTEGRITY] = _integrity_record(state, metadata)
+    metadata[_INTEGRITY] = integrity.integrity_record(state, metadata)
     return bool(self._manager.save(
         step,
         args=ocp.args.Composite(**{
@@ -453,7 +226,8 @@ class CheckpointManager:
         del self._unusable[step]
       except Exception as e:  # pylint: disable=broad-except  # unconfirmed: keep it, retry later
         logging.warning("Keeping checkpoint step %d in %s: re-reading it before deletion failed "
-                        "without confirming damage (%s).", step, self._directory, _describe(e))
+                        "without confirming damage (%s).", step, self._directory,
+                        integrity.describe(e))
       else:
         logging.warning("Keeping checkpoint step %d in %s: it was reported damaged, but reads "
                         "and verifies now.", step, self._directory)
@@ -477,11 +251,11 @@ class CheckpointManager:
     metadata = dict(restored or {})
     record = metadata.pop(_INTEGRITY, None)
     wanted = {name: entry for name, (entry, _) in
-              _field_entries(target, with_data=False).items()}
-    saved = None if record is None else _saved_fields(record)
+              integrity.field_entries(target, with_data=False).items()}
+    saved = None if record is None else integrity.saved_fields(record)
     if record is not None and saved is None:
       raise damaged("its integrity record is malformed")
-    if saved is not None and record["metadata"] != _metadata_digest(metadata):
+    if saved is not None and record["metadata"] != integrity.metadata_digest(metadata):
       raise damaged("digest mismatch in its metadata")
     if saved is not None:
       differ = sorted(name for name in wanted if name not in saved
@@ -492,13 +266,13 @@ class CheckpointManager:
     try:
       state = self._read_state(target, step, partial)
     except Exception as e:  # pylint: disable=broad-except
-      if not _is_structure_error(e):
+      if not integrity.is_structure_error(e):
         raise
       if saved is None:   # nothing recorded to tell damage from a changed target
-        raise CheckpointStructureError(step, self._directory, [], f": {_describe(e)}") from e
-      raise damaged(f"the arrays on disk differ from the recorded structure ({_describe(e)})"
+        raise CheckpointStructureError(step, self._directory, [], f": {integrity.describe(e)}") from e
+      raise damaged(f"the arrays on disk differ from the recorded structure ({integrity.describe(e)})"
                     ) from e
-    got = _field_entries(state, with_data=True)
+    got = integrity.field_entries(state, with_data=True)
     if set(got) != set(wanted):
       raise damaged(f"fields {sorted(set(wanted) ^ set(got))} are missing or extra")
     for name in sorted(got):
@@ -537,15 +311,15 @@ class CheckpointManager:
         raise _Vanished(step) from e
       if isinstance(e, CheckpointDamagedError):
         raise
-      reason = _damage_reason(e, self._directory)
+      reason = integrity.damage_reason(e, self._directory)
       if reason is None:
         raise CheckpointReadError(
-            f"Could not read checkpoint step {step} in {self._directory}: {_describe(e)}. This "
+            f"Could not read checkpoint step {step} in {self._directory}: {integrity.describe(e)}. This "
             f"does not show damage, so the checkpoint was neither skipped nor marked for "
             f"replacement; fix the cause (storage, permissions) and retry.") from e
       raise CheckpointDamagedError(step, self._directory, reason) from e
     if not verified and not quiet:
-      _warn(f"Checkpoint step {step} in {self._directory} has no integrity record (saved by an "
+      integrity.warn(f"Checkpoint step {step} in {self._directory} has no integrity record (saved by an "
             f"older vdm_jax): it cannot be verified; only checked for non-finite values.")
     return step, state, metadata
 
@@ -617,7 +391,7 @@ class CheckpointManager:
       except CheckpointDamagedError as e:
         failures[candidate] = e.reason
         self._unusable[candidate] = (target, partial)
-        _warn(f"Checkpoint step {candidate} in {self._directory} is damaged ({e.reason}); "
+        integrity.warn(f"Checkpoint step {candidate} in {self._directory} is damaged ({e.reason}); "
               f"trying an older one. It is kept as it is; a later save may replace it after "
               f"re-reading it.")
       self._manager.reload()

@@ -9,9 +9,9 @@
 
 Exit status: 0 done; 2 bad input (a ValueError: `ConfigError`, `RunError`, ...), printed as one
 `error: ...` line on stderr without a traceback, by every command; 1 any other failure (with its
-traceback). `train` stopped by a signal: 3 after SIGTERM (`train.EXIT_PREEMPTED`: the state was
-saved, or there was nothing new to save before the first step; rerun the same command to
-resume) and 130 after SIGINT / Ctrl-C (`train.EXIT_INTERRUPTED`, saved likewise).
+traceback). `train` stopped by a signal: 3 after SIGTERM (`run_control.EXIT_PREEMPTED`: the
+state was saved, or there was nothing new to save before the first step; rerun the same command
+to resume) and 130 after SIGINT / Ctrl-C (`run_control.EXIT_INTERRUPTED`, saved likewise).
 """
 
 from __future__ import annotations

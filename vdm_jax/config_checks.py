@@ -174,6 +174,10 @@ def _run_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]
       ("optim.learning_rate", o.learning_rate, _number_in(o.learning_rate, 0, low_open=True),
        "a finite number > 0"),
       ("optim.warmup_steps", o.warmup_steps, _int_at_least(o.warmup_steps, 0), "an integer >= 0"),
+      ("optim.lr_decay", o.lr_decay, o.lr_decay in optim.LR_DECAYS
+       and (o.lr_decay != "cosine" or not _int_at_least(t.num_steps, 1)
+            or not _int_at_least(o.warmup_steps, 0) or t.num_steps > o.warmup_steps),
+       f"one of {optim.LR_DECAYS} (cosine: with training.num_steps > optim.warmup_steps)"),
       ("optim.b1", o.b1, _number_in(o.b1, 0, 1), "in [0, 1)"),
       ("optim.b2", o.b2, _number_in(o.b2, 0, 1), "in [0, 1)"),
       ("optim.eps", o.eps, _number_in(o.eps, 0, low_open=True), "a finite number > 0"),

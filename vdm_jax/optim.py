@@ -40,6 +40,7 @@ PyTree = Any
 WEIGHT_DECAY_RULES = ("kernels", "official")
 
 __all__ = [
+    "LR_DECAYS",
     "WEIGHT_DECAY_RULES",
     "schedule_mask",
     "ema_decay",
@@ -50,15 +51,25 @@ __all__ = [
 ]
 
 
-def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0 to `learning_rate` over `warmup_steps` steps, then constant.
+LR_DECAYS = ("constant", "cosine")
 
-  lr(step) = learning_rate * min(step / warmup_steps, 1); with `warmup_steps = 0` the rate is
-  constant from step 0.
+
+def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, decay: str = "constant",
+                           total_steps: int = 0) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate` over `warmup_steps` steps, then constant or a
+  cosine decay to 0 at `total_steps`.
+
+  constant: lr(step) = learning_rate * min(step / warmup_steps, 1); with `warmup_steps = 0` the
+  rate is constant from step 0.
+  cosine: the same warm-up, then for warmup_steps <= step <= total_steps
+  lr(step) = learning_rate * (1 + cos(pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2,
+  and 0 after `total_steps` (short runs end on a small rate, where the parameters settle).
 
   Args:
-    learning_rate: peak (and final) learning rate, > 0.
+    learning_rate: peak learning rate, > 0.
     warmup_steps: number of warm-up steps, >= 0.
+    decay: "constant" or "cosine".
+    total_steps: the step where the cosine reaches 0 (> warmup_steps); unused for "constant".
 
   Returns:
     An optax schedule: step (int scalar) -> learning rate (float scalar).
@@ -67,6 +78,14 @@ def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
   if warmup_steps < 0:
     raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+  check_choice("learning-rate decay", decay, LR_DECAYS)
+  if decay == "cosine":
+    if not total_steps > warmup_steps:
+      raise ValueError(f"a cosine decay needs total_steps > warmup_steps, got total_steps "
+                       f"{total_steps} and warmup_steps {warmup_steps}.")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+        decay_steps=total_steps, end_value=0.0)
   if warmup_steps == 0:
     return optax.constant_schedule(learning_rate)
   # linear_schedule clamps at end_value once transition_steps have passed.

@@ -53,8 +53,9 @@ def build_optimizer(config: ml_collections.ConfigDict) -> Optimizer:
   """AdamW of config.optim (`optim.make_optimizer`), with its one learning-rate schedule; the
   schedule's parameters are found under `model.SCHEDULE_KEY`."""
   o = config.optim
-  learning_rate = optim.learning_rate_schedule(learning_rate=o.learning_rate,
-                                               warmup_steps=o.warmup_steps)
+  learning_rate = optim.learning_rate_schedule(
+      learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay=o.get("lr_decay", "constant"), total_steps=config.training.num_steps)
   tx = optim.make_optimizer(
       learning_rate=learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
       grad_clip_norm=o.grad_clip_norm or None, schedule_lr_multiplier=o.schedule_lr_multiplier,

@@ -12,23 +12,18 @@ What a run directory can rely on:
   ends, however it ends), so two trainers never write the same checkpoints;
 - SIGTERM / SIGINT are caught from the start: before the first step (restoring, compiling)
   there is nothing new to save and the trainer stops at once; after it, the current step ends,
-  the state is saved and the trainer stops. Exit statuses: `EXIT_PREEMPTED` (SIGTERM) and
-  `EXIT_INTERRUPTED` (SIGINT), returned as "exit_status";
+  the state is saved and the trainer stops. Exit statuses: `run_control.EXIT_PREEMPTED` (SIGTERM)
+  and `run_control.EXIT_INTERRUPTED` (SIGINT), returned as "exit_status";
 - every exit path waits for the checkpoint being written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
-import signal
-import socket
 import sys
-import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -36,123 +31,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdm_jax import checkpointing, config_checks, data, metrics, parallel, pipeline, runs
+from vdm_jax import (checkpointing, config_checks, data, metrics, parallel, pipeline, run_control,
+                     runs)
 from vdm_jax import state as state_lib, steps
 
-# Exit statuses of a run stopped by a signal (a finished run exits 0, bad input 2).
-EXIT_PREEMPTED = 3       # SIGTERM: state saved (or nothing new to save); rerun to resume
-EXIT_INTERRUPTED = 130   # SIGINT (Ctrl-C), the shell's 128 + 2; state saved as for SIGTERM
-EXIT_STATUS = {"SIGTERM": EXIT_PREEMPTED, "SIGINT": EXIT_INTERRUPTED}
-LOCK_FILE = "train.lock"
-
-
-class _StopRequests:
-  """SIGTERM / SIGINT -> `requested` (the first signal's name), which the trainer checks; the
-  handlers are installed in the main thread only (elsewhere signals keep their handlers)."""
-
-  def __init__(self):
-    self.requested: str | None = None
-    self._old = {}
-
-  def __enter__(self) -> "_StopRequests":
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:   # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if self.requested is None:
-      self.requested = signal.Signals(signum).name
-
-  def __exit__(self, *exc) -> None:
-    old, self._old = self._old, {}
-    for sig, handler in old.items():
-      signal.signal(sig, handler)
-
-
-class _RunLock:
-  """An exclusive `fcntl.flock` on `workdir/train.lock`, held while a trainer runs.
-
-  The kernel releases it when the process ends, however it ends (no stale lock after a crash);
-  the file itself stays, holding the last holder's pid and host. Readers (`vdm-jax eval`,
-  `sample`) do not take it.
-  """
-
-  def __init__(self, workdir: str, *, enabled: bool = True):
-    self.path, self.enabled, self._file = os.path.join(workdir, LOCK_FILE), enabled, None
-
-  def __enter__(self) -> "_RunLock":
-    if not self.enabled:
-      return self
-    try:
-      os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      f = open(self.path, "a+", encoding="utf-8")
-    except OSError as e:
-      raise runs.RunError(f"cannot use {os.path.dirname(self.path)!r} as a run directory: "
-                          f"{e.strerror or e} ({self.path})") from e
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      f.seek(0)
-      holder = f.read().strip()
-      f.close()
-      if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-        logging.warning("cannot lock %s (%s): a second trainer on this run would not be "
-                        "detected", self.path, e)
-        return self
-      raise runs.RunError(
-          f"{os.path.dirname(self.path)!r} is being trained by another process "
-          f"({holder or 'holder unknown'}; lock {self.path}); two trainers would write the same "
-          f"checkpoints. Wait for it or stop it, or use another --workdir (vdm-jax eval and "
-          f"sample may run beside it)") from e
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    self._file = f
-    return self
-
-  def __exit__(self, *exc) -> None:
-    f, self._file = self._file, None
-    if f is not None:
-      fcntl.flock(f, fcntl.LOCK_UN)
-      f.close()
-
-
-class _Abandoned(NamedTuple):
-  """A preparation left running in its thread after a signal (see `_responsive`)."""
-  phase: str
-
-
-def _responsive(fn: Callable[[Callable[[str], None]], Any], stop: _StopRequests) -> Any:
-  """fn(set_phase) in a worker thread, the calling thread waiting in short slices so that its
-  signal handlers run at once (XLA compilation is one long C++ call that would defer them).
-
-  Returns fn's value, or `_Abandoned(phase)` when a signal came first (the worker is a daemon
-  thread; an uninterruptible compilation finishes there, unused). fn's exception is re-raised.
-  """
-  box: dict[str, Any] = {"phase": "starting"}
-  done = threading.Event()
-
-  def run():
-    try:
-      box["value"] = fn(lambda phase: box.__setitem__("phase", phase))
-    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the caller
-      box["error"] = e
-    finally:
-      done.set()
-
-  threading.Thread(target=run, name="vdm-jax-prepare", daemon=True).start()
-  while not done.wait(0.05):
-    if stop.requested is not None:
-      return _Abandoned(box["phase"])
-  if "error" in box:
-    raise box["error"]
-  return box["value"]
-
+from vdm_jax.run_control import EXIT_STATUS
 
 def _host_check(step: int, out: dict, max_nonfinite: int) -> None:
   if out["finite"] < 1.0 and out["nonfinite_count"] > max_nonfinite:
@@ -181,7 +64,7 @@ class _Prepared(NamedTuple):
   first_batch: dict
 
 
-def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: _StopRequests,
+def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: run_control.StopRequests,
              set_phase: Callable[[str], None]) -> _Prepared | None:
   """Builds the task, checks the restore (dry run), restores or initialises the state and
   compiles the train step; None if a stop was requested meanwhile."""
@@ -225,35 +108,14 @@ def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: _StopR
   return _Prepared(task, ckpt, state, start, step_fn, train_it, batch)
 
 
-# TO MOVE into vdm_jax.checkpointing (the only module that should import orbax) as a public
-# "abstract tree of checkpoint step S", e.g. `CheckpointManager.stored_tree(step)`; requested
-# from its owner (issue 15 item 3). Until then this reads orbax's tree metadata here.
-def _stored_tree(directory: str, step: int) -> Any:
-  """The checkpoint's tree of array metadata (shape, dtype) of its "state" item; no array is
-  read. Raises whatever orbax raises for a step it cannot read."""
-  import orbax.checkpoint as ocp   # pylint: disable=import-outside-toplevel
-  from etils import epath   # pylint: disable=import-outside-toplevel
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    return handler.metadata(epath.Path(directory) / str(step) / "state").tree
-  finally:
-    handler.close()
-
-
 def _check_restore(abstract, ckpt_dir: str, *, config, stored: dict | None,
                    workdir: str) -> None:
   """The restore's dry run: the newest checkpoint whose tree can be read must have the key
   paths, shapes and dtypes of `abstract` (`config_checks.check_state_fits`). Nothing is
   written; a checkpoint whose tree cannot be read is left to the restore (and its fallback)."""
-  if not os.path.isdir(ckpt_dir):
-    return
-  # Complete steps are the directories named by their step alone (orbax writes into
-  # "S.orbax-checkpoint-tmp*" and renames). No orbax manager is opened here: on several
-  # processes its creation is a collective, which this check must not be.
-  candidates = sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True)
-  for step in candidates:
+  for step in checkpointing.complete_steps(ckpt_dir):   # no manager opened: no collective
     try:
-      tree = _stored_tree(ckpt_dir, step)
+      tree = checkpointing.stored_tree(ckpt_dir, step)
     except Exception as e:  # pylint: disable=broad-except  # the restore will say what is wrong
       logging.warning("could not read the tree of checkpoint %d for the restore's dry run: %s",
                       step, e)
@@ -315,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config_checks.check_config(config)   # every field, before any side effect
   with contextlib.ExitStack() as stack:
-    stop = stack.enter_context(_StopRequests())   # before anything compiles
+    stop = stack.enter_context(run_control.StopRequests())   # before anything compiles
     if config.distributed.initialize:
       parallel.initialize_distributed(
           coordinator_address=config.distributed.coordinator_address,
@@ -325,13 +187,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_checks.check_config(config, num_devices=mesh.size)
     is_chief = jax.process_index() == 0
     info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
-    stack.enter_context(_RunLock(workdir, enabled=is_chief))
+    stack.enter_context(run_control.RunLock(workdir, enabled=is_chief))
     stored = config_checks.check_workdir_config(config, workdir, write=False)
     if stop.requested:
       return _stopped(stop.requested, None, saved=False)
-    prepared = _responsive(
+    prepared = run_control.responsive(
         lambda set_phase: _prepare(config, info, mesh, workdir, stored, stop, set_phase), stop)
-    if prepared is None or isinstance(prepared, _Abandoned):
+    if prepared is None or isinstance(prepared, run_control.Abandoned):
       return _stopped(stop.requested, None, saved=False, abandoned=prepared is not None,
                       phase=getattr(prepared, "phase", None))
     writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_chief))
@@ -342,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _final(config, workdir, info, mesh, prepared.task, state, step, writer, is_chief)
 
 
-def _loop(config, workdir, info, mesh, p: _Prepared, stop: _StopRequests, stored, writer,
+def _loop(config, workdir, info, mesh, p: _Prepared, stop: run_control.StopRequests, stored, writer,
           is_chief):
   """Steps from p.start to the last step (or a stop request); returns (state, step). Every exit
   waits for the checkpoint being written and closes the checkpointer."""
