@@ -27,6 +27,18 @@ import jax  # noqa: E402
 jax.config.update("jax_threefry_partitionable", True)
 
 
+# Wall-clock limits of the tests that wait on other processes or threads, sized about 10x what
+# they take on this project's 2-core machine (the README-command test ~1 min, the two-process
+# test ~1.5 min), so that a machine several times slower, or one under load, still passes;
+# VDM_TEST_TIMEOUT_SCALE multiplies them all (e.g. 4 on an emulated or throttled machine).
+TIMEOUT_SCALE = float(os.environ.get("VDM_TEST_TIMEOUT_SCALE", "1"))
+
+
+def patience(seconds: float) -> float:
+  """A wall-clock limit of `seconds`, times VDM_TEST_TIMEOUT_SCALE."""
+  return seconds * TIMEOUT_SCALE
+
+
 def pytest_report_header(config):
   del config
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"

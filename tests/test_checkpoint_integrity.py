@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import checkpointing, config_checks, data, parallel, runs, state as state_lib, tasks
+from vdm_jax import checkpointing, data, parallel, runs, state as state_lib, stored_config, tasks
 from vdm_jax.checkpointing import CheckpointManager
 
 # orbax can leave an asyncio callback behind after a failed read; it is harmless here.
@@ -495,7 +495,7 @@ def _smoke_run(tmp_path, smoke_config, steps, ema_offset=0.0):
                   out_shardings=rep)()
   workdir = tmp_path / "run"
   os.makedirs(workdir)
-  config_checks.check_workdir_config(config, str(workdir))
+  stored_config.check_workdir_config(config, str(workdir))
   emas = {}
   with checkpointing.CheckpointManager(workdir / "checkpoints", async_save=False) as manager:
     for step in steps:

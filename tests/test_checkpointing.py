@@ -20,6 +20,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import patience
+
 from vdm_jax import checkpointing
 from vdm_jax.checkpointing import CheckpointManager
 
@@ -262,7 +264,7 @@ _CRASHING_CHILD = textwrap.dedent("""
 """)
 
 
-def _wait_for_tmp_dir(directory, proc, timeout=60.0):
+def _wait_for_tmp_dir(directory, proc, timeout=patience(300)):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline and proc.poll() is None:
     names = os.listdir(directory) if os.path.isdir(directory) else []
@@ -285,11 +287,11 @@ def test_killed_during_save_leaves_previous_checkpoint_usable(tmp_path):
     assert tmp, f"the child never started saving step 2 (exit code {proc.poll()})"
     time.sleep(0.05)  # let it write part of the data
     os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert proc.wait(timeout=patience(120)) == -signal.SIGKILL
   finally:
     if proc.poll() is None:
       proc.kill()
-      proc.wait(timeout=30)
+      proc.wait(timeout=patience(120))
   assert "2" not in os.listdir(directory), "the save finished before the kill"
   abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
   with CheckpointManager(directory, async_save=False) as mgr:

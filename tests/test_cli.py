@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+from conftest import patience
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
 
 
 def _cli(*args, cwd):
   return subprocess.run([sys.executable, "-m", "vdm_jax.cli", *args], capture_output=True,
-                        text=True, timeout=600, cwd=cwd)
+                        text=True, timeout=patience(1200), cwd=cwd)
 
 
 @pytest.mark.parametrize("command, args, message", [

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import patience
+
 from vdm_jax import config_checks, evaluation, runs as runs_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -200,7 +202,7 @@ def test_cli_errors_are_one_line(runs, tmp_path):
         "--out", str(tmp_path / "s0")], "expected batch_size to be an integer >= 1, got 0"),
   ]:
     proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=patience(900))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
@@ -209,13 +211,13 @@ def test_cli_eval_and_sample(runs, tmp_path):
   out = tmp_path / "cli.json"
   proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", "eval", "--workdir", runs["uncond"],
                          "--num_steps", "5", "--t_samples", "1", "--max_examples", "16",
-                         "--out", str(out)], capture_output=True, text=True, timeout=300)
+                         "--out", str(out)], capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "bpd" in proc.stdout and json.loads(out.read_text())["num_steps"] == 5
   proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", "sample", "--workdir",
                          runs["cond"], "--sampler", "ddim", "--steps", "3", "--num", "4",
                          "--label", "7", "--guidance", "1", "--out", str(tmp_path / "s")],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(list((tmp_path / "s").glob("*.npz"))) == 1
 

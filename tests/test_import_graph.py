@@ -20,7 +20,7 @@ LAYERS = (
     ("maths", ("schedules", "diffusion", "elbo", "objectives", "sampling", "guidance",
                "likelihood", "latent")),
     ("model", ("networks", "model", "classifier", "vae")),
-    ("tasks", ("tasks", "convert", "config_checks")),
+    ("tasks", ("tasks", "convert", "config_checks", "stored_config")),
     ("state", ("state", "steps")),
     ("runs", ("runs", "run_control")),
     ("apps", ("train", "evaluation", "bench", "official_import")),

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
+
+from conftest import patience
 from tensorboardX.proto import event_pb2
 
 from vdm_jax import metrics
@@ -207,7 +209,7 @@ def test_tensorboard_write_failure_is_one_warning_and_never_a_hang(tmp_path, mon
     done.set()
 
   threading.Thread(target=write_many, daemon=True).start()
-  assert done.wait(timeout=120), "write_scalars blocked on a failing TensorBoard writer"
+  assert done.wait(timeout=patience(600)), "write_scalars blocked on a failing TensorBoard writer"
   writer.close()
   warned = [r for r in caplog.records if "TensorBoard events" in r.getMessage()]
   assert len(warned) == 1 and "No space left on device" in warned[0].getMessage()

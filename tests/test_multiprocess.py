@@ -12,10 +12,12 @@ import chex
 import jax
 import pytest
 
+from conftest import patience
+
 from vdm_jax import checkpointing, data, parallel, state as state_lib, tasks
 
 HERE = pathlib.Path(__file__).resolve().parent
-TIMEOUT = 420
+TIMEOUT = patience(1800)
 
 
 def _free_port():

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import optax
 import pytest
+
+from conftest import patience
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
@@ -107,7 +109,7 @@ def test_cli_import_official_bad_input_is_one_error_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "vdm_jax.cli", "import-official", "--checkpoint",
        str(tmp_path / "nowhere"), "--config", str(ROOT / "configs" / "cifar10.py"),
-       "--workdir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+       "--workdir", str(tmp_path / "run")], capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
@@ -125,7 +127,8 @@ def test_import_of_what_clu_writes(tmp_path):
       [sys.executable, "-m", "vdm_jax.cli", "import-official", "--checkpoint", str(base),
        "--config", str(ROOT / "configs" / "cifar10.py"), "--workdir", str(workdir),
        "--config.model.channels=32", "--config.model.num_blocks=4",
-       "--config.model.block_impl=unrolled"], capture_output=True, text=True, timeout=600)
+       "--config.model.block_impl=unrolled"], capture_output=True, text=True,
+      timeout=patience(1800))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "imported step 1234" in proc.stdout
   _check_run(workdir, d)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import patience
+
 from vdm_jax import checkpointing, config_checks, data, elbo, parallel, pipeline, run_control, runs
 from vdm_jax import state as state_lib, steps as steps_lib, tasks, train
 
@@ -109,12 +111,12 @@ def test_preemption_saves_and_resumes(tmp_path, sig):
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
   try:
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
+    deadline = time.time() + patience(1800)
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
       time.sleep(0.5)
     assert metrics.exists(), "training did not start in time"
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=300)      # bounded: finishes the step, saves, exits
+    out, _ = proc.communicate(timeout=patience(900))      # bounded: finishes the step, saves, exits
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -175,7 +177,7 @@ def test_signal_while_compiling_stops_at_once(tmp_path, sig, status):
                           cwd=tmp_path, env=_env_without_compile_cache())
   out = []
   try:
-    lines, deadline = _lines(proc), time.time() + 600
+    lines, deadline = _lines(proc), time.time() + patience(1800)
     while time.time() < deadline:
       line = lines.get(timeout=max(deadline - time.time(), 0.1))
       assert line is not None, "the trainer ended before compiling:\n" + "".join(out)[-3000:]
@@ -184,9 +186,9 @@ def test_signal_while_compiling_stops_at_once(tmp_path, sig, status):
         break
     sent = time.time()
     proc.send_signal(sig)
-    proc.wait(timeout=120)
+    proc.wait(timeout=patience(600))
     elapsed = time.time() - sent
-    while (line := lines.get(timeout=60)) is not None:
+    while (line := lines.get(timeout=patience(300))) is not None:
       out.append(line)
   finally:
     if proc.poll() is None:
@@ -351,7 +353,7 @@ def test_full_disk_under_tensorboard_neither_hangs_nor_stops_training(tmp_path, 
 
   worker = threading.Thread(target=run, daemon=True)
   worker.start()
-  worker.join(timeout=600)
+  worker.join(timeout=patience(1800))
   assert not worker.is_alive(), "training hangs on a failing TensorBoard writer"
   if "error" in box:
     raise box["error"]

@@ -6,7 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import checkpointing, config_checks, data, parallel, runs, state as state_lib, tasks
+from vdm_jax import checkpointing, data, parallel, runs, state as state_lib, stored_config, tasks
 
 
 def test_load_run_restores_the_ema_parameters_and_nothing_else(tmp_path, monkeypatch,
@@ -21,7 +21,7 @@ def test_load_run_restores_the_ema_parameters_and_nothing_else(tmp_path, monkeyp
   saved = fresh.replace(ema_params=ema, step=jax.device_put(jnp.asarray(7, jnp.int32), rep))
   workdir = tmp_path / "run"
   os.makedirs(workdir)
-  config_checks.check_workdir_config(config, str(workdir))
+  stored_config.check_workdir_config(config, str(workdir))
   with checkpointing.CheckpointManager(workdir / "checkpoints", async_save=False) as manager:
     manager.save(7, saved, force=True)
 

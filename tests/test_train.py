@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, parallel, pipeline, state as state_lib
+from conftest import patience
+
+from vdm_jax import config_checks, data, parallel, pipeline, state as state_lib, stored_config
 from vdm_jax import steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -106,17 +108,17 @@ def test_bad_config_rejected_before_compiling(tmp_path):
 
 def test_workdir_refuses_a_different_model(tmp_path):
   config = load_config("smoke")
-  config_checks.check_workdir_config(config, str(tmp_path))
+  stored_config.check_workdir_config(config, str(tmp_path))
   config.model.channels = 16
   config.data.flip = True
   with pytest.raises(config_checks.ConfigError, match=r"model.channels: 8 -> 16") as err:
-    config_checks.check_workdir_config(config, str(tmp_path))
+    stored_config.check_workdir_config(config, str(tmp_path))
   assert "data.flip: False -> True" in str(err.value)
   config.training.allow_config_change = True
-  config_checks.check_workdir_config(config, str(tmp_path))   # allowed explicitly
+  stored_config.check_workdir_config(config, str(tmp_path))   # allowed explicitly
   config.training.num_steps = 99                               # not a pinned field
   config.training.allow_config_change = False
-  config_checks.check_workdir_config(config, str(tmp_path))
+  stored_config.check_workdir_config(config, str(tmp_path))
 
 
 @pytest.mark.slow
@@ -127,7 +129,7 @@ def test_readme_main_command(tmp_path):
          "--workdir", str(workdir), "--config.training.num_steps=150", "--config.optim.warmup_steps=10",
          "--config.training.log_every=20", "--config.sample.num_steps=20",
          "--config.eval.t_samples=1"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=patience(1800), cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "test bpd" in proc.stdout
   result = json.loads((workdir / "eval.json").read_text())
@@ -139,7 +141,7 @@ def test_readme_main_command(tmp_path):
 def test_cli_rejects_a_typo_in_an_override(tmp_path):
   cmd = [sys.executable, "-m", "vdm_jax.cli", "train", "--config", str(ROOT / "configs/smoke.py"),
          "--workdir", str(tmp_path / "w"), "--config.training.num_stepz=3"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=patience(600))
   assert proc.returncode != 0
   assert "num_stepz" in proc.stderr
   assert not (tmp_path / "w").exists()
@@ -147,7 +149,7 @@ def test_cli_rejects_a_typo_in_an_override(tmp_path):
 
 def test_cli_usage_without_a_command():
   proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli"], capture_output=True, text=True,
-                        timeout=60)
+                        timeout=patience(300))
   assert proc.returncode == 2 and "usage: vdm-jax" in proc.stderr
 
 

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import config_checks, data, guidance as guidance_lib, likelihood, metrics, parallel
+from vdm_jax import data, guidance as guidance_lib, likelihood, metrics, parallel
 from vdm_jax import pipeline
-from vdm_jax import sampling, steps as steps_lib
+from vdm_jax import sampling, steps as steps_lib, stored_config
 from vdm_jax.checks import check_number
 from vdm_jax.runs import Run, RunError, load_run
 
@@ -50,7 +50,7 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
     check_number("batch_size", batch_size, integer=True, low=1)
   if max_examples is not None:
     check_number("max_examples", max_examples, integer=True, low=1)
-  config_checks.read_stored_config(workdir)   # a damaged config.json is named as such
+  stored_config.read_stored_config(workdir)   # a damaged config.json is named as such
   run = load_run(workdir, step=checkpoint, eval_batch_size=batch_size)
   split = split or data.default_eval_split(run.config.data.name)
   if run.config.eval.batch_size % run.mesh.size:
@@ -192,7 +192,7 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
     raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
   out = out or os.path.join(workdir, "samples")
   _check_output_directory(out)   # before sampling, not after
-  config_checks.read_stored_config(workdir)   # a damaged config.json is named as such
+  stored_config.read_stored_config(workdir)   # a damaged config.json is named as such
   run = load_run(workdir, step=checkpoint)
   classifier = None if classifier_workdir is None else load_run(classifier_workdir)
   labels = _labels(run, label, num, classifier)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from vdm_jax import checkpointing, config_checks, data, parallel, state as state_lib, tasks
+from vdm_jax import checkpointing, data, parallel, state as state_lib, stored_config, tasks
 
 PyTree = Any
 
@@ -57,9 +57,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     stored = json.load(f)
   config = ml_collections.ConfigDict(stored["config"])
-  if (config.get("task", "vdm") in config_checks.NETWORK_TASKS
+  if (config.get("task", "vdm") in stored_config.NETWORK_TASKS
       and "norm_groups" not in config.get("model", {})):
-    raise RunError(config_checks.OLD_NETWORK.format(workdir=workdir))
+    raise RunError(stored_config.OLD_NETWORK.format(workdir=workdir))
   for section, fields in _ADDED_SECTIONS.items():
     if section not in config:
       config[section] = ml_collections.ConfigDict(fields)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vdm_jax import (checkpointing, config_checks, data, metrics, parallel, pipeline, run_control,
-                     runs)
+                     runs, stored_config)
 from vdm_jax import state as state_lib, steps
 
 from vdm_jax.run_control import EXIT_STATUS
@@ -111,7 +111,7 @@ def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: run_co
 def _check_restore(abstract, ckpt_dir: str, *, config, stored: dict | None,
                    workdir: str) -> None:
   """The restore's dry run: the newest checkpoint whose tree can be read must have the key
-  paths, shapes and dtypes of `abstract` (`config_checks.check_state_fits`). Nothing is
+  paths, shapes and dtypes of `abstract` (`stored_config.check_state_fits`). Nothing is
   written; a checkpoint whose tree cannot be read is left to the restore (and its fallback)."""
   for step in checkpointing.complete_steps(ckpt_dir):   # no manager opened: no collective
     try:
@@ -120,8 +120,8 @@ def _check_restore(abstract, ckpt_dir: str, *, config, stored: dict | None,
       logging.warning("could not read the tree of checkpoint %d for the restore's dry run: %s",
                       step, e)
       continue
-    config_checks.check_state_fits(config_checks.leaf_table(abstract),
-                                   config_checks.leaf_table(tree), step=step,
+    stored_config.check_state_fits(stored_config.leaf_table(abstract),
+                                   stored_config.leaf_table(tree), step=step,
                                    config=config, stored_config=stored, workdir=workdir)
     return
 
@@ -138,7 +138,7 @@ class _ConfigAfterCheckpoint:
     if saved and not self.done:
       ckpt.wait_until_finished()
       if self.write:
-        config_checks.store_config(self.config, self.workdir)
+        stored_config.store_config(self.config, self.workdir)
       self.done = True
 
 
@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_chief = jax.process_index() == 0
     info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
     stack.enter_context(run_control.RunLock(workdir, enabled=is_chief))
-    stored = config_checks.check_workdir_config(config, workdir, write=False)
+    stored = stored_config.check_workdir_config(config, workdir, write=False)
     if stop.requested:
       return _stopped(stop.requested, None, saved=False)
     prepared = run_control.responsive(
