@@ -1,5 +1,6 @@
 """The schedule's interior trained on the variance of the bound's estimate (issue 14):
-`objectives.variance_elbo_terms` against autodiff references on a small case.
+`objectives.variance_elbo_terms` against autodiff references on a small case, then through the
+model, the trainer's step (scan, bfloat16, a 4-device mesh) and the config checks.
 
 The maths runs in float32 (the bound's terms are computed in float32 whatever the input), hence
 the tolerances; each test's mutation (see the report of issue 14) fails it by orders of magnitude.
@@ -8,10 +9,16 @@ the tolerances; each test's mutation (see the report of issue 14) fails it by or
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
+import pytest
 from absl.testing import absltest, parameterized
 
-from vdm_jax import elbo, objectives, schedules
+from vdm_jax import config_checks, data, elbo, model as model_lib, objectives, parallel
+from vdm_jax import pipeline, schedules, state as state_lib, steps, tasks
+
+SK = model_lib.SCHEDULE_KEY
 
 B, SHAPE, VOCAB = 6, (2, 2, 1), 17
 
@@ -204,6 +211,181 @@ class VarianceGradientTest(parameterized.TestCase):
       elbo.elbo_terms(jax.random.key(0), draws["x"], gamma_t=draws["t"], gamma_prime=draws["t"],
                       **kw)
 
+
+# ---- through the model, the trainer's step and the config checks ----
+
+INFO = data.static_info("digits")
+
+
+def _config(smoke_config, **model):
+  config = ml_collections.ConfigDict(smoke_config.to_dict())
+  config.model.update(dict(dict(schedule="learned_monotone", schedule_objective="variance"),
+                           **model))
+  config_checks.check_config(config)
+  return config
+
+
+def _batch(size=8):
+  return next(pipeline.train_iterator("digits", global_batch_size=size, seed=0))
+
+
+def _distance(a, b) -> float:
+  return float(optax.global_norm(jax.tree.map(jnp.subtract, a, b)))
+
+
+def _grads(config, params, batch, key, mesh=None):
+  """The gradient of the task's loss (mean bpd), sharded over `mesh` as the trainer's step."""
+  task = tasks.build_task(config, INFO)
+  fn = jax.grad(lambda p: task.loss(p, {}, batch, key)[0])
+  if mesh is None:
+    return jax.jit(fn)(params)
+  rep = parallel.replicated(mesh)
+  return jax.device_get(parallel.jit(
+      lambda p, b: jax.grad(lambda q: task.loss(q, {}, b, key)[0])(p),
+      in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=rep)(
+          params, parallel.shard_batch(batch, mesh)))
+
+
+def test_model_routes_the_gradient_network_and_endpoints_unchanged(smoke_config):
+  """VDMTask.loss with schedule_objective "variance": the same loss value; the score network's
+  and the endpoints' gradients are the bound's; the interior's is the gradient of
+  mean_i L_i^2 / (D ln 2) (L_i the diffusion term in nats, the loss being the mean bpd)."""
+  var_config = _config(smoke_config)
+  elbo_config = _config(smoke_config, schedule_objective="elbo")
+  task = tasks.build_task(var_config, INFO)
+  params, _ = task.init(jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda p: p, params)
+  params[SK]["net"]["l3"]["kernel"] = params[SK]["net"]["l3"]["kernel"] * 3000.0   # curved
+  batch, key = _batch(), jax.random.PRNGKey(5)
+  loss_var = task.loss(params, {}, batch, key)[0]
+  loss_elbo = tasks.build_task(elbo_config, INFO).loss(params, {}, batch, key)[0]
+  assert float(loss_var) == float(loss_elbo)
+  g_var, g_elbo = _grads(var_config, params, batch, key), _grads(elbo_config, params, batch, key)
+  chex.assert_trees_all_close(g_var["score_net"], g_elbo["score_net"], rtol=1e-5, atol=1e-7)
+  for name in ("gamma_min", "delta"):
+    chex.assert_trees_all_close(g_var[SK][name], g_elbo[SK][name], rtol=1e-3, atol=1e-5)
+  model = tasks.build_task(elbo_config, INFO).model
+  k_diff, k_drop, _ = jax.random.split(key, 3)
+  num_dims = int(np.prod(INFO.shape))
+
+  def second_moment(p):
+    terms = model.apply({"params": p}, batch["image"], None, None, train=True,
+                        rngs={"diffusion": k_diff, "dropout": k_drop})
+    return jnp.mean(terms.diffusion ** 2) / (num_dims * np.log(2.0))
+  want = jax.jit(jax.grad(second_moment))(params)
+  # Compared as whole vectors: at initialisation L ~ 400 nats, and float32 sums of
+  # per-example terms 2 L dL/ds that largely cancel round at ~3e-5 here (both sides); the
+  # exact comparison is the small case above. The bound's gradient is ~1000x smaller.
+  size = float(optax.global_norm(want[SK]["net"]))
+  assert _distance(g_var[SK]["net"], want[SK]["net"]) < 0.05 * size
+  assert _distance(g_elbo[SK]["net"], want[SK]["net"]) > 0.9 * size
+
+
+def _train(config, num_steps, mesh=None):
+  mesh = mesh or parallel.make_mesh(1)
+  task, tx = tasks.build_task(config, INFO), state_lib.build_optimizer(config).tx
+  rep = parallel.replicated(mesh)
+  state = jax.jit(lambda: state_lib.init_state(task, tx, seed=0), out_shardings=rep)()
+  step = parallel.jit(steps.make_train_step(task, tx, ema_decay=0.9),
+                      in_shardings=(rep, parallel.batch_sharding(mesh)),
+                      out_shardings=(rep, rep))
+  it = pipeline.train_iterator("digits", global_batch_size=config.training.batch_size, seed=0)
+  for _ in range(num_steps):
+    state, out = step(state, parallel.shard_batch(next(it), mesh))
+  return task, jax.device_get(state), jax.device_get(out)
+
+
+def _check_schedule(task, params):
+  """Strictly increasing on a fine grid, finite, with exactly the learned endpoints."""
+  gamma = lambda t: task.model.apply({"params": params}, t, method=model_lib.VDM.gamma)
+  grid = np.asarray(gamma(jnp.linspace(0.0, 1.0, 2001)))
+  assert np.all(np.isfinite(grid)) and np.all(np.diff(grid) > 0), np.diff(grid).min()
+  sched = params[SK]
+  gmin, gmax = schedules.learned_endpoints(sched)
+  assert float(gamma(jnp.float32(0.0))) == float(gmin)
+  assert float(gamma(jnp.float32(1.0))) == float(gmax)
+
+
+def test_training_moves_the_interior_and_keeps_the_schedule_monotone(smoke_config):
+  """20 steps (a large schedule learning rate): the interior moves under both objectives but
+  differently, the endpoints move, and the schedule stays strictly increasing with exact
+  endpoints."""
+  trained = {}
+  for objective in ("variance", "elbo"):
+    config = _config(smoke_config, schedule_objective=objective)
+    config.optim.schedule_lr_multiplier = 30.0
+    task, state, out = _train(config, 20)
+    assert float(out["finite"]) == 1.0
+    _check_schedule(task, state.params)
+    trained[objective] = state.params[SK]
+  init = tasks.build_task(_config(smoke_config), INFO).init(jax.random.PRNGKey(0))[0][SK]
+  moved = lambda a, b: float(jnp.max(jnp.abs(a - b)))
+  assert moved(trained["variance"]["net"]["l3"]["kernel"], init["net"]["l3"]["kernel"]) > 0.1
+  assert moved(trained["variance"]["net"]["l3"]["kernel"],
+               trained["elbo"]["net"]["l3"]["kernel"]) > 0.1
+  assert moved(trained["variance"]["delta"], init["delta"]) > 0.1
+
+
+def test_scan_bfloat16_and_a_four_device_mesh(smoke_config):
+  """block_impl "scan" and bfloat16 activations, sharded over 4 devices as the trainer's step:
+  the network's gradient is the bound's (as with float32, unrolled), the gradient on 4 devices
+  is the one on 1 device (to bfloat16 rounding), and after 3 steps of the trainer's step the
+  schedule is strictly increasing with exact endpoints."""
+  assert jax.device_count() >= 4
+  config = _config(smoke_config, block_impl="scan", dtype="bfloat16", num_blocks=2)
+  config.optim.schedule_lr_multiplier = 30.0
+  mesh = parallel.make_mesh(4)
+  task = tasks.build_task(config, INFO)
+  params, _ = task.init(jax.random.PRNGKey(0))
+  batch, key = _batch(), jax.random.PRNGKey(3)
+  g_var = _grads(config, params, batch, key, mesh)
+  elbo_config = ml_collections.ConfigDict(config.to_dict())
+  elbo_config.model.schedule_objective = "elbo"
+  g_elbo = _grads(elbo_config, params, batch, key, mesh)
+  chex.assert_trees_all_close(g_var["score_net"], g_elbo["score_net"], rtol=1e-5, atol=1e-7)
+  assert float(jnp.max(jnp.abs(g_var[SK]["net"]["l3"]["kernel"]
+                               - g_elbo[SK]["net"]["l3"]["kernel"]))) > 0.0
+  # 1 device: bfloat16 convolutions round differently with another batch split (~3% on single
+  # leaves), so whole vectors are compared.
+  g_one = _grads(config, params, batch, key, parallel.make_mesh(1))
+  for part in ("score_net", SK):
+    assert _distance(g_one[part], g_var[part]) < 0.02 * float(optax.global_norm(g_var[part]))
+  task, state, out = _train(config, 3, mesh)
+  assert float(out["finite"]) == 1.0
+  _check_schedule(task, state.params)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"schedule_objective": "l2"}, r"model.schedule_objective='l2': expected one of"),
+    ({"schedule": "learned_linear"}, r"model.schedule_objective='variance': expected 'elbo' "
+     r"unless .*\('learned_monotone', 'learned_nnet'\)"),
+    ({"schedule": "fixed_linear"}, r"model.schedule_objective='variance'"),
+    ({"num_steps": 10}, r"model.schedule_objective='variance'"),
+    ({"objective": "weighted", "schedule": "fixed_linear"}, r"model.schedule_objective="),
+    ({"task": "latent_vdm"}, r"model.schedule_objective='variance'"),
+])
+def test_config_refuses_variance_where_it_has_no_meaning(smoke_config, overrides, match):
+  config = ml_collections.ConfigDict(smoke_config.to_dict())
+  config.model.schedule = "learned_monotone"
+  config.model.schedule_objective = "variance"
+  for k, v in overrides.items():
+    (config if k == "task" else config.model)[k] = v
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.check_config(config)
+
+
+@pytest.mark.parametrize("schedule", ["learned_monotone", "learned_nnet"])
+def test_config_and_model_accept_variance_with_a_learned_interior(smoke_config, schedule):
+  config = _config(smoke_config, schedule=schedule)
+  assert tasks.build_task(config, INFO).model.schedule_objective == "variance"
+  with pytest.raises(ValueError, match="schedule_objective 'variance' needs"):
+    model_lib.build_model(**dict(_MODEL_ARGS, schedule="learned_linear",
+                                 schedule_objective="variance"))
+
+
+_MODEL_ARGS = dict(vocab_size=17, gamma_min=-7.0, gamma_max=5.0, channels=8, num_blocks=1,
+                   fourier_exponents=(6,), attention_everywhere=False, dropout=0.0,
+                   num_classes=0, block_impl="unrolled", remat=False, dtype=jnp.float32)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ def _model_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str
   groups_ok = _is_int(groups) and groups >= 0 and (
       groups == 0 or (_is_int(width) and width > 0 and width % groups == 0))
   exponents = c.model.fourier_exponents
+  so = c.model.schedule_objective
+  interior = tuple(n for n in schedule_names if model_lib.get_schedule(n).learned_interior)
   gamma_ok = _is_number(c.model.gamma_min) and _is_number(c.model.gamma_max)
   return [
       ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
@@ -154,6 +156,13 @@ def _model_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str
       ("model.num_steps", c.model.num_steps,
        c.model.objective != "simple" or c.model.num_steps >= 1,
        ">= 1 with objective 'simple' (t ~ Uniform{1..T})"),
+      ("model.schedule_objective", so, so in objectives.SCHEDULE_OBJECTIVES,
+       f"one of {objectives.SCHEDULE_OBJECTIVES}"),
+      ("model.schedule_objective", so, so != "variance" or (
+          c.task == "vdm" and c.model.objective == "elbo" and c.model.num_steps == 0
+          and c.model.schedule in interior), "'elbo' unless task 'vdm', model.objective 'elbo', "
+       f"model.num_steps 0 and model.schedule one of {interior} (only the interior of a "
+       "continuous-time bound is free to minimise the variance)"),
       ("model.conditional", c.model.conditional, _is_bool(c.model.conditional), "True or False"),
       ("model.p_uncond", c.model.p_uncond, _number_in(c.model.p_uncond, 0, 1), "in [0, 1)"),
   ]
