@@ -10,7 +10,6 @@ file is named as such).
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -19,6 +18,8 @@ import ml_collections
 import numpy as np
 
 from vdm_jax import data, model as model_lib, networks, objectives, optim, sampling, tasks
+from vdm_jax.checks import (int_at_least as _int_at_least, is_bool as _is_bool,
+                            is_int as _is_int, is_number as _is_number, number_in as _number_in)
 
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
@@ -40,32 +41,6 @@ OLD_NETWORK = ("{workdir} was trained by vdm_jax 0.1, whose score network comput
 
 class ConfigError(ValueError):
   """One or more config fields are invalid; the message lists each."""
-
-
-def _is_bool(value: Any) -> bool:
-  return isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_at_least(value: Any, low: int) -> bool:
-  return _is_int(value) and value >= low
-
-
-def _number_in(value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-               high_open: bool = True) -> bool:
-  """A finite number in the interval from `low` to `high` (open or closed ends)."""
-  if not _is_number(value):
-    return False
-  above = value > low if low_open else value >= low
-  below = value < high if high_open else value <= high
-  return above and below
 
 
 def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
