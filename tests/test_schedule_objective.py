@@ -319,11 +319,11 @@ def test_training_moves_the_interior_and_keeps_the_schedule_monotone(smoke_confi
     _check_schedule(task, state.params)
     trained[objective] = state.params[SK]
   init = tasks.build_task(_config(smoke_config), INFO).init(jax.random.PRNGKey(0))[0][SK]
-  moved = lambda a, b: float(jnp.max(jnp.abs(a - b)))
-  assert moved(trained["variance"]["net"]["l3"]["kernel"], init["net"]["l3"]["kernel"]) > 0.1
+  moved = lambda a, b: float(jnp.max(jnp.abs(a - b)))   # measured: 0.13, 0.16, 0.11
+  assert moved(trained["variance"]["net"]["l3"]["kernel"], init["net"]["l3"]["kernel"]) > 0.02
   assert moved(trained["variance"]["net"]["l3"]["kernel"],
-               trained["elbo"]["net"]["l3"]["kernel"]) > 0.1
-  assert moved(trained["variance"]["delta"], init["delta"]) > 0.1
+               trained["elbo"]["net"]["l3"]["kernel"]) > 0.02
+  assert moved(trained["variance"]["delta"], init["delta"]) > 0.02
 
 
 def test_scan_bfloat16_and_a_four_device_mesh(smoke_config):
