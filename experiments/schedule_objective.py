@@ -1,7 +1,8 @@
 """Learned schedules on digits, trained four ways: test bpd vs steps and the variance of the bound's
 estimate (issue 14).
 
-Variants (each from the same config, e.g. configs/digits.py, same steps and seeds):
+Variants (each from the same config, configs/digits.py by default, with its
+training.num_steps unless --steps is given; the same seeds):
 - fixed_linear: the fixed log-SNR-linear schedule at the config's endpoints;
 - learned_linear: learned endpoints, linear in between (the default);
 - monotone_elbo: `learned_monotone` with `model.schedule_objective = "elbo"` (every schedule
@@ -25,7 +26,7 @@ is run again (delete the file to redo it). The summary (a markdown table: mean Â
 whatever results exist.
 
 Usage:
-  python experiments/schedule_objective.py [--steps 3000] [--seeds 0 1 2] [--eval_every 500]
+  python experiments/schedule_objective.py [--steps N] [--seeds 0 1 2] [--eval_every 500]
       [--t_samples 64] [--variants fixed_linear ...] [--config configs/digits.py]
       [--set model.schedule_hidden=64 ...] [--out experiments/out/schedule_objective]
       [--summary_only]
@@ -82,11 +83,12 @@ def make_config(args, variant: str, seed: int):
   for key, value in [_parse_override(s) for s in args.set] + list(VARIANTS[variant].items()):
     _set(config, key, value)
   config.seed = seed
-  config.training.num_steps = args.steps
+  if args.steps:
+    config.training.num_steps = args.steps
   config.training.eval_every = args.eval_every
   config.training.checkpoint_every = args.eval_every
   config.training.log_every = min(config.training.log_every, args.eval_every)
-  config.training.sample_every = args.steps          # one sample grid, at the end
+  config.training.sample_every = config.training.num_steps   # one sample grid, at the end
   config.sample.num_steps = min(config.sample.num_steps, 50)
   config.sample.num_images = min(config.sample.num_images, 16)
   return config
@@ -153,13 +155,14 @@ def run_one(args, variant: str, seed: int) -> dict:
       return json.load(f)
   workdir = os.path.join(args.out, "runs", f"{variant}_seed{seed}")
   config = make_config(args, variant, seed)
-  print(f"== {variant} seed {seed}: {args.steps} steps -> {workdir}", flush=True)
+  steps = config.training.num_steps
+  print(f"== {variant} seed {seed}: {steps} steps -> {workdir}", flush=True)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
   if "exit_status" in result:
     raise SystemExit(result["exit_status"])       # stopped by a signal: rerun to resume
   seconds = time.perf_counter() - start
-  out = {"variant": variant, "seed": seed, "steps": args.steps, "train_seconds": seconds,
+  out = {"variant": variant, "seed": seed, "steps": steps, "train_seconds": seconds,
          "curve": _curve(workdir), "final_bpd": result["bpd"], "final_bpd_se": result["bpd_se"],
          **measure(workdir, t_samples=args.t_samples, seed=args.measure_seed)}
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -248,7 +251,8 @@ def _plot(by_variant: dict[str, list[dict]], path: str) -> None:
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/digits.py")
-  parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--steps", type=int, default=0,
+                      help="training steps of every run (0: the config's training.num_steps)")
   parser.add_argument("--eval_every", type=int, default=500)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
