@@ -53,6 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.objective = "elbo"       # elbo | simple (DDPM L_simple, needs num_steps) | weighted
   c.model.weighting = "sigmoid"    # weighted objective: uniform | sigmoid (w of log-SNR)
   c.model.weighting_bias = 0.0
+  # What trains a learned schedule's interior (objective "elbo", continuous time, a schedule with
+  # a learned interior: learned_monotone | learned_nnet). "elbo": the bound's gradient (zero for
+  # the interior in expectation, noise in practice). "variance": the gradient of E[L^2] of the
+  # per-example diffusion loss, which lowers the variance of the bound's estimate (VDM app. I.2),
+  # in the same step and backward pass; the endpoints keep the bound's gradient either way.
+  c.model.schedule_objective = "elbo"
   c.model.conditional = False      # class-conditional network (label embedding with a null label)
   c.model.p_uncond = 0.1           # label-drop probability for classifier-free guidance
 

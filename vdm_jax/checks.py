@@ -7,6 +7,7 @@ so the maths modules can use it.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Collection
 
 import numpy as np
@@ -45,3 +46,32 @@ def check_choice(kind: str, value: Any, allowed: Collection[str]) -> str:
   if not isinstance(value, str) or value not in allowed:
     raise ValueError(f"unknown {kind} {value!r}; expected one of {tuple(allowed)}")
   return value
+
+
+# Predicates for values read from configs (no exception: the config checks collect every field).
+
+
+def is_bool(value: Any) -> bool:
+  return isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def int_at_least(value: Any, low: int) -> bool:
+  return is_int(value) and value >= low
+
+
+def number_in(value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+              high_open: bool = True) -> bool:
+  """A finite number in the interval from `low` to `high` (open or closed ends)."""
+  if not is_number(value):
+    return False
+  above = value > low if low_open else value >= low
+  below = value < high if high_open else value <= high
+  return above and below

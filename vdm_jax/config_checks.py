@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import ml_collections
 
 from vdm_jax import data, model as model_lib, networks, objectives, optim, sampling, tasks
+from vdm_jax.checks import (int_at_least as _int_at_least, is_bool as _is_bool,
+                            is_int as _is_int, is_number as _is_number, number_in as _number_in)
 
 DTYPES = ("float32", "bfloat16")
 BLOCK_IMPLS = ("auto", "unrolled", "scan")
@@ -25,32 +26,6 @@ MAX_SEED = 2**31
 
 class ConfigError(ValueError):
   """One or more config fields are invalid; the message lists each."""
-
-
-def _is_bool(value: Any) -> bool:
-  return isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_at_least(value: Any, low: int) -> bool:
-  return _is_int(value) and value >= low
-
-
-def _number_in(value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-               high_open: bool = True) -> bool:
-  """A finite number in the interval from `low` to `high` (open or closed ends)."""
-  if not _is_number(value):
-    return False
-  above = value > low if low_open else value >= low
-  below = value < high if high_open else value <= high
-  return above and below
 
 
 def _rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
@@ -96,6 +71,8 @@ def _model_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str
   groups_ok = _is_int(groups) and groups >= 0 and (
       groups == 0 or (_is_int(width) and width > 0 and width % groups == 0))
   exponents = c.model.fourier_exponents
+  so = c.model.schedule_objective
+  interior = tuple(n for n in schedule_names if model_lib.get_schedule(n).learned_interior)
   gamma_ok = _is_number(c.model.gamma_min) and _is_number(c.model.gamma_max)
   return [
       ("model.schedule", c.model.schedule, c.model.schedule in model_lib.SCHEDULES,
@@ -139,6 +116,13 @@ def _model_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str
       ("model.num_steps", c.model.num_steps,
        c.model.objective != "simple" or c.model.num_steps >= 1,
        ">= 1 with objective 'simple' (t ~ Uniform{1..T})"),
+      ("model.schedule_objective", so, so in objectives.SCHEDULE_OBJECTIVES,
+       f"one of {objectives.SCHEDULE_OBJECTIVES}"),
+      ("model.schedule_objective", so, so != "variance" or (
+          c.task == "vdm" and c.model.objective == "elbo" and c.model.num_steps == 0
+          and c.model.schedule in interior), "'elbo' unless task 'vdm', model.objective 'elbo', "
+       f"model.num_steps 0 and model.schedule one of {interior} (only the interior of a "
+       "continuous-time bound is free to minimise the variance)"),
       ("model.conditional", c.model.conditional, _is_bool(c.model.conditional), "True or False"),
       ("model.p_uncond", c.model.p_uncond, _number_in(c.model.p_uncond, 0, 1), "in [0, 1)"),
   ]

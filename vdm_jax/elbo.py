@@ -232,7 +232,8 @@ def _noise(given: ArrayLike | None, key: jax.Array, shape: tuple[int, ...], name
 def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn,
                vocab_size: int, num_steps: int = 0, t: ArrayLike | None = None,
                antithetic: bool = True, eps: ArrayLike | None = None,
-               eps_0: ArrayLike | None = None) -> ELBOTerms:
+               eps_0: ArrayLike | None = None, gamma_t: ArrayLike | None = None,
+               gamma_prime: ArrayLike | None = None) -> ELBOTerms:
   """One-sample estimate of the three terms of the negative ELBO, per example, in nats.
 
   Args:
@@ -247,6 +248,9 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
     eps: optional explicit noise [B, ...] of z_t (diffusion term); drawn from `key` when None.
     eps_0: optional explicit noise [B, ...] of z_0 (reconstruction term); drawn when None.
       (Explicit draws reproduce another implementation's estimate, e.g. the official code's.)
+    gamma_t, gamma_prime: optional gamma(t), gamma'(t) [B] at the given `t` (continuous time;
+      both or neither), as the caller computed them from `gamma_fn`, e.g. with their gradients
+      routed (`objectives.variance_elbo_terms`); computed here when None.
 
   Returns:
     ELBOTerms(prior, reconstruction, diffusion), each [B] float32.
@@ -256,12 +260,20 @@ def elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: GammaFn
   x = encode(k, vocab_size=vocab_size)
   batch = x.shape[0]
   key_t, key_eps, key_0 = jax.random.split(key, 3)
+  given_t = t
   if t is None:
     t = sample_time(key_t, batch, num_steps=num_steps, antithetic=antithetic)
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
   eps = _noise(eps, key_eps, x.shape, "eps")
 
-  if num_steps == 0:
+  if (gamma_t is None) != (gamma_prime is None) or (gamma_t is not None and
+                                                     (num_steps or given_t is None)):
+    raise ValueError("gamma_t and gamma_prime go together, with explicit times t and "
+                     "num_steps = 0 (continuous time)")
+  if gamma_t is not None:
+    gamma_t, gamma_prime = (jnp.broadcast_to(jnp.asarray(g, jnp.float32), (batch,))
+                            for g in (gamma_t, gamma_prime))
+  elif num_steps == 0:
     gamma_t, gamma_prime = gamma_and_derivative(gamma_fn, t)
   else:
     gamma_t = gamma_fn(t)

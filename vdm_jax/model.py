@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from vdm_jax import elbo, networks, objectives, registry, schedules
+from vdm_jax import checks, elbo, networks, objectives, registry, schedules
 
 # The name of the VDM's (and the latent VDM's) NoiseSchedule attribute, hence the top-level key
 # of the schedule's parameters: the one place the optimiser learns it from.
@@ -58,19 +58,23 @@ class ScheduleSpec(NamedTuple):
     make: (*, gamma_min, gamma_max, hidden) -> ScheduleDef with these endpoints (the initial
       ones of a learned schedule); `hidden` is the width of a schedule network (unused by others).
     learned: whether the schedule has parameters (trained with the model).
+    learned_interior: whether its parameters shape gamma(t) between the endpoints (not only the
+      endpoints), so that `schedule_objective = "variance"` has something to train.
   """
 
   make: Callable[..., ScheduleDef]
   learned: bool
+  learned_interior: bool = False
 
 
 SCHEDULES: registry.Registry[ScheduleSpec] = registry.Registry("schedule")
 
 
 def register_schedule(name: str, make: Callable[..., ScheduleDef], *, learned: bool,
-                      replace: bool = False) -> ScheduleSpec:
+                      learned_interior: bool = False, replace: bool = False) -> ScheduleSpec:
   """Makes `model.schedule = name` build `make(gamma_min=, gamma_max=, hidden=)`."""
-  return SCHEDULES.register(name, ScheduleSpec(make, learned), replace=replace)
+  return SCHEDULES.register(name, ScheduleSpec(make, learned, learned and learned_interior),
+                            replace=replace)
 
 
 def get_schedule(name: str) -> ScheduleSpec:
@@ -110,9 +114,10 @@ register_schedule("learned_linear", learned_schedule(
     _init_linear, schedules.learned_linear_gamma, ("gamma_min", "delta")), learned=True)
 register_schedule("learned_monotone", learned_schedule(
     schedules.init_monotone, schedules.monotone_gamma, ("gamma_min", "delta", "net")),
-                  learned=True)
+                  learned=True, learned_interior=True)
 register_schedule("learned_nnet", learned_schedule(
-    schedules.init_nnet, schedules.nnet_gamma, ("l1", "l2", "l3")), learned=True)
+    schedules.init_nnet, schedules.nnet_gamma, ("l1", "l2", "l3")), learned=True,
+                  learned_interior=True)
 register_schedule("beta_linear", fixed_schedule(schedules.BetaLinear), learned=False)
 register_schedule("cosine", fixed_schedule(schedules.Cosine), learned=False)
 
@@ -157,6 +162,10 @@ class VDM(nn.Module):
     objective, weighting, weighting_bias: the training objective (`objectives.training_loss`):
       "elbo" (the bound), "simple" (DDPM's L_simple, needs num_steps = T) or "weighted"
       (w(log-SNR) on the continuous loss). The reported bound (`__call__`) is always the unweighted ELBO.
+    schedule_objective: what a learned schedule's interior is trained on with `train=True`:
+      "elbo" (the bound's gradient) or "variance" (the gradient of E[L^2], the endpoints keeping
+      the bound's gradient: `objectives.variance_elbo_terms`; continuous time, objective "elbo").
+      The values of the terms are the same either way.
   """
 
   vocab_size: int
@@ -168,6 +177,7 @@ class VDM(nn.Module):
   objective: str = "elbo"
   weighting: str = "sigmoid"
   weighting_bias: float = 0.0
+  schedule_objective: str = "elbo"
 
   def gamma(self, t: ArrayLike) -> jax.Array:
     """gamma(t), shape of `t`."""
@@ -201,6 +211,12 @@ class VDM(nn.Module):
     gamma_fn = self.schedule()
     eps_fn = lambda z, g: self.eps(z, g, label, conditioning, train=train)
     steps = self.num_steps if num_steps is None else num_steps
+    if train and self.schedule_objective == "variance":
+      if steps:
+        raise ValueError(f"schedule_objective 'variance' trains in continuous time; got "
+                         f"num_steps={steps}")
+      return objectives.variance_elbo_terms(self.make_rng("diffusion"), images, eps_fn=eps_fn,
+                                            gamma_fn=gamma_fn, vocab_size=self.vocab_size, t=t)
     return elbo.elbo_terms(self.make_rng("diffusion"), images, eps_fn=eps_fn, gamma_fn=gamma_fn,
                            vocab_size=self.vocab_size, num_steps=steps, t=t)
 
@@ -227,12 +243,19 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
                 objective: str = "elbo", weighting: str = "sigmoid",
                 weighting_bias: float = 0.0, norm_groups: int = 0,
                 conditioning_input: bool = False,
-                network: str = networks.DEFAULT_NETWORK) -> VDM:
+                network: str = networks.DEFAULT_NETWORK,
+                schedule_objective: str = "elbo") -> VDM:
   """A VDM from typed hyperparameters (`tasks.build_vdm` unpacks the config into these);
   `schedule` and `network` are registered names (`register_schedule`,
   `networks.register_network`)."""
-  get_schedule(schedule)   # an unknown name fails here, naming the registered ones
+  spec = get_schedule(schedule)   # an unknown name fails here, naming the registered ones
   schedules.check_endpoints(gamma_min, gamma_max)
+  checks.check_choice("schedule objective", schedule_objective, objectives.SCHEDULE_OBJECTIVES)
+  if schedule_objective == "variance" and (
+      not spec.learned_interior or objective != "elbo" or num_steps):
+    raise ValueError(f"schedule_objective 'variance' needs a schedule with a learned interior, "
+                     f"objective 'elbo' and num_steps 0; got schedule={schedule!r}, "
+                     f"objective={objective!r}, num_steps={num_steps}")
   net = networks.get_network(network)(
       channels=channels, num_blocks=num_blocks, fourier_exponents=tuple(fourier_exponents),
       attention_everywhere=attention_everywhere, dropout=dropout, num_classes=num_classes,
@@ -243,4 +266,4 @@ def build_model(*, vocab_size: int, schedule: str, gamma_min: float, gamma_max: 
                                     hidden=schedule_hidden),
              score_net=net, num_steps=num_steps, cond_gamma_min=gamma_min,
              cond_gamma_max=gamma_max, objective=objective, weighting=weighting,
-             weighting_bias=weighting_bias)
+             weighting_bias=weighting_bias, schedule_objective=schedule_objective)

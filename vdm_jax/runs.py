@@ -27,7 +27,7 @@ _ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"),
                  ("model", "weighting_bias", 0.0), ("sample", "sampler", "ancestral"),
                  ("model", "norm_groups", 0), ("model", "conditioning_input", False),
                  ("data", "rot90", False), ("optim", "weight_decay_rule", "kernels"),
-                 ("optim", "ema_warmup", True))
+                 ("optim", "ema_warmup", True), ("model", "schedule_objective", "elbo"))
 _ADDED_SECTIONS = {"vae": {"channels": 32, "latent_channels": 4, "num_down": 1, "num_blocks": 1},
                    "latent": {"vae_workdir": "", "vae_checkpoint": 0}}
 

@@ -298,7 +298,8 @@ def build_vdm(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> mode
       remat=m.remat, dtype=jnp.dtype(m.dtype), num_steps=m.num_steps,
       objective=m.objective, weighting=m.weighting, weighting_bias=m.weighting_bias,
       norm_groups=m.get("norm_groups", 0), conditioning_input=m.get("conditioning_input", False),
-      network=m.get("network", networks.DEFAULT_NETWORK))
+      network=m.get("network", networks.DEFAULT_NETWORK),
+      schedule_objective=m.get("schedule_objective", "elbo"))
 
 
 def build_classifier(config: ml_collections.ConfigDict,
