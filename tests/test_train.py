@@ -134,6 +134,10 @@ def test_readme_main_command(tmp_path):
   assert "test bpd" in proc.stdout
   result = json.loads((workdir / "eval.json").read_text())
   assert result["bpd"] < np.log2(17)        # already below the uniform baseline
+  task = tasks.build_task(load_config("digits"), data.get_info("digits"))
+  shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0))[0]
+  assert result["num_params"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert f"({result['num_params']:,} parameters)" in proc.stdout
   assert (workdir / "samples" / "step_00000150.png").exists()
   assert (workdir / "checkpoints" / "150").exists()
 

@@ -260,11 +260,12 @@ def _final(config, workdir, info, mesh, task, state, step, writer, is_chief) -> 
   result = steps.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen)
   writer.write_scalars(step, _prefix(result, "eval/"))
   _write_samples(task, state, config, info, workdir, step, is_chief)
+  num_params = sum(int(leaf.size) for leaf in jax.tree.leaves(state.ema_params))
   if is_chief:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"step": step, **result}, f, indent=2)
-    print(f"step {step}: test {steps.summary_line(result, task.headline)} -> {workdir}",
-          flush=True)
+      json.dump({"step": step, "num_params": num_params, **result}, f, indent=2)
+    print(f"step {step}: test {steps.summary_line(result, task.headline)} -> {workdir} "
+          f"({num_params:,} parameters)", flush=True)
   return result
 
 
