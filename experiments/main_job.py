@@ -69,14 +69,13 @@ def main() -> None:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--out", default="/tmp/vdm_main_job")
   parser.add_argument("--max_isa", default="", help="XLA:CPU ISA cap, e.g. AVX2 ('' = native)")
-  parser.add_argument("overrides", nargs="*", help="extra --config.a.b=v flags")
-  args = parser.parse_args()
+  args, overrides = parser.parse_known_args()   # the rest: --config.a.b=v flags for the run
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ)
   if args.max_isa:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={args.max_isa}").strip()
-  results = [run_seed(s, out, extra=args.overrides, env=env) for s in args.seeds]
+  results = [run_seed(s, out, extra=overrides, env=env) for s in args.seeds]
   steps = sorted({s for r in results for s in r["curve"]})
   isa = args.max_isa or ("AVX-512" if "avx512f" in cpu_flags() else "AVX2" if "avx2" in
                          cpu_flags() else "native")
