@@ -1,0 +1,151 @@
+"""Many images as one bits-back stream: the batch schedule, the initial bits and the accounting.
+
+Bits-back coding pops latents before it pushes anything, so the stack must hold bits to begin
+with: the initial bits. They grow with the number of latents popped before the first push
+returns bits (a first batch of b images needs about b * D * (grid_bits + 10) bits). The images
+are therefore chained: the first batch is one image, and each later batch takes its bits back
+from the code of the batches before it, growing with the stack:
+
+  b_1 = 1,  b_{n+1} = min(max_batch, max(1, floor(rho * (images coded so far))))
+
+with rho = safety * (expected net bits per image) / (bits one image's batch dipped below its
+start), measured on the first image, so a batch dips about as far as the code below it reaches.
+The stack starts as pseudo-random seed words (`seed_words`); the seed words the coder never read
+are the same at the bottom of the final stack and are not stored (the decoder regenerates them),
+so the file carries only the seed bits that were used: the initial bits, reported apart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from vdm_jax.compress import Chain, Stack, Tally
+
+SEED = 0x5EED_B175_BAC4
+RHO_ONE = 1 << 16     # rho is stored as an integer in units of 2^-16
+
+
+class StreamError(ValueError):
+  """A payload that does not decode to a consistent stream (damaged, or another model)."""
+
+
+def seed_words(num_words: int) -> np.ndarray:
+  """The first `num_words` pseudo-random uint32 words of the stack (PCG64's raw stream, little
+  endian, identical on every platform); the top word is made odd (ANS data never ends in 0)."""
+  raw = np.random.PCG64(SEED).random_raw((num_words + 1) // 2).astype("<u8")
+  words = raw.view("<u4")[:num_words].astype(np.uint32)
+  words[-1] |= 1
+  return words
+
+
+def schedule(num_images: int, *, rho: int, max_batch: int) -> list[int]:
+  """Batch sizes: 1, then min(max_batch, max(1, rho * done / 2^16)) until num_images are done."""
+  sizes, done = [], 0
+  while done < num_images:
+    b = 1 if not sizes else min(max_batch, max(1, (rho * done) >> 16))
+    b = min(b, num_images - done)
+    sizes.append(b)
+    done += b
+  return sizes
+
+
+class Encoded(NamedTuple):
+  """A compressed stream and its accounting.
+
+  Attributes:
+    payload: uint32 words to store (the stack without the unread seed words below it).
+    seed_words, seed_dropped: the seed's length and how many of its words are not stored.
+    rho: the schedule's growth rate (units of 2^-16); schedule: the batch sizes.
+    net_bits: bits the coding added to the stack (the ANS stream: file payload = initial + net).
+    initial_bits: payload bits - net bits (the seed bits used, plus < 32 bits of word rounding).
+    ideal_continuous, ideal_grid: per-image ideal code lengths [N] in bits (`compress.Tally`).
+    escapes: symbols sent raw (beyond p's window); seconds: wall time.
+  """
+
+  payload: np.ndarray
+  seed_words: int
+  seed_dropped: int
+  rho: int
+  schedule: list[int]
+  net_bits: int
+  initial_bits: int
+  ideal_continuous: np.ndarray
+  ideal_grid: np.ndarray
+  escapes: int
+  seconds: float
+
+
+def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | None = None,
+                  safety: float = 0.9, measure: bool = True,
+                  log: Callable[[str], None] | None = None) -> Encoded:
+  """Compresses integer images [N, H, W, C] into one stream (batches chained, see module doc).
+
+  Args:
+    expected_bits: the expected net bits per image (e.g. the model's T-step bound), for rho;
+      None: the first image's own net bits.
+    measure: accumulate the ideal code lengths per image (`Tally`; costs a little time).
+  """
+  start, n = time.perf_counter(), len(images)
+  num_seed = 4096 + 8 * chain.dims * 4      # 1024 bits per dimension of the first image
+  seed = seed_words(num_seed)
+  stack = Stack(seed)
+  bits0 = stack.bits()
+  cont, grid, escapes = np.zeros(n), np.zeros(n), 0
+  sizes, done, rho = [], 0, 0
+  while done < n:
+    b = 1 if not sizes else min(chain.settings.max_batch, max(1, (rho * done) >> 16), n - done)
+    tally = Tally(b) if measure else None
+    before = stack.bits()
+    stack.low = before
+    escapes += chain.encode(stack, images[done:done + b], tally, batch_id=done)
+    if tally:
+      cont[done:done + b], grid[done:done + b] = tally.continuous, tally.grid
+    if not sizes:   # the first image sets the growth rate
+      net, dip = stack.bits() - before, max(before - stack.low, 1)
+      per_image = net if expected_bits is None else expected_bits
+      rho = int(min(RHO_ONE, max(1, safety * max(per_image, 1.0) / dip * RHO_ONE)))
+    sizes.append(b)
+    done += b
+    if log:
+      log(f"{done}/{n} images, stack {stack.bits()} bits")
+  words = stack.coder.get_compressed()
+  same = np.flatnonzero(words[:num_seed - 1] != seed[:len(words[:num_seed - 1])])
+  dropped = int(same[0]) if len(same) else min(len(words), num_seed) - 1
+  payload = words[dropped:]
+  net = stack.bits() - bits0
+  return Encoded(payload, num_seed, dropped, rho, sizes, int(net), int(32 * len(payload) - net),
+                 cont, grid, escapes, time.perf_counter() - start)
+
+
+def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, seed_words_: int,
+                  seed_dropped: int, rho: int,
+                  on_step: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+  """The inverse of `encode_images`: integer images [N, H, W, C] (int32).
+
+  `on_step(first_image, i, x_hat)` sees each batch's reconstructions from z_1 down.
+
+  Raises:
+    StreamError: the stack does not end as the seed it started from (damaged payload or a
+      different model / numeric environment), or the coder refused a symbol.
+  """
+  seed = seed_words(seed_words_)
+  words = np.concatenate([seed[:seed_dropped], np.asarray(payload, np.uint32)])
+  if not len(words) or words[-1] == 0:
+    raise StreamError("the compressed stream is empty or ends in a zero word")
+  sizes = schedule(num_images, rho=rho, max_batch=chain.settings.max_batch)
+  stack = Stack(words)
+  out, end = [], num_images
+  try:
+    for b in reversed(sizes):
+      end -= b
+      step = None if on_step is None else (lambda i, x, e=end: on_step(e, i, x))
+      out.append(chain.decode(stack, b, end, step))
+  except (ValueError, OverflowError) as e:
+    raise StreamError(f"the coder refused the stream ({e})") from e
+  rest = stack.coder.get_compressed()
+  if len(rest) != len(seed) or np.any(rest != seed):
+    raise StreamError("the decoded stream does not end in the seed it started from")
+  return np.concatenate(out[::-1])
