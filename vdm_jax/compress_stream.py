@@ -61,7 +61,8 @@ class Encoded(NamedTuple):
     rho: the schedule's growth rate (units of 2^-16); schedule: the batch sizes.
     net_bits: bits the coding added to the stack (the ANS stream: file payload = initial + net).
     initial_bits: payload bits - net bits (the seed bits used, plus < 32 bits of word rounding).
-    ideal_continuous, ideal_grid: per-image ideal code lengths [N] in bits (`compress.Tally`).
+    ideal_continuous, ideal_grid, ideal_coder: per-image ideal code lengths [N] in bits
+      (`compress.Tally`).
     escapes: symbols sent raw (beyond p's window); seconds: wall time.
   """
 
@@ -74,6 +75,7 @@ class Encoded(NamedTuple):
   initial_bits: int
   ideal_continuous: np.ndarray
   ideal_grid: np.ndarray
+  ideal_coder: np.ndarray
   escapes: int
   seconds: float
 
@@ -93,7 +95,7 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
   seed = seed_words(num_seed)
   stack = Stack(seed)
   bits0 = stack.bits()
-  cont, grid, escapes = np.zeros(n), np.zeros(n), 0
+  cont, grid, esc_bits, escapes = np.zeros(n), np.zeros(n), np.zeros(n), 0
   sizes, done, rho = [], 0, 0
   while done < n:
     b = 1 if not sizes else min(chain.settings.max_batch, max(1, (rho * done) >> 16), n - done)
@@ -103,6 +105,7 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     escapes += chain.encode(stack, images[done:done + b], tally, batch_id=done)
     if tally:
       cont[done:done + b], grid[done:done + b] = tally.continuous, tally.grid
+      esc_bits[done:done + b] = tally.coder
     if not sizes:   # the first image sets the growth rate
       net, dip = stack.bits() - before, max(before - stack.low, 1)
       per_image = net if expected_bits is None else expected_bits
@@ -112,12 +115,13 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     if log:
       log(f"{done}/{n} images, stack {stack.bits()} bits")
   words = stack.coder.get_compressed()
-  same = np.flatnonzero(words[:num_seed - 1] != seed[:len(words[:num_seed - 1])])
-  dropped = int(same[0]) if len(same) else min(len(words), num_seed) - 1
+  common = min(len(words), num_seed) - 1          # the top word is always stored
+  differ = np.flatnonzero(words[:common] != seed[:common])
+  dropped = int(differ[0]) if len(differ) else common   # the unread seed words at the bottom
   payload = words[dropped:]
   net = stack.bits() - bits0
   return Encoded(payload, num_seed, dropped, rho, sizes, int(net), int(32 * len(payload) - net),
-                 cont, grid, escapes, time.perf_counter() - start)
+                 cont, grid, esc_bits, escapes, time.perf_counter() - start)
 
 
 def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, seed_words_: int,
@@ -143,7 +147,7 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, seed_wo
       end -= b
       step = None if on_step is None else (lambda i, x, e=end: on_step(e, i, x))
       out.append(chain.decode(stack, b, end, step))
-  except (ValueError, OverflowError) as e:
+  except (ValueError, KeyError, OverflowError) as e:   # constriction: KeyError = 0 mass
     raise StreamError(f"the coder refused the stream ({e})") from e
   rest = stack.coder.get_compressed()
   if len(rest) != len(seed) or np.any(rest != seed):
