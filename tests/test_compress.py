@@ -146,14 +146,19 @@ def test_another_model_or_numeric_environment_is_refused(digits, packed, monkeyp
 
 
 def test_a_payload_that_does_not_decode_consistently_is_an_error(digits, packed, monkeypatch):
-  """A mismatch the fingerprints miss (simulated: the network adds 1e-6 when decoding) makes the
-  stream end elsewhere than its seed: an error, never images."""
+  """What the fingerprints cannot see is still an error, never images: (a) the network computes
+  other bits when decoding (simulated: one output moved by 1e-3), so the coder refuses a symbol;
+  (b) a well-formed file whose stack does not end as the seed it started from (its seed
+  bookkeeping forged, checksums recomputed)."""
   model = digits["model"]
   coder = compress_app.chain(model, compress.CoderSettings(T))
+  header, payload = fmt.unpack(packed)
+  forged = fmt.pack(header._replace(seed_dropped=header.seed_dropped - 1), payload)
+  _expect("stream", "does not end in the seed it started from", model, forged)
   step = coder.model.step
-  monkeypatch.setattr(compress_app, "probe_digest", lambda *a: fmt.unpack(packed)[0].probe_digest)
+  monkeypatch.setattr(compress_app, "probe_digest", lambda *a: header.probe_digest)
   monkeypatch.setattr(coder, "model", coder.model._replace(
-      step=lambda z, s, t: (lambda m, x: (m + 1e-6, x))(*step(z, s, t))))
+      step=lambda z, s, t: (lambda m, x: (m.at[0, 0, 0, 0].add(1e-3), x))(*step(z, s, t))))
   _expect("stream", "does not decode consistently", model, packed)
 
 
@@ -175,6 +180,24 @@ def test_pngs_hold_the_levels_spread_over_0_255():
   np.testing.assert_array_equal(compress_app.png_levels(pixels, 17, name="x"), k)
   with pytest.raises(ValueError, match="pixel value 5 is not one of the 17 levels"):
     compress_app.png_levels(np.array([5], np.uint8), 17, name="x")
+
+
+def test_a_failed_write_leaves_nothing_at_out(digits, packed, tmp_path, monkeypatch):
+  (tmp_path / "f.vdmz").write_bytes(packed)
+  np.save(tmp_path / "in.npy", digits["images"][:3])
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(np, "savez", full_disk)   # after the PNGs
+  with pytest.raises(runs.RunError, match="No space left on device"):
+    compress_app.decompress_run(str(digits["workdir"]), str(tmp_path / "f.vdmz"),
+                                out=str(tmp_path / "d"))
+  monkeypatch.setattr(compress_app.os, "replace", full_disk)
+  with pytest.raises(runs.RunError, match="No space left on device"):
+    compress_app.compress_run(str(digits["workdir"]), source=str(tmp_path / "in.npy"),
+                              out=str(tmp_path / "g.vdmz"), num_steps=T)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["f.vdmz", "in.npy"]
 
 
 def _cli(*args, cwd):

@@ -318,9 +318,11 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
     with os.fdopen(fd, "wb") as f:
       f.write(blob)
     os.replace(tmp, out)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise RunError(f"cannot write {out} ({e.strerror or e}); nothing was written") from e
     raise
   dims = stats["num_images"] * stats["dims"]
   stats.update(path=out, bpd=stats["file_bits"] / dims,
@@ -353,8 +355,11 @@ def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None 
     if os.path.isdir(out):
       os.rmdir(out)   # empty (checked above)
     os.replace(tmp, out)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise RunError(f"cannot write the images to {out} ({e.strerror or e}); nothing was "
+                     f"written") from e
     raise
   print(f"{len(images)} images of {path} -> {out} (PNGs and images.npz)", flush=True)
   return {"images": images, "header": header, "out": out}
