@@ -404,15 +404,17 @@ class Chain:
     return esc + int(escaped.sum())
 
   def decode(self, stack: Stack, b: int, batch_id: int = 0,
-             on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
-    """The inverse of `encode` for a batch of b images: int32 [b, H, W, C]. `on_step(i, x_hat)`
-    sees the reconstruction x_hat(z_i) [b, H, W, C] at every step, from i = T down."""
+             on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+             ) -> np.ndarray:
+    """The inverse of `encode` for a batch of b images: int32 [b, H, W, C]. `on_step(i, z_i,
+    x_hat)` sees the latent z_i and the reconstruction x_hat(z_i) (float32 [b, H, W, C]) at
+    every step, from i = T down: progressive decoding."""
     lv, steps = self.lv, self.settings.num_steps
     j = decode_p(stack, np.zeros(b * self.dims), lv.p_std[-1], lv.delta[-1], lv.p_radius[-1])
     for i in range(steps, 0, -1):
       p_mean, x_hat = self.network(j, i, b)
       if on_step:
-        on_step(i, np.asarray(x_hat)[:b])
+        on_step(i, self._padded(j, i, b)[:b], np.asarray(x_hat)[:b])
       if i < steps:
         self._scramble(stack, batch_id, i + 1, b)
       j_prev = decode_p(stack, p_mean, lv.p_std[i - 1], lv.delta[i - 1], lv.p_radius[i - 1])

@@ -126,10 +126,11 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
 
 def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, seed_words_: int,
                   seed_dropped: int, rho: int,
-                  on_step: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+                  on_step: Callable[..., None] | None = None) -> np.ndarray:
   """The inverse of `encode_images`: integer images [N, H, W, C] (int32).
 
-  `on_step(first_image, i, x_hat)` sees each batch's reconstructions from z_1 down.
+  `on_step(first_image, i, z_i, x_hat)` sees each batch's latents and reconstructions from z_1
+  down (`Chain.decode`).
 
   Raises:
     StreamError: the stack does not end as the seed it started from (damaged payload or a
@@ -145,7 +146,7 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, seed_wo
   try:
     for b in reversed(sizes):
       end -= b
-      step = None if on_step is None else (lambda i, x, e=end: on_step(e, i, x))
+      step = None if on_step is None else (lambda i, z, x, e=end: on_step(e, i, z, x))
       out.append(chain.decode(stack, b, end, step))
   except (ValueError, KeyError, OverflowError) as e:   # constriction: KeyError = 0 mass
     raise StreamError(f"the coder refused the stream ({e})") from e
