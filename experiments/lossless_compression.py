@@ -21,8 +21,9 @@ installed) of the raw bytes (one byte per pixel), and log2(K) bits. A codec that
 is listed as such.
 
 Usage:
-  python experiments/lossless_compression.py --workdir runs/digits [--steps 20 100 1000] [--t_samples 64]
-      [--checkpoint S] [--grid_bits 6] [--window 6] [--out experiments/out/lossless_compression]
+  python experiments/lossless_compression.py --workdir runs/digits [--steps 20 100 1000]
+      [--t_samples 64] [--checkpoint S] [--grid_bits 6] [--window 6]
+      [--out experiments/out/lossless_compression]
 
 Writes <out>.md and <out>.json and prints the tables. (Not named compression.py: run as a script,
 that name would shadow the `compression` package that jax imports.)
@@ -90,7 +91,8 @@ def codec_rows(images: np.ndarray, vocab_size: int) -> list[dict]:
     jxl = "not installed: pip install pillow-jxl-plugin"
   add("JPEG-XL lossless, mosaic (pillow-jxl-plugin, effort 9)",
       lambda: _picture_bytes(picture, "JXL", lossless=True, effort=9), jxl)
-  add("xz (lzma preset 9e), raw bytes", lambda: len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)))
+  add("xz (lzma preset 9e), raw bytes",
+      lambda: len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)))
   add("bz2 (level 9), raw bytes", lambda: len(bz2.compress(raw, 9)))
   try:
     import zstandard  # pylint: disable=g-import-not-at-top
@@ -111,7 +113,8 @@ def coder_row(run: runs.Run, model: compress_app.Model, images: np.ndarray, step
   bound = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh,
                              num_steps=steps, t_samples=t_samples, split="test")
   coder = compress_app.chain(model, compress.CoderSettings(steps, **settings))
-  compress_app.probe_digest(coder, {1 << k for k in range(int(math.log2(coder.settings.max_batch)) + 1)})
+  buckets = {1 << k for k in range(int(math.log2(coder.settings.max_batch)) + 1)}
+  compress_app.probe_digest(coder, buckets)           # compiles every batch size
   compress_app.expected_bits(model, images, steps)     # compiled before the clock starts
   start = time.perf_counter()
   blob, stats = compress_app.compress_images(model, images, coder.settings)
@@ -128,7 +131,8 @@ def coder_row(run: runs.Run, model: compress_app.Model, images: np.ndarray, step
   return {
       "T": steps, "bound": bound["bpd"], "bound_se": bound["bpd_se"], "t_samples": t_samples,
       "file_bpd": stats["file_bits"] / dims, "net_file_bpd": without / dims,
-      "vs_bound": without / dims / bound["bpd"] - 1.0, "vs_bound_all": stats["file_bits"] / dims / bound["bpd"] - 1.0,
+      "vs_bound": without / dims / bound["bpd"] - 1.0,
+      "vs_bound_all": stats["file_bits"] / dims / bound["bpd"] - 1.0,
       "initial_bits": initial, "initial_per_image": initial / n,
       "header_bits": stats["header_bits"], "file_bytes": len(blob),
       "realised_bpd": cont / dims,

@@ -5,7 +5,8 @@ The first --num_images test images are compressed with the run's bits-back coder
 decompressed; at every step the decoder holds z_t and the network's reconstruction x_hat(z_t),
 rounded to the K levels. Bits received at z_t are counted as the paper's rate: the denoising form
 of the bound over the steps decoded so far,
-  KL(q(z_1 | x) || p(z_1)) + sum over the steps from 1 down to t of KL(q(z_s | z_t, x) || p(z_s | z_t)),
+  KL(q(z_1 | x) || p(z_1)) + sum over the steps from 1 down to t of
+  KL(q(z_s | z_t, x) || p(z_s | z_t)),
 on the decoder's own latents (`elbo.prior_kl`, `elbo.gaussian_kl` of `diffusion.posterior` with x
 and with x_hat). The stream the decoder has consumed by then is this plus the bits that z_t itself
 holds at grid precision (returned later as bits back); at z_0 it has read the whole bound.
@@ -55,8 +56,9 @@ def main() -> None:
   model = compress_app.run_model(run)
   images = compress_app.read_images("test", run.info)[:args.num_images]
   n, dims, vocab = len(images), int(images[0].size), model.vocab_size
-  blob, stats = compress_app.compress_images(model, images, compress.CoderSettings(args.num_steps))
-  coder = compress_app.chain(model, compress.CoderSettings(args.num_steps))
+  settings = compress.CoderSettings(args.num_steps)
+  blob, stats = compress_app.compress_images(model, images, settings)
+  coder = compress_app.chain(model, settings)
   gamma = coder.lv.gamma
   x = np.asarray(elbo.encode(images, vocab_size=vocab))
   nats = np.zeros((args.num_steps + 1, n))       # rate after z_i is known, per image
@@ -85,7 +87,8 @@ def main() -> None:
   for m in range(n):
     ax.plot(received[steps, m], quality[steps, m], lw=0.6, alpha=0.5)
   ax.plot(received[steps].mean(1), quality[steps].mean(1), "k", lw=2, label=f"mean of {n} images")
-  ax.axvline(total.mean(), ls="--", c="gray", label=f"code length ({total.mean():.2f} bpd): lossless")
+  ax.axvline(total.mean(), ls="--", c="gray",
+             label=f"code length ({total.mean():.2f} bpd): lossless")
   ax.set_xlabel("bits per dimension received (denoising-form rate, from z_1 down)")
   ax.set_ylabel("PSNR of x_hat(z_t) (dB)")
   ax.set_title(f"Progressive decoding, {run.info.name} test images, T = {args.num_steps}")
@@ -94,10 +97,11 @@ def main() -> None:
   shown = np.unique(np.linspace(1, args.num_steps, 9).astype(int))[::-1]
   tiles = [np.clip(np.rint((frames[i] + 1) * vocab / 2 - 0.5), 0, vocab - 1) for i in shown]
   tiles.append(images[0].astype(np.float64))
-  strip.imshow(np.concatenate([np.pad(t[..., 0] if t.shape[-1] == 1 else t / (vocab - 1),
-                                      ((1, 1), (1, 1)) + ((0, 0),) * (t.ndim - 3 + (t.shape[-1] != 1)),
-                                      constant_values=0) for t in tiles], axis=1),
-               cmap="gray", vmin=0, vmax=vocab - 1 if images.shape[-1] == 1 else 1)
+  gray = images.shape[-1] == 1
+  tiles = [t[..., 0] if gray else t / (vocab - 1) for t in tiles]
+  pad = ((1, 1), (1, 1)) if gray else ((1, 1), (1, 1), (0, 0))
+  strip.imshow(np.concatenate([np.pad(t, pad) for t in tiles], axis=1), cmap="gray", vmin=0,
+               vmax=vocab - 1 if gray else 1)
   strip.set_axis_off()
   strip.set_title("image 0: x_hat at " + ", ".join(f"{received[i, 0]:.2f}" for i in shown)
                   + " bpd; the image", fontsize=8)
@@ -107,9 +111,9 @@ def main() -> None:
   with open(args.out + ".json", "w") as f:
     json.dump({"received_bpd": received.tolist(), "psnr_db": quality.tolist(),
                "code_length_bpd": total.tolist(), "num_steps": args.num_steps}, f)
-  print(f"mean PSNR at 25/50/75% of the mean code length: " + ", ".join(
-      f"{np.interp(f * total.mean(), received[steps].mean(1)[::-1], quality[steps].mean(1)[::-1]):.1f} dB"
-      for f in (0.25, 0.5, 0.75)))
+  curve = received[steps].mean(1)[::-1], quality[steps].mean(1)[::-1]
+  print("mean PSNR at 25/50/75% of the mean code length: " + ", ".join(
+      f"{np.interp(f * total.mean(), *curve):.1f} dB" for f in (0.25, 0.5, 0.75)))
   print(f"-> {args.out}.png, {args.out}.json")
 
 

@@ -39,7 +39,7 @@ of the network's outputs on a fixed probe (`compress_format`), so such a mismatc
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import constriction
 import jax
@@ -54,7 +54,6 @@ MEAN_CLIP = 16.0        # |mean| of every coding Gaussian is clipped here: laten
 LATENT_BITS_ABOVE_ONE = 5   # |z| < 2^5: the range of a raw (escaped) latent
 PRECISION_BITS = 24     # constriction's Python models: probabilities in units of 2^-24
 SCRAMBLE_KEY = 0x5C4A_B1E
-_LN2 = math.log(2.0)
 
 
 class CoderSettings(NamedTuple):
@@ -89,7 +88,8 @@ class ChainModel(NamedTuple):
     table: () -> dict of float32 [T+1] arrays over the levels t_i = i / T: "gamma", "alpha",
       "sigma", "q_coef" / "q_var" (q(z_i | z_{i-1}) = N(q_coef z_{i-1}, q_var), i >= 1) and
       "p_var" (the variance of p(z_{i-1} | z_i), i >= 1).
-    step: (z_t [B, ...] float32, gamma_s, gamma_t) -> (mean of p(z_s | z_t) [B, ...], x_hat [B, ...]).
+    step: (z_t [B, ...] float32, gamma_s, gamma_t) -> (mean of p(z_s | z_t), x_hat), each
+      [B, ...].
     probs: (z_0 [B, ...], gamma_0) -> p(k | z_0) [B, ..., K] (the discrete decoder).
     shape: the shape of one image (H, W, C).
     vocab_size: K.
@@ -134,6 +134,15 @@ def chain_model(eps_fn: EpsFn, gamma_fn: GammaFn, *, shape: tuple[int, ...], voc
                     tuple(shape), vocab_size)
 
 
+class Grid(NamedTuple):
+  """How one level's Gaussians are coded: their std, the grid spacing delta (a power of two) and
+  the window radius in grid points."""
+
+  std: float
+  delta: float
+  radius: int
+
+
 class Levels(NamedTuple):
   """Per-level constants in float64 (from the model's float32 table), index i = 0..T.
 
@@ -149,6 +158,14 @@ class Levels(NamedTuple):
   delta: np.ndarray
   q_radius: np.ndarray
   p_radius: np.ndarray
+
+  def q(self, i: int) -> Grid:
+    """The grid of z_i as q(z_i | z_{i-1}) (q(z_0 | x) at i = 0) codes it."""
+    return Grid(self.q_std[i], self.delta[i], int(self.q_radius[i]))
+
+  def p(self, i: int) -> Grid:
+    """The grid of z_i as p(z_i | z_{i+1}) (N(0, I) at i = T) codes it."""
+    return Grid(self.p_std[i], self.delta[i], int(self.p_radius[i]))
 
 
 def levels(model: ChainModel, settings: CoderSettings) -> Levels:
@@ -183,60 +200,60 @@ def _window_model(radius: int):
   return _MODELS[radius]
 
 
-def _grid_params(mean: np.ndarray, std: float, delta: float):
+def grid_params(mean: np.ndarray, g: Grid):
   """Centre c (int64 grid index nearest the clipped mean), residual mean and std in grid units."""
-  u = np.clip(np.nan_to_num(mean, nan=0.0), -MEAN_CLIP, MEAN_CLIP) / delta
+  u = np.clip(np.nan_to_num(mean, nan=0.0), -MEAN_CLIP, MEAN_CLIP) / g.delta
   c = np.rint(u)
-  return c.astype(np.int64), u - c, np.full(u.shape, std / delta)
+  return c.astype(np.int64), u - c, np.full(u.shape, g.std / g.delta)
 
 
-def _raw_chunks(delta: float) -> list[int]:
+def raw_chunks(delta: float) -> list[int]:
   """Bit widths of the chunks of a raw latent index j + 2^(L-1) in [0, 2^L), |z| < 32."""
   total = LATENT_BITS_ABOVE_ONE + 1 - int(np.frexp(delta)[1] - 1)
   return [min(16, total - s) for s in range(0, total, 16)]
 
 
-def decode_q(coder, mean, std, delta, radius) -> np.ndarray:
-  """Pops grid indices j ~ the Gaussian N(mean, std^2) on the grid, within +- radius."""
-  c, r, s = _grid_params(mean, std, delta)
-  return c + coder.decode(_window_model(radius), r, s)
+def decode_q(stack: "Stack", mean: np.ndarray, g: Grid) -> np.ndarray:
+  """Pops grid indices j [n] ~ N(mean [n], g.std^2) on the grid g.delta, within +- g.radius."""
+  c, r, s = grid_params(mean, g)
+  return c + stack.decode(_window_model(g.radius), r, s)
 
 
-def encode_q(coder, j, mean, std, delta, radius) -> None:
+def encode_q(stack: "Stack", j: np.ndarray, mean: np.ndarray, g: Grid) -> None:
   """Pushes grid indices j (inverse of `decode_q`; |j - centre| <= radius by construction)."""
-  c, r, s = _grid_params(mean, std, delta)
-  coder.encode_reverse((j - c).astype(np.int32), _window_model(radius), r, s)
+  c, r, s = grid_params(mean, g)
+  stack.encode_reverse((j - c).astype(np.int32), _window_model(g.radius), r, s)
 
 
-def encode_p(coder, j, mean, std, delta, radius) -> np.ndarray:
-  """Pushes grid indices j under N(mean, std^2); values beyond the window are escaped (the
-  window's end symbol, then the raw index). Returns the mask of escaped symbols."""
-  c, r, s = _grid_params(mean, std, delta)
+def encode_p(stack: "Stack", j: np.ndarray, mean: np.ndarray, g: Grid) -> np.ndarray:
+  """Pushes grid indices j [n] under N(mean, g.std^2); values beyond the window are escaped (the
+  window's end symbol, then the raw index). Returns the mask [n] of escaped symbols."""
+  c, r, s = grid_params(mean, g)
   off = j - c
-  esc = np.abs(off) > radius
+  esc = np.abs(off) > g.radius
   if esc.any():
-    widths = _raw_chunks(delta)
+    widths = raw_chunks(g.delta)
     raw = j[esc] + (1 << (sum(widths) - 1))
     starts = np.cumsum([0] + widths[:-1])
     for width, start in reversed(list(zip(widths, starts))):   # popped low chunk first
-      coder.encode_reverse(((raw >> start) & ((1 << width) - 1)).astype(np.int32),
+      stack.encode_reverse(((raw >> start) & ((1 << width) - 1)).astype(np.int32),
                            constriction.stream.model.Uniform(1 << width))
-  sym = np.where(esc, np.sign(off) * (radius + 1), off).astype(np.int32)
-  coder.encode_reverse(sym, _window_model(radius + 1), r, s)
+  sym = np.where(esc, np.sign(off) * (g.radius + 1), off).astype(np.int32)
+  stack.encode_reverse(sym, _window_model(g.radius + 1), r, s)
   return esc
 
 
-def decode_p(coder, mean, std, delta, radius) -> np.ndarray:
-  """Pops grid indices pushed by `encode_p` with the same mean, std, grid and window."""
-  c, r, s = _grid_params(mean, std, delta)
-  sym = coder.decode(_window_model(radius + 1), r, s).astype(np.int64)
+def decode_p(stack: "Stack", mean: np.ndarray, g: Grid) -> np.ndarray:
+  """Pops grid indices pushed by `encode_p` with the same mean and grid."""
+  c, r, s = grid_params(mean, g)
+  sym = stack.decode(_window_model(g.radius + 1), r, s).astype(np.int64)
   j = c + sym
-  esc = np.abs(sym) > radius
+  esc = np.abs(sym) > g.radius
   if esc.any():
-    widths = _raw_chunks(delta)
+    widths = raw_chunks(g.delta)
     raw = np.zeros(int(esc.sum()), np.int64)
     for width, start in zip(widths, np.cumsum([0] + widths[:-1])):
-      raw |= coder.decode(constriction.stream.model.Uniform(1 << width),
+      raw |= stack.decode(constriction.stream.model.Uniform(1 << width),
                           int(esc.sum())).astype(np.int64) << int(start)
     j[esc] = raw - (1 << (sum(widths) - 1))
   return j
@@ -264,7 +281,7 @@ class Stack:
   def bits(self) -> int:
     return self.coder.num_valid_bits()
 
-  def scramble(self, key: int, num_words: int) -> None:
+  def scramble(self, key: list[int], num_words: int) -> None:
     """XORs the top `num_words` words below the top word with a pseudo-random key stream
     (`key`): a bijection on the stack that costs no bits and is its own inverse. Bits-back pops
     the next latents from what was just pushed, whose leading bits are not uniform where the
@@ -277,55 +294,6 @@ class Stack:
       stream = np.random.PCG64(key).random_raw((n + 1) // 2).astype("<u8").view("<u4")
       words[-1 - n:-1] ^= stream[:n].astype(np.uint32)
       self.coder = constriction.stream.stack.AnsCoder(words)
-
-
-class Tally:
-  """Ideal code lengths per image, in bits (+ encoded, - decoded), to account for the file:
-
-  continuous: the Gaussians' densities times the grid (the consistency form of the bound,
-    evaluated on the coder's own latents);
-  grid: the exact masses of the grid bins under the same Gaussians;
-  coder: the masses the coder's models give: the Gaussian clipped to its window, probabilities
-    in units of 2^-24 with at least one unit per symbol (constriction's leaky quantization),
-    escaped symbols as the window end's mass plus their raw bits.
-  The ANS stream then adds its own (tiny) overhead: net bits - coder.
-  """
-
-  def __init__(self, batch: int):
-    self.continuous, self.grid, self.coder = np.zeros(batch), np.zeros(batch), np.zeros(batch)
-
-  def gaussian(self, sign: float, j, mean, std: float, delta: float, window: int,
-               escaped: np.ndarray | None = None) -> None:
-    """One coded array: values j on the grid under N(mean, std^2) with a window of +- `window`
-    grid points (`escaped`: the symbols sent as the window's end plus raw bits)."""
-    from scipy import special   # pylint: disable=g-import-not-at-top  (stats only)
-    c, r, s = _grid_params(mean, std, delta)
-    off = j - c
-    u = (off - r) / s
-    cont = 0.5 * u * u / _LN2 + math.log2(std * math.sqrt(2 * math.pi) / delta)
-    h, a = 0.5 / s, -np.abs(u)      # the bin [|u| - h, |u| + h], mirrored to the left
-    mass = special.ndtr(a + h) - special.ndtr(a - h)
-    grid = np.where(mass > 1e-300, -np.log2(np.maximum(mass, 1e-300)), cont)
-    sym = off if escaped is None else np.where(escaped, np.sign(off) * window, off)
-    lo, hi = special.ndtr((-window - 0.5 - r) / s), special.ndtr((window + 0.5 - r) / s)
-    free = 2.0**PRECISION_BITS - (2 * window + 1)
-    cdf = lambda x: np.floor((special.ndtr((x - r) / s) - lo) / (hi - lo) * free)
-    coder = PRECISION_BITS - np.log2(cdf(sym + 0.5) - cdf(sym - 0.5) + 1.0)
-    if escaped is not None:
-      coder = coder + np.where(escaped, sum(_raw_chunks(delta)), 0.0)
-    for total, bits in ((self.continuous, cont), (self.grid, grid), (self.coder, coder)):
-      total += sign * bits.reshape(len(total), -1).sum(-1)
-
-  def categorical(self, k, probs) -> None:
-    """Encoded integers k under per-symbol probabilities [n, K]; the coder's 24-bit ones with
-    one unit at least are taken as p (1 - K 2^-24) + 2^-24."""
-    p = np.take_along_axis(np.asarray(probs, np.float64), k.reshape(-1, 1), axis=-1)[:, 0]
-    p = p / np.asarray(probs, np.float64).sum(-1)
-    num = probs.shape[-1]
-    coder = -np.log2(p * (1.0 - num * 2.0**-PRECISION_BITS) + 2.0**-PRECISION_BITS)
-    for total, bits in ((self.continuous, -np.log2(p)), (self.grid, -np.log2(p)),
-                        (self.coder, coder)):
-      total += bits.reshape(len(total), -1).sum(-1)
 
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
@@ -364,21 +332,22 @@ class Chain:
     """`Stack.scramble` of what the decode of level `level` pops on average: the entropy of
     its grid Gaussians, log2(std / delta) + log2(sqrt(2 pi e)) bits per symbol (scrambling far
     deeper would alter seed words the coder never reads, which then cost initial bits)."""
-    per_symbol = math.log2(self.lv.q_std[level] / self.lv.delta[level] * math.sqrt(2 * math.pi * math.e))
+    g = self.lv.q(level)
+    per_symbol = math.log2(g.std / g.delta * math.sqrt(2 * math.pi * math.e))
     stack.scramble([SCRAMBLE_KEY, batch_id, level], 1 + math.ceil(b * self.dims * per_symbol / 32))
 
-  def encode(self, stack: Stack, images: np.ndarray, tally: Tally | None = None,
+  def encode(self, stack: Stack, images: np.ndarray, tally: Any = None,
              batch_id: int = 0) -> int:
     """Bit-Swap: pops z_0 ~ q(z_0|x), pushes x; per step pops z_i ~ q(z_i|z_{i-1}) and pushes
     z_{i-1} with p(z_{i-1}|z_i); pushes z_1 with N(0, I). Between a push and the next pop the
-    stack is scrambled (`Stack.scramble`, keyed by `batch_id` and the step). Returns the number
-    of escapes."""
+    stack is scrambled (`Stack.scramble`, keyed by `batch_id` and the step). `tally`
+    (`compress_stream.Tally`) accounts for every symbol. Returns the number of escapes."""
     lv, b, esc, steps = self.lv, len(images), 0, self.settings.num_steps
     k = np.asarray(images).reshape(-1).astype(np.int32)
     x = self.bin_centres[k]
-    j = decode_q(stack, lv.q_mean_coef[0] * x, lv.q_std[0], lv.delta[0], lv.q_radius[0])
+    j = decode_q(stack, lv.q_mean_coef[0] * x, lv.q(0))
     if tally:
-      tally.gaussian(-1, j, lv.q_mean_coef[0] * x, lv.q_std[0], lv.delta[0], lv.q_radius[0])
+      tally.gaussian(-1, j, lv.q_mean_coef[0] * x, lv.q(0))
     probs = self.probs(j, b)
     stack.encode_reverse(k, _CATEGORICAL, probs)
     if tally:
@@ -386,21 +355,19 @@ class Chain:
     self._scramble(stack, batch_id, 1, b)
     for i in range(1, steps + 1):
       q_mean = lv.q_mean_coef[i] * (j * lv.delta[i - 1])
-      j_new = decode_q(stack, q_mean, lv.q_std[i], lv.delta[i], lv.q_radius[i])
+      j_new = decode_q(stack, q_mean, lv.q(i))
       p_mean, _ = self.network(j_new, i, b)
-      escaped = encode_p(stack, j, p_mean, lv.p_std[i - 1], lv.delta[i - 1],
-                         lv.p_radius[i - 1])
+      escaped = encode_p(stack, j, p_mean, lv.p(i - 1))
       if i < steps:
         self._scramble(stack, batch_id, i + 1, b)
       if tally:
-        tally.gaussian(-1, j_new, q_mean, lv.q_std[i], lv.delta[i], lv.q_radius[i])
-        tally.gaussian(1, j, p_mean, lv.p_std[i - 1], lv.delta[i - 1], lv.p_radius[i - 1] + 1,
-                       escaped)
+        tally.gaussian(-1, j_new, q_mean, lv.q(i))
+        tally.gaussian(1, j, p_mean, lv.p(i - 1), escaped)
       esc, j = esc + int(escaped.sum()), j_new
     zero = np.zeros(j.shape)
-    escaped = encode_p(stack, j, zero, lv.p_std[-1], lv.delta[-1], lv.p_radius[-1])
+    escaped = encode_p(stack, j, zero, lv.p(steps))
     if tally:
-      tally.gaussian(1, j, zero, lv.p_std[-1], lv.delta[-1], lv.p_radius[-1] + 1, escaped)
+      tally.gaussian(1, j, zero, lv.p(steps), escaped)
     return esc + int(escaped.sum())
 
   def decode(self, stack: Stack, b: int, batch_id: int = 0,
@@ -410,19 +377,18 @@ class Chain:
     x_hat)` sees the latent z_i and the reconstruction x_hat(z_i) (float32 [b, H, W, C]) at
     every step, from i = T down: progressive decoding."""
     lv, steps = self.lv, self.settings.num_steps
-    j = decode_p(stack, np.zeros(b * self.dims), lv.p_std[-1], lv.delta[-1], lv.p_radius[-1])
+    j = decode_p(stack, np.zeros(b * self.dims), lv.p(steps))
     for i in range(steps, 0, -1):
       p_mean, x_hat = self.network(j, i, b)
       if on_step:
         on_step(i, self._padded(j, i, b)[:b], np.asarray(x_hat)[:b])
       if i < steps:
         self._scramble(stack, batch_id, i + 1, b)
-      j_prev = decode_p(stack, p_mean, lv.p_std[i - 1], lv.delta[i - 1], lv.p_radius[i - 1])
-      q_mean = lv.q_mean_coef[i] * (j_prev * lv.delta[i - 1])
-      encode_q(stack, j, q_mean, lv.q_std[i], lv.delta[i], lv.q_radius[i])
+      j_prev = decode_p(stack, p_mean, lv.p(i - 1))
+      encode_q(stack, j, lv.q_mean_coef[i] * (j_prev * lv.delta[i - 1]), lv.q(i))
       j = j_prev
     self._scramble(stack, batch_id, 1, b)
     k = stack.decode(_CATEGORICAL, self.probs(j, b)).astype(np.int32)
     x = self.bin_centres[k]
-    encode_q(stack, j, lv.q_mean_coef[0] * x, lv.q_std[0], lv.delta[0], lv.q_radius[0])
+    encode_q(stack, j, lv.q_mean_coef[0] * x, lv.q(0))
     return k.reshape((b,) + self.model.shape)

@@ -197,7 +197,7 @@ def decompress_bytes(model: Model, blob: bytes, *, name: str = "the file",
   fmt.check_model(header, mine, name=name)
   try:
     images = compress_stream.decode_images(
-        coder, payload, num_images=header.num_images, seed_words_=header.seed_words,
+        coder, payload, num_images=header.num_images, num_seed_words=header.seed_words,
         seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step)
   except compress_stream.StreamError as e:
     raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with this "
