@@ -122,10 +122,12 @@ def test_damaged_and_foreign_files_are_named(digits, packed):
   model = digits["model"]
   _expect("format", "not a vdm-jax compressed file", model, b"\x89PNG\r\n" + packed[6:])
   _expect("format", "format version 9", model, packed[:4] + b"\x09" + packed[5:])
+  _expect("format", "is empty, not a vdm-jax compressed file", model, b"")
   _expect("truncated", "truncated", model, packed[:-1])
   _expect("truncated", "truncated", model, packed[:40])
   _expect("truncated", "truncated", model, packed[:2])
-  for offset in (20, fmt.HEADER_BYTES + 3, len(packed) - 2):   # header, payload, checksum
+  header_end = len(packed) - 4 - 4 * fmt.unpack(packed)[0].payload_words
+  for offset in (10, 20, header_end + 3, len(packed) - 2):   # header, payload, checksum
     damaged = bytearray(packed)
     damaged[offset] ^= 0x10
     _expect("corrupted", "corrupted", model, bytes(damaged))
@@ -134,14 +136,14 @@ def test_damaged_and_foreign_files_are_named(digits, packed):
 
 def test_another_model_or_numeric_environment_is_refused(digits, packed, monkeypatch):
   model = digits["model"]
-  _expect("model", "parameters differ", model._replace(params_digest=b"x" * 8), packed)
+  _expect("model", "parameters differ", model._replace(params_digest=b"x" * 6), packed)
   _expect("model", r"checkpoint step differs \(file: step 3, this run: step 4\)",
           model._replace(step=4), packed)
-  _expect("model", "model config differs", model._replace(config_digest=b"abcd"), packed)
-  monkeypatch.setattr(compress_app, "environment_digest", lambda: b"othr")
+  _expect("model", "model config differs", model._replace(config_digest=b"ab"), packed)
+  monkeypatch.setattr(compress_app, "environment_digest", lambda: b"ot")
   _expect("environment", "another software environment", model, packed)
   monkeypatch.undo()
-  monkeypatch.setattr(compress_app, "probe_digest", lambda *a: b"p" * 8)
+  monkeypatch.setattr(compress_app, "probe_digest", lambda *a: b"p" * 4)
   _expect("environment", "computes other float bits", model, packed)
 
 

@@ -50,14 +50,14 @@ class Model(NamedTuple):
 
 
 def params_digest(*trees: Any) -> bytes:
-  """SHA-256 (8 bytes) of every leaf's path, dtype, shape and bytes."""
+  """SHA-256 (6 bytes) of every leaf's path, dtype, shape and bytes."""
   parts = []
   for tree in trees:
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
       leaf = np.asarray(leaf)
       parts += [jax.tree_util.keystr(path).encode(), f"{leaf.dtype}{leaf.shape}".encode(),
                 leaf.tobytes()]
-  return fmt.digest(*parts)
+  return fmt.digest(*parts, size=fmt.DIGEST_SIZES["params"])
 
 
 def vdm_model(vdm: model_lib.VDM, params: Any, *, shape: tuple[int, ...], config: dict,
@@ -73,7 +73,7 @@ def vdm_model(vdm: model_lib.VDM, params: Any, *, shape: tuple[int, ...], config
 
   gamma_fn = lambda t: vdm.apply(variables, t, method=model_lib.VDM.gamma)
   config_bytes = json.dumps(config, sort_keys=True, default=str).encode()
-  return Model(eps_fn, gamma_fn, tuple(shape), vdm.vocab_size, fmt.digest(config_bytes, size=4),
+  return Model(eps_fn, gamma_fn, tuple(shape), vdm.vocab_size, fmt.digest(config_bytes, size=fmt.DIGEST_SIZES["config"]),
                int(step), params_digest(params))
 
 
@@ -94,7 +94,7 @@ def environment_digest() -> bytes:
   text = (f"jax={jax.__version__};jaxlib={importlib.metadata.version('jaxlib')};"
           f"backend={jax.default_backend()};device={jax.devices()[0].device_kind};"
           f"constriction={importlib.metadata.version('constriction')};format={fmt.VERSION}")
-  return fmt.digest(text.encode(), size=4)
+  return fmt.digest(text.encode(), size=fmt.DIGEST_SIZES["environment"])
 
 
 _CHAINS: dict = {}
@@ -123,7 +123,7 @@ def probe_digest(coder: compress.Chain, buckets: set[int]) -> bytes:
     mean, x_hat = coder.model.step(z, lv.gamma[mid - 1], lv.gamma[mid])
     probs = coder.model.probs(z, lv.gamma[0])
     parts += [np.asarray(mean).tobytes(), np.asarray(x_hat).tobytes(), np.asarray(probs).tobytes()]
-  return fmt.digest(*parts)
+  return fmt.digest(*parts, size=fmt.DIGEST_SIZES["probe"])
 
 
 def _buckets(sizes: list[int]) -> set[int]:
@@ -307,6 +307,7 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   out = _check_new(out, "file")
   if num_steps is not None:
     checks.check_number("num_steps", num_steps, integer=True, low=1)
+  compress.check_settings(compress.CoderSettings(num_steps or 1, grid_bits, window, max_batch))
   run = load_run(workdir, step=checkpoint)
   model = run_model(run)
   images = read_images(source, run.info, data_dir=run.config.data.data_dir or None)
