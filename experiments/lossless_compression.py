@@ -24,7 +24,7 @@ is listed as such.
 
 Usage:
   python experiments/lossless_compression.py --workdir runs/digits [--steps 20 100 1000]
-      [--t_samples 128] [--checkpoint S] [--grid_bits 6] [--window 6]
+      [--t_samples 128] [--checkpoint S] [--grid_bits 4] [--window 6]
       [--out experiments/out/lossless_compression]
 
 Writes <out>.md and <out>.json and prints the tables. (Not named compression.py: run as a script,
@@ -212,7 +212,7 @@ def main() -> None:
   parser.add_argument("--checkpoint", type=int, default=None)
   parser.add_argument("--steps", type=int, nargs="+", default=[20, 100, 1000])
   parser.add_argument("--t_samples", type=int, default=128)
-  parser.add_argument("--grid_bits", type=int, default=6)
+  parser.add_argument("--grid_bits", type=int, default=4)
   parser.add_argument("--window", type=int, default=6)
   parser.add_argument("--max_batch", type=int, default=256)
   parser.add_argument("--out", default="experiments/out/lossless_compression")

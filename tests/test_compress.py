@@ -87,7 +87,7 @@ def test_code_lengths_agree_with_the_consistency_form_of_the_bound(digits):
   same T-step bound: equal in expectation. Per image, the coder's ideal code length (densities
   on its own latents) minus the bound (64 samples) has mean 0 within 4 standard errors; the ANS
   stream adds < 0.2% to the ideal code of its models (grid masses, escapes as sent), and the
-  grid < 0.01%."""
+  grid < 0.1%."""
   model, images, steps = digits["model"], digits["images"], 10
   coder = compress_app.chain(model, compress.CoderSettings(steps))
   encoded = compress_stream.encode_images(coder, images.astype(np.int32), expected_bits=300.0)
@@ -101,7 +101,7 @@ def test_code_lengths_agree_with_the_consistency_form_of_the_bound(digits):
   total = encoded.ideal_coder.sum()
   assert abs(encoded.net_bits - total) < 2e-3 * total, (encoded.net_bits, total)
   grid = encoded.ideal_grid.sum()
-  assert abs(grid - encoded.ideal_continuous.sum()) < 1e-4 * grid
+  assert abs(grid - encoded.ideal_continuous.sum()) < 1e-3 * grid
   assert 0 < encoded.initial_bits < 0.25 * encoded.net_bits
 
 

@@ -62,7 +62,7 @@ flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's)."
 # compress
 flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any split name), a "
                     ".npy / .npz of integer images, or a folder of PNGs.")
-flags.DEFINE_integer("grid_bits", 6, "compress: latents on a grid of 2^-grid_bits of each level's "
+flags.DEFINE_integer("grid_bits", 4, "compress: latents on a grid of 2^-grid_bits of each level's "
                      "smallest standard deviation.")
 flags.DEFINE_integer("window", 6, "compress: coding windows of +- window standard deviations.")
 

@@ -299,7 +299,7 @@ def _check_new(path: str, what: str) -> str:
 
 
 def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None = None,
-                 num_steps: int | None = None, grid_bits: int = 6, window: int = 6,
+                 num_steps: int | None = None, grid_bits: int = 4, window: int = 6,
                  max_batch: int = 256) -> dict:
   """Compresses `source` with the run's model into the file `out` (see module docstring);
   returns the accounting of `compress_images` plus "path", "bpd" (the whole file) and "net_bpd"

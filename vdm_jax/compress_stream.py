@@ -3,7 +3,7 @@
 Bits-back coding pops latents before it pushes anything, so the stack must hold bits to begin
 with: the initial bits. They grow with the number of latents popped before pushes return bits
 (a batch of b images dips about b * D * 2 * (grid_bits + 3) bits below where it starts: the
-latents z_0 and z_{1/T}; measured 18.6 bits per dimension on digits, grid_bits 6). The images
+latents z_0 and z_{1/T}; measured 15-19 bits per dimension on digits, grid_bits 4). The images
 are therefore chained: the first batch is one image, and each later batch takes its bits back
 from the code of the batches before it, growing with the stack:
 
