@@ -43,6 +43,7 @@ of the network's outputs on a fixed probe (`compress_format`), so such a mismatc
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -107,6 +108,23 @@ class ChainModel(NamedTuple):
   vocab_size: int
 
 
+@functools.lru_cache(maxsize=16)
+def _network(eps_fn: EpsFn, vocab_size: int) -> tuple[Callable, Callable]:
+  """The compiled step and decoder of a network, shared by every T (gamma_s, gamma_t are
+  arguments): compiled once per batch bucket."""
+
+  def step(z_t, gamma_s, gamma_t):
+    g_t = jnp.full((z_t.shape[0],), gamma_t, jnp.float32)
+    x_hat = diffusion.x_from_eps(z_t, diffusion.predict_eps(eps_fn, z_t, g_t), gamma=g_t)
+    mean, _ = diffusion.posterior(z_t, x_hat, gamma_s=gamma_s, gamma_t=g_t)
+    return mean, x_hat
+
+  def probs(z_0, gamma_0):
+    return jax.nn.softmax(elbo.decoder_logits(z_0, gamma_0=gamma_0, vocab_size=vocab_size), -1)
+
+  return parallel.jit(step), parallel.jit(probs)
+
+
 def chain_model(eps_fn: EpsFn, gamma_fn: GammaFn, *, shape: tuple[int, ...], vocab_size: int,
                 num_steps: int) -> ChainModel:
   """The compiled functions of the T-step chain of a VDM (eps_fn, gamma_fn as in `elbo`).
@@ -126,17 +144,8 @@ def chain_model(eps_fn: EpsFn, gamma_fn: GammaFn, *, shape: tuple[int, ...], voc
     return {"gamma": gamma, "alpha": alpha, "sigma": sigma, "q_coef": pad(q_coef),
             "q_var": pad(q_var), "p_var": pad(jnp.broadcast_to(p_var, (steps,)))}
 
-  def step(z_t, gamma_s, gamma_t):
-    g_t = jnp.full((z_t.shape[0],), gamma_t, jnp.float32)
-    x_hat = diffusion.x_from_eps(z_t, diffusion.predict_eps(eps_fn, z_t, g_t), gamma=g_t)
-    mean, _ = diffusion.posterior(z_t, x_hat, gamma_s=gamma_s, gamma_t=g_t)
-    return mean, x_hat
-
-  def probs(z_0, gamma_0):
-    return jax.nn.softmax(elbo.decoder_logits(z_0, gamma_0=gamma_0, vocab_size=vocab_size), -1)
-
-  return ChainModel(parallel.jit(table), parallel.jit(step), parallel.jit(probs),
-                    tuple(shape), vocab_size)
+  step, probs = _network(eps_fn, vocab_size)
+  return ChainModel(parallel.jit(table), step, probs, tuple(shape), vocab_size)
 
 
 class Grid(NamedTuple):
