@@ -13,17 +13,20 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vdm_jax"
 
 # Lowest first. "base" modules import no other layer: registries and validators, data sets and
-# pipelines, devices, checkpoints, metrics, the optimiser, the reader of official checkpoints.
+# pipelines, devices, checkpoints, metrics, the optimiser, the reader of official checkpoints,
+# the compressed file format.
 LAYERS = (
     ("base", ("registry", "checks", "data", "pipeline", "parallel", "checkpoint_integrity",
-              "checkpointing", "metrics", "optim", "official_checkpoint", "bench_report")),
+              "checkpointing", "metrics", "optim", "official_checkpoint", "bench_report",
+              "compress_format")),
     ("maths", ("schedules", "diffusion", "elbo", "objectives", "sampling", "guidance",
                "likelihood", "latent")),
     ("model", ("networks", "model", "classifier", "vae")),
     ("tasks", ("tasks", "convert", "config_checks", "stored_config")),
     ("state", ("state", "steps")),
     ("runs", ("runs", "run_control")),
-    ("apps", ("train", "evaluation", "bench", "official_import")),
+    ("apps", ("train", "evaluation", "bench", "official_import", "compress", "compress_stream",
+              "compress_app")),
     ("cli", ("cli",)),
 )
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -1,4 +1,5 @@
-"""`vdm-jax train | eval | sample | bench`: flag parsing and a call, nothing else.
+"""`vdm-jax train | eval | sample | bench | import-official | compress | decompress`: flag
+parsing and a call, nothing else.
 
   vdm-jax train --config configs/digits.py --workdir runs/digits [--config.training.num_steps=100]
   vdm-jax eval --workdir runs/digits [--checkpoint 3000] [--num_steps 1000] [--t_samples 4]
@@ -6,6 +7,8 @@
       [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
   vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
   vdm-jax import-official --checkpoint PATH --config configs/cifar10.py --workdir DIR
+  vdm-jax compress --workdir runs/digits [--checkpoint S] [--num_steps T] --input test --out F
+  vdm-jax decompress --workdir runs/digits F --out DIR
 
 Exit status: 0 done; 2 bad input (a ValueError: `ConfigError`, `RunError`, ...), printed as one
 `error: ...` line on stderr without a traceback, by every command; 1 any other failure (with its
@@ -30,12 +33,14 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, sampl
 flags.DEFINE_integer("checkpoint", None, "eval/sample: checkpoint step (default: the newest).")
 flags.DEFINE_string("official_checkpoint", None, "import-official: the official checkpoint "
                     "(also accepted as --checkpoint PATH).")
-flags.DEFINE_integer("num_steps", None, "eval: T of the bound (0 = continuous; default: config).")
+flags.DEFINE_integer("num_steps", None, "eval: T of the bound (0 = continuous; default: config); "
+                     "compress: T of the coded chain (default: the model's T, else 1000).")
 flags.DEFINE_integer("t_samples", None, "eval: time samples per image (default: config).")
 flags.DEFINE_integer("max_examples", None, "eval: evaluate only the first N examples.")
 flags.DEFINE_string("split", None, "eval: data split (default: test, or validation where the "
                     "data set has no test split).")
-flags.DEFINE_integer("batch_size", None, "eval: batch size; sample: images per compiled batch.")
+flags.DEFINE_integer("batch_size", None, "eval: batch size; sample: images per compiled batch; "
+                     "compress: the largest batch coded together (default 256).")
 flags.DEFINE_bool("ode", False, "eval: also the probability-flow ODE bound (slower).")
 flags.DEFINE_string("ode_method", "rk45", "eval --ode: rk45 | rk23 (adaptive) | heun | euler.")
 flags.DEFINE_integer("ode_max_examples", 200, "eval --ode: examples for the ODE bound.")
@@ -46,7 +51,7 @@ flags.DEFINE_integer("steps", None, "sample: reverse steps (langevin: noise leve
                      "1000); bench: timed train steps (default 10).")
 flags.DEFINE_integer("num", 64, "sample: number of samples.")
 flags.DEFINE_string("out", None, "eval: JSON path; sample: output directory "
-                    "(default: inside the workdir).")
+                    "(default: inside the workdir); compress: the file; decompress: a new folder.")
 flags.DEFINE_integer("label", None, "sample: class to draw (conditional model or classifier).")
 flags.DEFINE_float("guidance", 0.0, "sample: guidance weight w >= 0.")
 flags.DEFINE_enum("ddpm_variance", "beta", ["beta", "posterior"],
@@ -54,8 +59,14 @@ flags.DEFINE_enum("ddpm_variance", "beta", ["beta", "posterior"],
 flags.DEFINE_string("classifier_workdir", None, "sample: a classifier run for classifier guidance.")
 # bench
 flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's).")
+# compress
+flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any split name), a "
+                    ".npy / .npz of integer images, or a folder of PNGs.")
+flags.DEFINE_integer("grid_bits", 4, "compress: latents on a grid of 2^-grid_bits of each level's "
+                     "smallest standard deviation.")
+flags.DEFINE_integer("window", 6, "compress: coding windows of +- window standard deviations.")
 
-COMMANDS = ("train", "eval", "sample", "bench", "import-official")
+COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress")
 
 
 def _need(command: str, *names: str) -> None:
@@ -120,6 +131,26 @@ def _import_official(argv):
         f"next: vdm-jax eval --workdir {out['workdir']}", flush=True)
 
 
+def _compress(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"compress takes no positional arguments, got {argv[1:]}")
+  _need("compress", "workdir", "input", "out")
+  from vdm_jax import compress_app
+  compress_app.compress_run(FLAGS.workdir, source=FLAGS.input, out=FLAGS.out,
+                            checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
+                            grid_bits=FLAGS.grid_bits, window=FLAGS.window,
+                            max_batch=256 if FLAGS.batch_size is None else FLAGS.batch_size)
+
+
+def _decompress(argv):
+  if len(argv) != 2:
+    raise app.UsageError("decompress takes one file: vdm-jax decompress --workdir RUN FILE --out "
+                         "DIR")
+  _need("decompress", "workdir", "out")
+  from vdm_jax import compress_app
+  compress_app.decompress_run(FLAGS.workdir, argv[1], out=FLAGS.out, checkpoint=FLAGS.checkpoint)
+
+
 def _official_checkpoint_flag(argv: list[str]) -> list[str]:
   """import-official takes a path in --checkpoint (an integer flag for eval/sample)."""
   out = []
@@ -156,7 +187,8 @@ def main(argv=None) -> None:
     argv = _official_checkpoint_flag(argv)
   logging.set_verbosity(logging.INFO)
   commands = {"train": _train, "eval": _eval, "sample": _sample, "bench": _bench,
-              "import-official": _import_official}
+              "import-official": _import_official, "compress": _compress,
+              "decompress": _decompress}
   app.run(_friendly(commands[command]), argv=argv)
 
 
