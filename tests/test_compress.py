@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import compress, compress_app, compress_format as fmt, compress_stream, config_checks
+from vdm_jax import compress, compress_app, compress_format as fmt, compress_stream
 from vdm_jax import checkpointing, data, elbo, model as model_lib, parallel, runs
-from vdm_jax import state as state_lib, tasks
+from vdm_jax import state as state_lib, stored_config, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T = 4
@@ -38,7 +38,7 @@ def _save_run(workdir, config, step, seed):
   saved = fresh.replace(ema_params=_perturbed(fresh.params, seed, 0.05),
                         step=jax.device_put(jnp.asarray(step, jnp.int32), rep))
   os.makedirs(workdir, exist_ok=True)
-  config_checks.check_workdir_config(config, str(workdir))
+  stored_config.check_workdir_config(config, str(workdir))
   with checkpointing.CheckpointManager(workdir / "checkpoints", async_save=False) as manager:
     manager.save(step, saved, force=True)
 
