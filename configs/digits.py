@@ -33,6 +33,8 @@ def get_config():
   c.data.name = "digits"
   c.model.gamma_min = -7.0
   c.model.gamma_max = 5.0
+  c.model.schedule = "learned_monotone"
+  c.model.schedule_objective = "variance"
   c.model.channels = 32
   c.model.num_blocks = 4
   c.model.dropout = 0.0

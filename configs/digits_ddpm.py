@@ -32,6 +32,7 @@ def get_config():
   c.model.gamma_max = 10.117673183300669
   c.model.num_steps = 999
   c.model.objective = "simple"
+  c.model.schedule_objective = "elbo"   # digits.py's "variance" needs a continuous-time bound
   c.optim.schedule_lr_multiplier = 1.0
   c.eval.num_steps = 999
   c.sample.sampler = "ddpm"
