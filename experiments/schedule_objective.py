@@ -49,8 +49,8 @@ import numpy as np
 from vdm_jax import data, model as model_lib, runs, train
 
 VARIANTS = {
-    "fixed_linear": {"model.schedule": "fixed_linear"},
-    "learned_linear": {"model.schedule": "learned_linear"},
+    "fixed_linear": {"model.schedule": "fixed_linear", "model.schedule_objective": "elbo"},
+    "learned_linear": {"model.schedule": "learned_linear", "model.schedule_objective": "elbo"},
     "monotone_elbo": {"model.schedule": "learned_monotone", "model.schedule_objective": "elbo"},
     "monotone_variance": {"model.schedule": "learned_monotone",
                           "model.schedule_objective": "variance"},

@@ -65,11 +65,12 @@ def test_eval_with_ode_bound_side_by_side(runs, tmp_path):
                                ode_method="heun", out=str(tmp_path / "o.json"))
   assert result["ode_num_examples"] == 8 and result["ode_method"] == "heun"
   assert np.isfinite(result["bpd"]) and result["ode_bpd_se"] > 0
-  # The same ODE solved another way (adaptive RK45, same seed: the same dequantisation and trace
-  # probes) gives the same likelihood up to the fixed-step solver's error.
-  adaptive = evaluation.run_eval(runs["uncond"], max_examples=8, batch_size=8, ode=True,
-                                 ode_method="rk45", out=str(tmp_path / "r.json"))
-  np.testing.assert_allclose(result["ode_bpd"], adaptive["ode_bpd"], rtol=0.02)
+  # The same ODE solved another way (Heun with 4x the steps, same seed: the same dequantisation
+  # and trace probes) gives the same likelihood up to the 100-step solver's error.
+  fine = evaluation.ode_eval(runs_lib.load_run(runs["uncond"]), method="heun", num_steps=400,
+                             max_examples=8)
+  assert fine["ode_num_examples"] == 8
+  np.testing.assert_allclose(result["ode_bpd"], fine["ode_bpd"], rtol=0.02)
   with pytest.raises(ValueError, match="needs a pixel-space VDM run"):
     evaluation.run_eval(runs["classifier"], max_examples=8, batch_size=8, ode=True)
 

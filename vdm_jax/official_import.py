@@ -23,7 +23,8 @@ import ml_collections
 
 from vdm_jax import checkpointing, convert, data, official_checkpoint, parallel
 from vdm_jax import state as state_lib, tasks
-from vdm_jax.config_checks import ConfigError, check_config, check_workdir_config
+from vdm_jax.config_checks import ConfigError, check_config
+from vdm_jax.stored_config import check_workdir_config
 
 
 def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir: str
