@@ -53,6 +53,20 @@ def smoke_config():
   return runpy.run_path(str(_ROOT / "configs" / "smoke.py"))["get_config"]()
 
 
+def fresh_run(config, workdir):
+  """(task, replicated sharding, initial TrainState) of `config` on digits, and `workdir` made a
+  run directory of it (config.json written), for tests that write checkpoints into a run."""
+  from vdm_jax import data, parallel, state as state_lib, stored_config, tasks
+  task = tasks.build_task(config, data.get_info("digits"))
+  optimizer = state_lib.build_optimizer(config)
+  rep = parallel.replicated(parallel.make_mesh())
+  fresh = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
+                  out_shardings=rep)()
+  os.makedirs(workdir)
+  stored_config.check_workdir_config(config, str(workdir))
+  return task, rep, fresh
+
+
 @pytest.fixture
 def registered():
   """registered(registry, register_fn, name, *args, **kwargs) calls register_fn(name, *args,

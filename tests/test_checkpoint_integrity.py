@@ -23,7 +23,8 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import checkpointing, data, parallel, runs, state as state_lib, stored_config, tasks
+from conftest import fresh_run
+from vdm_jax import checkpointing, runs
 from vdm_jax.checkpointing import CheckpointManager
 
 # orbax can leave an asyncio callback behind after a failed read; it is harmless here.
@@ -487,15 +488,8 @@ def test_save_refuses_the_reserved_metadata_key(tmp_path):
 def _smoke_run(tmp_path, smoke_config, steps, ema_offset=0.0):
   """A run directory of the smoke config with one checkpoint per step (EMA = init + step +
   ema_offset)."""
-  config = smoke_config
-  task = tasks.build_task(config, data.get_info("digits"))
-  optimizer = state_lib.build_optimizer(config)
-  rep = parallel.replicated(parallel.make_mesh())
-  fresh = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
-                  out_shardings=rep)()
   workdir = tmp_path / "run"
-  os.makedirs(workdir)
-  stored_config.check_workdir_config(config, str(workdir))
+  _, rep, fresh = fresh_run(smoke_config, workdir)
   emas = {}
   with checkpointing.CheckpointManager(workdir / "checkpoints", async_save=False) as manager:
     for step in steps:

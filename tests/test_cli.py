@@ -33,3 +33,18 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, command, args, message
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and message in proc.stderr, proc.stderr[-3000:]
   assert not workdir.exists()
+
+
+def test_library_logs_are_quiet_unless_asked_for(tmp_path):
+  """orbax logs dozens of INFO lines per checkpoint through absl's logger: hidden by default
+  (the README command's output is the trainer's lines; test_train.test_readme_main_command),
+  shown with --library_logs, while the trainer's own INFO lines show either way."""
+  workdir = tmp_path / "run"
+  proc = _cli("train", "--config", SMOKE, "--workdir", str(workdir), "--library_logs",
+              cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "compiling the train step" in proc.stderr
+  assert "checkpoint_manager.py" in proc.stderr
+  proc = _cli("eval", "--workdir", str(workdir), cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "checkpoint_manager.py" not in proc.stderr and "test" in proc.stdout

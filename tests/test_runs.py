@@ -1,27 +1,20 @@
 """Tests for vdm_jax.runs: a run's EMA parameters are restored without its optimiser state."""
 
-import os
-
 import chex
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import checkpointing, data, parallel, runs, state as state_lib, stored_config, tasks
+from conftest import fresh_run
+from vdm_jax import checkpointing, runs, state as state_lib
 
 
 def test_load_run_restores_the_ema_parameters_and_nothing_else(tmp_path, monkeypatch,
                                                                 smoke_config):
   config = smoke_config
-  task = tasks.build_task(config, data.get_info("digits"))
-  optimizer = state_lib.build_optimizer(config)
-  rep = parallel.replicated(parallel.make_mesh())
-  fresh = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
-                  out_shardings=rep)()
+  workdir = tmp_path / "run"
+  task, rep, fresh = fresh_run(config, workdir)
   ema = jax.tree.map(lambda p: p + 1.0, fresh.params)   # unlike the trained parameters
   saved = fresh.replace(ema_params=ema, step=jax.device_put(jnp.asarray(7, jnp.int32), rep))
-  workdir = tmp_path / "run"
-  os.makedirs(workdir)
-  stored_config.check_workdir_config(config, str(workdir))
   with checkpointing.CheckpointManager(workdir / "checkpoints", async_save=False) as manager:
     manager.save(7, saved, force=True)
 

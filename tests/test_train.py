@@ -132,6 +132,9 @@ def test_readme_main_command(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=patience(1800), cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "test bpd" in proc.stdout
+  # Readable: the trainer's own log lines, not orbax's dozens per checkpoint (--library_logs).
+  assert "compiling the train step" in proc.stderr, proc.stderr[-3000:]
+  assert "checkpoint_manager.py" not in proc.stderr, proc.stderr[-3000:]
   result = json.loads((workdir / "eval.json").read_text())
   assert result["bpd"] < np.log2(17)        # already below the uniform baseline
   task = tasks.build_task(load_config("digits"), data.get_info("digits"))

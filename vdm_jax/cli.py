@@ -19,6 +19,7 @@ to resume) and 130 after SIGINT / Ctrl-C (`run_control.EXIT_INTERRUPTED`, saved 
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -65,6 +66,14 @@ flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any 
 flags.DEFINE_integer("grid_bits", 4, "compress: latents on a grid of 2^-grid_bits of each level's "
                      "smallest standard deviation.")
 flags.DEFINE_integer("window", 6, "compress: coding windows of +- window standard deviations.")
+
+# logging
+flags.DEFINE_bool("library_logs", False, "Show the INFO logs of the libraries (orbax's dozens of "
+                  "lines per checkpoint, jax's backend probing); their warnings always show.")
+
+# Loggers of the libraries whose INFO records drown the trainer's own lines (orbax logs through
+# absl's logger "absl"; jax through "jax.*"). This project's modules log through the root logger.
+LIBRARY_LOGGERS = ("absl", "jax")
 
 COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress")
 
@@ -165,9 +174,13 @@ def _official_checkpoint_flag(argv: list[str]) -> list[str]:
 
 
 def _friendly(fn):
-  """Bad input (ValueError and its subclasses: ConfigError, RunError) -> one `error:` line on
-  stderr and exit 2, no traceback."""
+  """Runs a command with the libraries' INFO logs hidden unless --library_logs; bad input
+  (ValueError and its subclasses: ConfigError, RunError) -> one `error:` line on stderr and
+  exit 2, no traceback."""
   def wrapped(argv):
+    for name in LIBRARY_LOGGERS:
+      std_logging.getLogger(name).setLevel(
+          std_logging.NOTSET if FLAGS.library_logs else std_logging.WARNING)
     try:
       fn(argv)
     except ValueError as e:
