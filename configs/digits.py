@@ -4,20 +4,28 @@ Launch:
   vdm-jax train --config configs/digits.py --workdir runs/digits
 
 Measured 2026-11-30 (`python experiments/main_job.py --seeds 0 1 2`, each a fresh process and
-run directory; install excluded) on this project's 2-core Intel Xeon (AVX-512), other processes
-paused: 114 s wall clock (seed 0; 110, 113, 113 s for seeds 0, 1, 2 with the learned-endpoints
-schedule, whose train step costs the same, 140 ms either way in one `vdm-jax bench` run);
-test bpd 1.875, 1.848, 1.859 for seeds 0, 1, 2 after 1,100 steps (continuous-time bound, EMA
-parameters, 4 t-samples per test image), against the uniform baseline log2(17) = 4.09 bpd.
+run directory; install excluded) on this project's 2-core Intel Xeon (AVX-512), machine
+otherwise idle: 100, 101, 99 s wall clock for seeds 0, 1, 2; test bpd 1.876, 1.832, 1.872 after
+1,100 steps (continuous-time bound, EMA parameters, 4 t-samples per test image), against the
+uniform baseline log2(17) = 4.09 bpd.
+XLA:CPU: `xla.cpu_ynn_fusion_type` hands only dots to YNNPACK (the base config: dots and
+reductions). On this small net that is faster: train step 70.8 vs 80.8 ms, evaluation 800 vs
+596 images/s, sampling 1.46x (experiments/benchmark.py, medians of 3 processes); with
+reductions in YNNPACK the job took 114 s (seed 0) and gave 1.875, 1.848, 1.859 (other float
+rounding, same recipe).
 The schedule: `learned_monotone` with `model.schedule_objective = "variance"` (its interior
 minimises the variance of the bound's estimate, issue 14): it wins here, 0.46-0.52 bpd^2 of
 variance against 2.0-3.1 for the other schedules, and a lower bpd (experiments/
 schedule_objective.py; the README's table). With the learned-endpoints schedule the same recipe
 gave 1.897, 1.852, 1.881, and its bpd curve run to 1,200 steps was 2.073, 2.007, 2.066 at 400;
-1.929, 1.881, 1.909 at 800; 1.883, 1.846, 1.865 at 1,200.
+1.929, 1.881, 1.909 at 800; 1.883, 1.846, 1.865 at 1,200 (reductions in YNNPACK). Run for 800
+steps (cosine to 0 at 800) it gave 1.938 (seed 0; 1.918 at learning rate 1e-2); with 24
+channels, 1.890; with batch 48, 1.918: each saves a quarter of the steps' work and costs more
+bpd than the 1.9 target leaves.
 On a slower machine scale the time: the previous 64-channel config ran 5.24 steps/s here and
 1.98 on the 2-core AMD EPYC (AVX2) of issue 15, a factor 2.65 that would put this job at about
-5 minutes there (not measured there).
+265 s there (not measured there). XLA's `--xla_cpu_max_isa` cannot emulate that machine: it
+does not reach YNNPACK's kernels (capped at SSE4.2 the train step slowed by 3%).
 
 A 336,645-parameter net (333,569 in the network, 3,076 in the monotone schedule): 32 channels,
 4 residual blocks at 8x8, no dropout; batch 64; AdamW at a peak learning rate 8e-3 after 100 warm-up steps,
@@ -58,4 +66,5 @@ def get_config():
   c.eval.t_samples = 4
   c.sample.num_steps = 100
   c.sample.num_images = 64
+  c.xla.cpu_ynn_fusion_type = "LIBRARY_FUSION_TYPE_DOT"   # reductions in XLA: see the docstring
   return c

@@ -74,3 +74,37 @@ def test_jit_with_options_computes_the_same_gradients(monkeypatch):
     np.testing.assert_allclose(value, loss, rtol=1e-5)
     np.testing.assert_allclose(g_w, grad_w, rtol=1e-4, atol=1e-4)
   chex.assert_trees_all_close(ours[1][0], default[1][0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_chosen_fusion_list_applies_within_and_the_environment_wins(monkeypatch):
+  monkeypatch.delenv(ENV, raising=False)
+  key = "xla_cpu_experimental_ynn_fusion_type"
+  with parallel.cpu_ynn_fusions("LIBRARY_FUSION_TYPE_DOT"):
+    assert parallel.compiler_options("cpu") == {key: "LIBRARY_FUSION_TYPE_DOT"}
+    with parallel.cpu_ynn_fusions("default"):
+      assert parallel.compiler_options("cpu") is None
+    assert parallel.compiler_options("cpu") == {key: "LIBRARY_FUSION_TYPE_DOT"}
+    assert parallel.compiler_options("gpu") is None
+    monkeypatch.setenv(ENV, "LIBRARY_FUSION_TYPE_REDUCE")
+    assert parallel.compiler_options("cpu") == {key: "LIBRARY_FUSION_TYPE_REDUCE"}
+    monkeypatch.delenv(ENV)
+  assert parallel.compiler_options("cpu") == {key: parallel.CPU_YNN_FUSION_TYPE}
+
+
+@pytest.mark.parametrize("value", ["", "dot", "LIBRARY_FUSION_TYPE_DOT, LIBRARY_FUSION_TYPE_REDUCE",
+                                   None])
+def test_a_chosen_fusion_list_that_is_not_one_is_refused(value):
+  assert not parallel.is_cpu_ynn_fusion_type(value)
+  with pytest.raises(ValueError, match="xla.cpu_ynn_fusion_type=.*LIBRARY_FUSION_TYPE_"):
+    with parallel.cpu_ynn_fusions(value):
+      pass
+  assert parallel.compiler_options("cpu") != {"xla_cpu_experimental_ynn_fusion_type": value}
+
+
+def test_a_chosen_fusion_list_xla_rejects_names_it(monkeypatch):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the option exists on CPU only")
+  monkeypatch.delenv(ENV, raising=False)
+  with parallel.cpu_ynn_fusions("LIBRARY_FUSION_TYPE_NO_SUCH_KIND"):
+    with pytest.raises(ValueError, match="LIBRARY_FUSION_TYPE_NO_SUCH_KIND.*not accepted"):
+      parallel.jit(lambda x: x * 2)

@@ -46,6 +46,30 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
+def test_the_config_chooses_the_xla_cpu_fusions_of_everything_the_run_compiles(tmp_path,
+                                                                              monkeypatch):
+  """config.xla.cpu_ynn_fusion_type reaches every program the trainer compiles (train step,
+  evaluation, samples) and, through the stored config, those of `vdm-jax eval` / `sample`."""
+  from vdm_jax import evaluation
+  monkeypatch.delenv(parallel.CPU_OPTIONS_ENV, raising=False)
+  seen, jit = [], parallel.jit
+  monkeypatch.setattr(parallel, "jit", lambda f, **kw: seen.append(parallel.compiler_options())
+                      or jit(f, **kw))
+  config = load_config("smoke")
+  config.xla.cpu_ynn_fusion_type = "LIBRARY_FUSION_TYPE_DOT"
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  expected = ({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+              if jax.default_backend() == "cpu" else None)
+  assert len(seen) >= 3 and all(options == expected for options in seen), seen
+  assert parallel.compiler_options("cpu")["xla_cpu_experimental_ynn_fusion_type"] == (
+      parallel.CPU_YNN_FUSION_TYPE)   # only within the run
+  seen.clear()
+  evaluation.run_eval(workdir, max_examples=8)
+  evaluation.run_sample(workdir, steps=2, num=2, out=str(tmp_path / "samples"))
+  assert len(seen) >= 2 and all(options == expected for options in seen), seen
+
+
 def test_mock_cifar10_end_to_end(tmp_path):
   import tensorflow_datasets as tfds
   config = load_config("smoke")
@@ -248,6 +272,7 @@ BAD_VALUES = {
     "sample.ddpm_variance": "fixed",
     "distributed.initialize": None, "distributed.coordinator_address": None,
     "distributed.num_processes": 0, "distributed.process_id": -1,
+    "xla.cpu_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT, LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 

@@ -355,34 +355,35 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
     raise ValueError(f"parts must be a subset of {PARTS} ('data' needs 'train'), got {parts!r}")
   if steps < 1 or warmup < 0:
     raise ValueError(f"expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-  setup = _setup(config, batch_size, mesh)
-  n_dev = setup["mesh"].size
-  leaves = jax.tree.leaves(setup["state"].params)
-  result: dict[str, Any] = {
-      "data": config.data.name, "batch_size": setup["batch_size"], "num_devices": n_dev,
-      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "dtype": config.model.dtype, "block_impl": tasks.block_impl(config),
-      "remat": bool(config.model.remat), "num_blocks": config.model.num_blocks,
-      "channels": config.model.channels, "params": int(sum(x.size for x in leaves)),
-      "compiler_options": parallel.compiler_options()}
-  if "train" in parts:
-    result.update(bench_train(setup, steps=steps, warmup=warmup))
-  if "data" in parts:
-    result.update(bench_data(setup, steps=data_steps or steps))
-  if "eval" in parts:
-    eval_images = eval_images or 4 * config.eval.batch_size
-    eb = eval_batch_size or min(config.eval.batch_size, eval_images)
-    eb = _check_batch("eval_batch_size", max(n_dev, eb - eb % n_dev), n_dev)
-    result.update(bench_eval(setup, eval_images=eval_images, eval_batch_size=eb))
-  if "sample" in parts:
-    result.update(bench_sample(setup, sample_images=sample_images or config.sample.num_images,
-                               sample_steps=sample_steps))
-  if "roofline" in parts:
-    roof = roofline(**(roofline_kwargs or {}))
-    result.update({"roofline_" + k: v for k, v in roof.items()})
-    for name in ("conv", "conv_grad", "matmul") if result.get("flops_per_s") else ():
-      result[f"fraction_of_{name}_ceiling"] = result["flops_per_s"] / roof[name + "_flops_per_s"]
-  result["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  with parallel.cpu_ynn_fusions(config.xla.cpu_ynn_fusion_type):   # as the trainer compiles
+    setup = _setup(config, batch_size, mesh)
+    n_dev = setup["mesh"].size
+    leaves = jax.tree.leaves(setup["state"].params)
+    result: dict[str, Any] = {
+        "data": config.data.name, "batch_size": setup["batch_size"], "num_devices": n_dev,
+        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "dtype": config.model.dtype, "block_impl": tasks.block_impl(config),
+        "remat": bool(config.model.remat), "num_blocks": config.model.num_blocks,
+        "channels": config.model.channels, "params": int(sum(x.size for x in leaves)),
+        "compiler_options": parallel.compiler_options()}
+    if "train" in parts:
+      result.update(bench_train(setup, steps=steps, warmup=warmup))
+    if "data" in parts:
+      result.update(bench_data(setup, steps=data_steps or steps))
+    if "eval" in parts:
+      eval_images = eval_images or 4 * config.eval.batch_size
+      eb = eval_batch_size or min(config.eval.batch_size, eval_images)
+      eb = _check_batch("eval_batch_size", max(n_dev, eb - eb % n_dev), n_dev)
+      result.update(bench_eval(setup, eval_images=eval_images, eval_batch_size=eb))
+    if "sample" in parts:
+      result.update(bench_sample(setup, sample_images=sample_images or config.sample.num_images,
+                                 sample_steps=sample_steps))
+    if "roofline" in parts:
+      roof = roofline(**(roofline_kwargs or {}))
+      result.update({"roofline_" + k: v for k, v in roof.items()})
+      for name in ("conv", "conv_grad", "matmul") if result.get("flops_per_s") else ():
+        result[f"fraction_of_{name}_ceiling"] = result["flops_per_s"] / roof[name + "_flops_per_s"]
+    result["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return result
 
 

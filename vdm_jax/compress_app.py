@@ -32,7 +32,7 @@ from PIL import Image
 
 from vdm_jax import checks, compress, compress_format as fmt, compress_stream, data, elbo
 from vdm_jax import model as model_lib
-from vdm_jax.runs import Run, RunError, load_run
+from vdm_jax.runs import Run, RunError, compiled_as_configured, load_run
 
 DEFAULT_STEPS = 1000    # T for a continuous-time model when --num_steps is not given
 
@@ -298,6 +298,7 @@ def _check_new(path: str, what: str) -> str:
   return path
 
 
+@compiled_as_configured
 def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None = None,
                  num_steps: int | None = None, grid_bits: int = 4, window: int = 6,
                  max_batch: int = 256) -> dict:
@@ -334,6 +335,7 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   return stats
 
 
+@compiled_as_configured
 def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None = None) -> dict:
   """Decompresses the file `path` with the run's model into the folder `out`: one PNG per image
   and images.npz (key "images", the stored integer type). Returns {"images", "header", "out"}."""

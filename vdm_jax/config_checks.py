@@ -11,7 +11,8 @@ from typing import Any
 
 import ml_collections
 
-from vdm_jax import data, model as model_lib, networks, objectives, optim, sampling, tasks
+from vdm_jax import data, model as model_lib, networks, objectives, optim, parallel, sampling
+from vdm_jax import tasks
 from vdm_jax.checks import (int_at_least as _int_at_least, is_bool as _is_bool,
                             is_int as _is_int, is_number as _is_number, number_in as _number_in)
 
@@ -130,7 +131,7 @@ def _model_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str
 
 def _run_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]:
   """Rules for how it is trained, evaluated and sampled: seed, optim, training, eval, sample,
-  distributed."""
+  distributed, xla."""
   o, t, e, s, d = c.optim, c.training, c.eval, c.sample, c.distributed
   processes_ok = _int_at_least(d.num_processes, 1)
   return [
@@ -188,6 +189,10 @@ def _run_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]
       ("distributed.process_id", d.process_id,
        _is_int(d.process_id) and (not processes_ok or 0 <= d.process_id < d.num_processes),
        f"an integer in [0, distributed.num_processes={d.num_processes})"),
+      ("xla.cpu_ynn_fusion_type", c.xla.cpu_ynn_fusion_type,
+       parallel.is_cpu_ynn_fusion_type(c.xla.cpu_ynn_fusion_type),
+       "'default' (XLA's choice) or a comma-separated list of LIBRARY_FUSION_TYPE_* names, e.g. "
+       f"{parallel.CPU_YNN_FUSION_TYPE!r}"),
   ]
 
 

@@ -27,9 +27,10 @@ from vdm_jax import data, guidance as guidance_lib, likelihood, metrics, paralle
 from vdm_jax import pipeline
 from vdm_jax import sampling, steps as steps_lib, stored_config
 from vdm_jax.checks import check_number
-from vdm_jax.runs import Run, RunError, load_run
+from vdm_jax.runs import Run, RunError, compiled_as_configured, load_run
 
 
+@compiled_as_configured
 def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | None = None,
              t_samples: int | None = None, max_examples: int | None = None,
              split: str | None = None, batch_size: int | None = None, out: str | None = None,
@@ -176,6 +177,7 @@ def _check_output_directory(path: str) -> None:
                    f"directory; pass --out with a writable directory")
 
 
+@compiled_as_configured
 def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, num: int = 64,
                out: str | None = None, label: int | None = None, guidance: float = 0.0,
                classifier_workdir: str | None = None, checkpoint: int | None = None,

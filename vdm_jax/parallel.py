@@ -8,8 +8,10 @@ backend's XLA compiler options (`compiler_options`: on CPU, convolutions outside
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -23,9 +25,13 @@ DATA_AXIS = "data"
 # a quarter of XLA's own (Eigen) one on x86 (60 vs 240 GFLOP/s on the U-Net's 3x3, 128-channel
 # layer), so the library's programs keep YNNPACK for dots and reductions only: the paper
 # CIFAR-10 train step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, README).
+# The best list depends on the network (the 32-channel digits net is faster without REDUCE), so
+# a config chooses it (config.xla.cpu_ynn_fusion_type, applied with `cpu_ynn_fusions`).
 CPU_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 CPU_OPTIONS_ENV = "VDM_JAX_XLA_CPU_YNN_FUSION_TYPE"
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_FUSION_LIST = re.compile(r"LIBRARY_FUSION_TYPE_[A-Z_]+(,LIBRARY_FUSION_TYPE_[A-Z_]+)*")
+_chosen_fusions: list[str] = []   # innermost `cpu_ynn_fusions` last; process-wide (any thread)
 
 
 def initialize_distributed(*, coordinator_address: str, num_processes: int, process_id: int,
@@ -77,7 +83,8 @@ def _checked_cpu_options(value: str, explicit: bool) -> dict[str, str] | None:
     jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
   except Exception as e:  # pylint: disable=broad-except
     if explicit:
-      raise ValueError(f"{CPU_OPTIONS_ENV}={value!r} is not accepted by this XLA:CPU ({e}); "
+      raise ValueError(f"the YNNPACK fusion list {value!r} ({CPU_OPTIONS_ENV} or "
+                       f"xla.cpu_ynn_fusion_type) is not accepted by this XLA:CPU ({e}); "
                        f"expected 'default' (XLA's own choice) or a comma-separated list of "
                        f"LIBRARY_FUSION_TYPE_* names, e.g. {CPU_YNN_FUSION_TYPE!r}") from None
     warnings.warn(f"this jaxlib does not accept the XLA:CPU option {_YNN_OPTION} ({e}); the "
@@ -91,20 +98,49 @@ def default_cpu_options() -> dict[str, str] | None:
   return _checked_cpu_options(CPU_YNN_FUSION_TYPE, False)
 
 
+def is_cpu_ynn_fusion_type(value: object) -> bool:
+  """Whether `value` reads as a YNNPACK fusion list: "default" (XLA's own choice) or
+  comma-separated LIBRARY_FUSION_TYPE_* names, no spaces (XLA itself judges the names)."""
+  return isinstance(value, str) and (value == "default" or bool(_FUSION_LIST.fullmatch(value)))
+
+
+@contextlib.contextmanager
+def cpu_ynn_fusions(value: str):
+  """Within: the library's programs compiled for CPU (`jit`) hand fusions of the kinds in
+  `value` to YNNPACK ("default": XLA's own choice), unless VDM_JAX_XLA_CPU_YNN_FUSION_TYPE is
+  set. Process-wide (a compilation in another thread sees it too); nests. The trainer, the
+  benchmark and the commands on a run directory apply their config's xla.cpu_ynn_fusion_type.
+
+  Raises:
+    ValueError: `value` is not a fusion list (`is_cpu_ynn_fusion_type`).
+  """
+  if not is_cpu_ynn_fusion_type(value):
+    raise ValueError(f"xla.cpu_ynn_fusion_type={value!r}: expected 'default' or a comma-separated "
+                     f"list of LIBRARY_FUSION_TYPE_* names, e.g. {CPU_YNN_FUSION_TYPE!r}")
+  _chosen_fusions.append(value)
+  try:
+    yield
+  finally:
+    _chosen_fusions.pop()
+
+
 def compiler_options(backend: str | None = None) -> dict[str, str] | None:
   """XLA compiler options for the library's jitted programs on `backend` (default: JAX's).
 
-  On CPU: YNNPACK fusions for dots and reductions but not convolutions (`CPU_YNN_FUSION_TYPE`);
-  the environment variable VDM_JAX_XLA_CPU_YNN_FUSION_TYPE overrides the list, "default" keeps
-  XLA's own choice. None (XLA's defaults) on GPU/TPU. An override XLA rejects is a ValueError.
+  On CPU, the YNNPACK fusion list: the environment variable VDM_JAX_XLA_CPU_YNN_FUSION_TYPE if
+  set, else the innermost `cpu_ynn_fusions`, else `CPU_YNN_FUSION_TYPE` (dots and reductions,
+  not convolutions); "default" keeps XLA's own choice. None (XLA's defaults) on GPU/TPU. A list
+  XLA rejects is a ValueError when chosen (environment, config), a warning for the built-in one.
   """
   if (backend or jax.default_backend()) != "cpu":
     return None
   value = os.environ.get(CPU_OPTIONS_ENV)
+  explicit = value is not None or bool(_chosen_fusions)
+  if value is None:
+    value = _chosen_fusions[-1] if _chosen_fusions else CPU_YNN_FUSION_TYPE
   if value == "default":
     return None
-  return _checked_cpu_options(value if value is not None else CPU_YNN_FUSION_TYPE,
-                              value is not None)
+  return _checked_cpu_options(value, explicit)
 
 
 def jit(fun: Callable, **kwargs) -> Any:

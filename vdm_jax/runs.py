@@ -11,9 +11,10 @@ Tasks never read run directories; this module hands them what they need.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
@@ -29,7 +30,8 @@ _ADDED_FIELDS = (("", "task", "vdm"), ("sample", "ddpm_variance", "beta"),
                  ("data", "rot90", False), ("optim", "weight_decay_rule", "kernels"),
                  ("optim", "ema_warmup", True), ("model", "schedule_objective", "elbo"))
 _ADDED_SECTIONS = {"vae": {"channels": 32, "latent_channels": 4, "num_down": 1, "num_blocks": 1},
-                   "latent": {"vae_workdir": "", "vae_checkpoint": 0}}
+                   "latent": {"vae_workdir": "", "vae_checkpoint": 0},
+                   "xla": {"cpu_ynn_fusion_type": parallel.CPU_YNN_FUSION_TYPE}}
 
 
 class RunError(ValueError):
@@ -68,6 +70,22 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if field not in target:
       target[field] = value
   return config
+
+
+def compiled_as_configured(command: Callable) -> Callable:
+  """Decorates a command on a run directory (first argument `workdir`): what it compiles uses
+  the run's config.xla.cpu_ynn_fusion_type (`parallel.cpu_ynn_fusions`), as its training did.
+  Where config.json cannot be read, the library's default list (the command itself then says
+  what is wrong with the run directory)."""
+  @functools.wraps(command)
+  def wrapped(workdir, *args, **kwargs):
+    try:
+      value = load_config(workdir).xla.cpu_ynn_fusion_type
+    except (RunError, OSError, ValueError, KeyError, AttributeError):
+      value = parallel.CPU_YNN_FUSION_TYPE
+    with parallel.cpu_ynn_fusions(value):
+      return command(workdir, *args, **kwargs)
+  return wrapped
 
 
 def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | None = None) -> Run:

@@ -178,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_checks.check_config(config)   # every field, before any side effect
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(run_control.StopRequests())   # before anything compiles
+    stack.enter_context(parallel.cpu_ynn_fusions(config.xla.cpu_ynn_fusion_type))
     if config.distributed.initialize:
       parallel.initialize_distributed(
           coordinator_address=config.distributed.coordinator_address,
