@@ -3,7 +3,6 @@ non-finite guards, determinism, a run directory that a refused command cannot br
 per run directory, a failing metrics writer, and the checkpoint in flight on an error."""
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -169,7 +168,6 @@ def _lines(proc):
 def test_signal_while_compiling_stops_at_once(tmp_path, sig, status):
   """SIGINT / SIGTERM while the first train step compiles: a prompt, clean exit with the signal's
   status and a line saying so (not a segfault, not a wait for the compilation), nothing saved."""
-  import queue
   workdir = tmp_path / "early"
   cmd = [sys.executable, "-m", "vdm_jax.cli", "train", "--config", str(ROOT / "configs/smoke.py"),
          "--workdir", str(workdir), "--config.training.log_every=1"]
