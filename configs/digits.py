@@ -14,14 +14,14 @@ reductions). On this small net that is faster: train step 70.8 vs 80.8 ms, evalu
 reductions in YNNPACK the job took 114 s (seed 0) and gave 1.875, 1.848, 1.859 (other float
 rounding, same recipe).
 The schedule: `learned_monotone` with `model.schedule_objective = "variance"` (its interior
-minimises the variance of the bound's estimate, issue 14): it wins here, 0.46-0.52 bpd^2 of
-variance against 2.0-3.1 for the other schedules, and a lower bpd (experiments/
+minimises the variance of the bound's estimate, issue 14): it wins here, 0.43-0.62 bpd^2 of
+variance against 2.0-3.3 for the other schedules, and a lower bpd (experiments/
 schedule_objective.py; the README's table). With the learned-endpoints schedule the same recipe
-gave 1.897, 1.852, 1.881, and its bpd curve run to 1,200 steps was 2.073, 2.007, 2.066 at 400;
-1.929, 1.881, 1.909 at 800; 1.883, 1.846, 1.865 at 1,200 (reductions in YNNPACK). Run for 800
-steps (cosine to 0 at 800) it gave 1.938 (seed 0; 1.918 at learning rate 1e-2); with 24
-channels, 1.890; with batch 48, 1.918: each saves a quarter of the steps' work and costs more
-bpd than the 1.9 target leaves.
+gave 1.899, 1.862, 1.876 (with reductions in YNNPACK: 1.897, 1.852, 1.881, and run to 1,200
+steps 2.073, 2.007, 2.066 at 400; 1.929, 1.881, 1.909 at 800; 1.883, 1.846, 1.865 at 1,200).
+Cheaper variants of the final recipe (seed 0, reductions in YNNPACK): 800 steps (cosine to 0 at 800)
+gave 1.938 (1.918 at learning rate 1e-2); 24 channels, 1.890; batch 48, 1.918. Each saves about
+a quarter of the steps' work and costs more bpd than the 1.9 target leaves.
 On a slower machine scale the time: the previous 64-channel config ran 5.24 steps/s here and
 1.98 on the 2-core AMD EPYC (AVX2) of issue 15, a factor 2.65 that would put this job at about
 265 s there (not measured there). XLA's `--xla_cpu_max_isa` cannot emulate that machine: it
