@@ -106,7 +106,8 @@ def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/digits")
   parser.add_argument("--model_t10_workdir", default=None,
-                      help="optional run trained with --config.model.num_steps=10")
+                      help="optional run trained with --config.model.num_steps=10 "
+                      "--config.model.schedule_objective=elbo")
   parser.add_argument("--t_samples", type=int, default=32, help="(t, eps) draws per image")
   parser.add_argument("--oracle_n", default="64,1024", help="comma-separated data set sizes")
   parser.add_argument("--oracle_samples", type=int, default=200, help="Monte-Carlo repeats")
