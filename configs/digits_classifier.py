@@ -8,7 +8,8 @@ Launch:
 Trained by the same trainer (task "classifier"): cross-entropy on z_t = alpha_t x + sigma_t eps
 with gamma ~ Uniform(gamma_min, gamma_max), the VDM's schedule range (-7, 5 for digits; a bit
 wider than the learned endpoints). Expected: test accuracy at the cleanest level about 0.95 or
-more; averaged over noise levels much lower (pure noise carries no label).
+more (measured 2026-11-30: 0.993); averaged over noise levels much lower (0.663: pure noise
+carries no label).
 """
 
 import pathlib
