@@ -190,9 +190,7 @@ def _run_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]]
        _is_int(d.process_id) and (not processes_ok or 0 <= d.process_id < d.num_processes),
        f"an integer in [0, distributed.num_processes={d.num_processes})"),
       ("xla.cpu_ynn_fusion_type", c.xla.cpu_ynn_fusion_type,
-       parallel.is_cpu_ynn_fusion_type(c.xla.cpu_ynn_fusion_type),
-       "'default' (XLA's choice) or a comma-separated list of LIBRARY_FUSION_TYPE_* names, e.g. "
-       f"{parallel.CPU_YNN_FUSION_TYPE!r}"),
+       parallel.is_cpu_ynn_fusion_type(c.xla.cpu_ynn_fusion_type), parallel.FUSION_LIST_EXPECTED),
   ]
 
 

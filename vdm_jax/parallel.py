@@ -31,6 +31,8 @@ CPU_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 CPU_OPTIONS_ENV = "VDM_JAX_XLA_CPU_YNN_FUSION_TYPE"
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _FUSION_LIST = re.compile(r"LIBRARY_FUSION_TYPE_[A-Z_]+(,LIBRARY_FUSION_TYPE_[A-Z_]+)*")
+FUSION_LIST_EXPECTED = ("'default' (XLA's choice) or a comma-separated list of "
+                        f"LIBRARY_FUSION_TYPE_* names, e.g. {CPU_YNN_FUSION_TYPE!r}")
 _chosen_fusions: list[str] = []   # innermost `cpu_ynn_fusions` last; process-wide (any thread)
 
 
@@ -115,8 +117,7 @@ def cpu_ynn_fusions(value: str):
     ValueError: `value` is not a fusion list (`is_cpu_ynn_fusion_type`).
   """
   if not is_cpu_ynn_fusion_type(value):
-    raise ValueError(f"xla.cpu_ynn_fusion_type={value!r}: expected 'default' or a comma-separated "
-                     f"list of LIBRARY_FUSION_TYPE_* names, e.g. {CPU_YNN_FUSION_TYPE!r}")
+    raise ValueError(f"xla.cpu_ynn_fusion_type={value!r}: expected {FUSION_LIST_EXPECTED}")
   _chosen_fusions.append(value)
   try:
     yield
