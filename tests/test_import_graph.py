@@ -26,7 +26,8 @@ LAYERS = (
     ("state", ("state", "steps")),
     ("runs", ("runs", "run_control")),
     ("apps", ("train", "evaluation", "bench", "official_import", "compress", "compress_stream",
-              "compress_app")),
+              "compress_app", "portable_net", "portable_unet", "portable_quant", "portable_levels", "portable",
+              "portable_store", "compress_portable")),
     ("cli", ("cli",)),
 )
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

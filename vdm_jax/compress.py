@@ -187,9 +187,20 @@ def levels(model: ChainModel, settings: CoderSettings) -> Levels:
   tab = {k: np.asarray(v, np.float64) for k, v in jax.device_get(model.table()).items()}
   q_std = np.sqrt(np.concatenate([tab["sigma"][:1] ** 2, tab["q_var"][1:]]))
   p_std = np.concatenate([np.sqrt(tab["p_var"][1:]), [1.0]])
+  coef = np.concatenate([tab["alpha"][:1], tab["q_coef"][1:]])
+  return grid_levels(tab["gamma"].astype(np.float32), coef, q_std, p_std, settings,
+                     where="in float32")
+
+
+def grid_levels(gamma: np.ndarray, coef: np.ndarray, q_std: np.ndarray, p_std: np.ndarray,
+                settings: CoderSettings, *, where: str) -> Levels:
+  """`Levels` from the per-level coefficients and standard deviations (float64 [T+1], the
+  `Levels` conventions): grids 2^-B below the smaller std, windows of `settings.window` stds.
+  Only exact float64 operations (frexp, ldexp, multiplication, ceil): the same on every
+  machine for the same inputs."""
   if not (np.all(np.isfinite(q_std)) and np.all(q_std > 0) and np.all(p_std > 0)):
     raise ValueError(f"num_steps={settings.num_steps}: some step of this schedule has a zero or "
-                     f"non-finite variance in float32; use fewer steps")
+                     f"non-finite variance {where}; use fewer steps")
   _, exponent = np.frexp(np.minimum(q_std, p_std))      # 2^(e-1) <= s < 2^e, exactly
   delta = np.ldexp(1.0, exponent - 1 - settings.grid_bits)
   q_radius = np.ceil(settings.window * q_std / delta).astype(np.int64)
@@ -198,8 +209,7 @@ def levels(model: ChainModel, settings: CoderSettings) -> Levels:
     raise ValueError(f"grid_bits={settings.grid_bits} makes a window of "
                      f"{max(q_radius.max(), p_radius.max())} grid points, too many for 24-bit "
                      f"coding; lower grid_bits")
-  coef = np.concatenate([tab["alpha"][:1], tab["q_coef"][1:]])
-  return Levels(tab["gamma"].astype(np.float32), coef, q_std, p_std, delta, q_radius, p_radius)
+  return Levels(gamma, coef, q_std, p_std, delta, q_radius, p_radius)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +305,10 @@ class Stack:
   def bits(self) -> int:
     return self.coder.num_valid_bits()
 
+  def restore(self, words: np.ndarray) -> None:
+    """Back to the stack `words` (from `coder.get_compressed()`)."""
+    self.coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, np.uint32))
+
   def scramble(self, key: list[int], num_words: int) -> None:
     """XORs the `num_words` words below the coder's 64-bit head (the top two words) with a
     pseudo-random key stream (`key`): a bijection on the stack that is its own inverse.
@@ -314,7 +328,7 @@ class Stack:
       self.coder = constriction.stream.stack.AnsCoder(words)
 
 
-_CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
+CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 
 
 class Chain:
@@ -367,7 +381,7 @@ class Chain:
     if tally:
       tally.gaussian(-1, j, lv.q_mean_coef[0] * x, lv.q(0))
     probs = self.probs(j, b)
-    stack.encode_reverse(k, _CATEGORICAL, probs)
+    stack.encode_reverse(k, CATEGORICAL, probs)
     if tally:
       tally.categorical(k, probs)
     self._scramble(stack, batch_id, 1, b)
@@ -406,7 +420,7 @@ class Chain:
       encode_q(stack, j, lv.q_mean_coef[i] * (j_prev * lv.delta[i - 1]), lv.q(i))
       j = j_prev
     self._scramble(stack, batch_id, 1, b)
-    k = stack.decode(_CATEGORICAL, self.probs(j, b)).astype(np.int32)
+    k = stack.decode(CATEGORICAL, self.probs(j, b)).astype(np.int32)
     x = self.bin_centres[k]
     encode_q(stack, j, lv.q_mean_coef[0] * x, lv.q(0))
     return k.reshape((b,) + self.model.shape)
