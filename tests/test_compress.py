@@ -4,6 +4,7 @@ file named as such, and `vdm-jax compress` / `decompress` end to end."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import compress, compress_app, compress_format as fmt, compress_stream
+from vdm_jax import compress, compress_app, compress_format as fmt, compress_portable
+from vdm_jax import compress_stream
 from vdm_jax import checkpointing, data, elbo, model as model_lib, parallel, runs
 from vdm_jax import state as state_lib, stored_config, tasks
 
@@ -58,7 +60,7 @@ def digits(tmp_path_factory):
 
 def test_round_trip_of_the_digits_test_split_is_exact(digits):
   blob, stats = compress_app.compress_images(digits["model"], digits["images"],
-                                             compress.CoderSettings(T))
+                                             compress.CoderSettings(T), raw_fallback=False)
   out, header = compress_app.decompress_bytes(digits["model"], blob)
   assert out.dtype == digits["images"].dtype == np.uint8 and out.shape == (297, 8, 8, 1)
   np.testing.assert_array_equal(out, digits["images"])
@@ -76,7 +78,8 @@ def test_round_trip_with_256_levels_and_3_channels_is_exact():
                     jnp.zeros((1, 4, 4, 3), jnp.int32), train=False)["params"]
   model = compress_app.vdm_model(vdm, _perturbed(params, 2, 0.2), shape=(4, 4, 3),
                                  config={"rgb": 256}, step=0)
-  blob, stats = compress_app.compress_images(model, images, compress.CoderSettings(3))
+  blob, stats = compress_app.compress_images(model, images, compress.CoderSettings(3),
+                                             raw_fallback=False)
   out, _ = compress_app.decompress_bytes(model, blob)
   np.testing.assert_array_equal(out, images)
   assert stats["escapes"] > 0   # a random network: p misses by far, escapes are exercised
@@ -90,7 +93,8 @@ def test_code_lengths_agree_with_the_consistency_form_of_the_bound(digits):
   grid < 0.1%."""
   model, images, steps = digits["model"], digits["images"], 10
   coder = compress_app.chain(model, compress.CoderSettings(steps))
-  encoded = compress_stream.encode_images(coder, images.astype(np.int32), expected_bits=300.0)
+  encoded = compress_stream.encode_images(coder, images.astype(np.int32), expected_bits=300.0,
+                                         raw_fallback=False)
   bound = jax.jit(lambda key: elbo.consistency_terms(
       key, jnp.asarray(images, jnp.int32), eps_fn=model.eps_fn, gamma_fn=model.gamma_fn,
       vocab_size=model.vocab_size, num_steps=steps).total)
@@ -107,8 +111,10 @@ def test_code_lengths_agree_with_the_consistency_form_of_the_bound(digits):
 
 @pytest.fixture(scope="module")
 def packed(digits):
+  """A float-coded file of 20 images (random weights: stored raw were it allowed)."""
   images = digits["images"][:20]
-  blob, _ = compress_app.compress_images(digits["model"], images, compress.CoderSettings(T))
+  blob, _ = compress_app.compress_images(digits["model"], images, compress.CoderSettings(T),
+                                         raw_fallback=False)
   return blob
 
 
@@ -229,11 +235,13 @@ def test_cli_compress_and_decompress_end_to_end(digits, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / "d" / "images.npz")["images"], images)
   assert len(list((tmp_path / "d").glob("*.png"))) == 30
-  # The decompressed PNG folder is a valid input: the same images, hence the same file.
-  blob, _ = compress_app.compress_images(
-      digits["model"], compress_app.read_images(str(tmp_path / "d"), data.get_info("digits")),
-      compress.CoderSettings(T))
-  assert blob == out.read_bytes()
+  # The decompressed PNG folder is a valid input: the same images, hence the same file; the
+  # portable coder is found in the run directory this time.
+  proc = _cli("compress", "--workdir", workdir, "--num_steps", str(T), "--input",
+              str(tmp_path / "d"), "--out", str(tmp_path / "again.vdmz"), cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "made the portable coder" not in proc.stdout
+  assert (tmp_path / "again.vdmz").read_bytes() == out.read_bytes()
   # Bad input: one error line, exit status 2, nothing at --out.
   np.save(tmp_path / "bad.npy", np.full((3, 8, 8, 1), 99, np.int64))
   proc = _cli("compress", "--workdir", workdir, "--input", str(tmp_path / "bad.npy"), "--out",
@@ -248,3 +256,35 @@ def test_cli_compress_and_decompress_end_to_end(digits, tmp_path):
   _one_error(proc, "is corrupted: its payload fails its checksum")
   assert not (tmp_path / "e").exists()
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".vdmz")] == []
+
+
+def test_the_portable_coder_is_made_on_first_use_and_found_by_decompress(digits, tmp_path,
+                                                                        capsys, monkeypatch):
+  """`compress_run` makes the run's integer model on first use (one line says so) and stores it
+  in RUN/portable/; the file's header names it and `decompress_run` needs no flag; without the
+  stored model it is made again from the checkpoint (the same bits on this machine);
+  coder="float" keeps the float coder. (The model's code is forced: these random weights code
+  digits at more than log2 17 bits, so the files would otherwise be stored raw.)"""
+  monkeypatch.setattr(compress_stream, "raw_bits", lambda n, k: float("inf"))
+  monkeypatch.setattr(compress_portable, "smaller", lambda blob, header, images: blob)
+  work = tmp_path / "run"
+  shutil.copytree(digits["workdir"], work, ignore=shutil.ignore_patterns("portable"))
+  images = digits["images"][:5]
+  np.save(tmp_path / "in.npy", images)
+  run = lambda out, **kw: compress_app.compress_run(str(work), source=str(tmp_path / "in.npy"),
+                                                    out=str(tmp_path / out), num_steps=2, **kw)
+  run("a.vdmz")
+  assert "made the portable coder of checkpoint 3" in capsys.readouterr().out
+  run("b.vdmz")
+  assert "made the portable coder" not in capsys.readouterr().out
+  a = (tmp_path / "a.vdmz").read_bytes()
+  assert a == (tmp_path / "b.vdmz").read_bytes() and fmt.unpack(a)[0].coder == "portable"
+  stored = list((work / "portable").glob("*.vdmq"))
+  assert [p.name[:12] for p in stored] == [fmt.unpack(a)[0].params_digest.hex()]
+  out = compress_app.decompress_run(str(work), str(tmp_path / "a.vdmz"), out=str(tmp_path / "d"))
+  np.testing.assert_array_equal(out["images"], images)
+  shutil.rmtree(work / "portable")
+  out = compress_app.decompress_run(str(work), str(tmp_path / "a.vdmz"), out=str(tmp_path / "e"))
+  np.testing.assert_array_equal(out["images"], images)
+  run("f.vdmz", coder="float")
+  assert fmt.unpack((tmp_path / "f.vdmz").read_bytes())[0].coder == "float"

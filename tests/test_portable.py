@@ -2,13 +2,26 @@
 pieces against exact arithmetic, the exact level tables against the float formulas, files that
 decode under every XLA configuration, the integer model's file and digest, stored files."""
 
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import compress, data, model as model_lib, portable, portable_net as pn
-from vdm_jax import portable_quant, portable_unet as pu
+from vdm_jax import compress, compress_app, compress_format as fmt, compress_portable
+from vdm_jax import compress_stream, data, diffusion, model as model_lib, portable
+from vdm_jax import portable_levels, portable_net as pn, portable_quant, portable_store
+from vdm_jax import portable_unet as pu
+
+from conftest import patience
+
+HERE = pathlib.Path(__file__).resolve().parent
 
 
 def _vdm(*, vocab_size=17, channels=8, attention_everywhere=False, num_classes=0,
@@ -48,7 +61,10 @@ def tiny(digits_images):
   vdm = _vdm()
   params = _params(vdm, (8, 8, 1))
   model = _int_model(vdm, params, (8, 8, 1), digits_images)
-  return {"vdm": vdm, "params": params, "model": model}
+  return {"vdm": vdm, "params": params, "model": model,
+          "coder": compress_portable.from_bytes(portable.to_bytes(model)),
+          "float": compress_app.vdm_model(vdm, params, shape=(8, 8, 1), config={"tiny": 1},
+                                          step=0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,3 +175,219 @@ def test_integer_network_is_the_float_network_quantised(variant, digits_images):
     nn_float = _float_eps(vdm, params, z, int(ch.tab.gamma_fixed[i])) - z / 2.0**pn.Z_FRAC
     rel = np.sqrt(np.mean((nn_int - nn_float) ** 2) / np.mean(nn_float ** 2))
     assert rel < 0.1, (variant, i, rel)
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact schedule.
+
+
+def test_level_constants_are_the_float_formulas_in_exact_arithmetic(tiny):
+  """gamma interpolated in the integer table, and every level's constants, against float64
+  `diffusion.transition` / `posterior` at the same gammas (to 1e-9 relative: float64 rounding
+  of the reference, where it cancels, is the difference); gamma(i / T) against the float
+  schedule to 1e-4 (a 1024-interval table of a smooth function)."""
+  model, vdm, params = tiny["model"], tiny["vdm"], tiny["params"]
+  steps = 7
+  gam = portable_levels.gammas(model.arrays["gamma"], steps)
+  assert all(int(a) < int(b) for a, b in zip(gam, gam[1:]))
+  float_g = np.asarray(vdm.apply({"params": params}, jnp.arange(steps + 1) / steps,
+                                 method=model_lib.VDM.gamma), np.float64)
+  np.testing.assert_allclose(np.asarray(gam, np.float64) / 2.0**20, float_g, atol=1e-4)
+  tab = portable_levels.level_table(gam, gamma_frac=20)
+  with jax.enable_x64(True):
+    g = jnp.asarray(np.asarray(gam, np.float64) / 2.0**20)
+    a_ts, s2_ts = diffusion.transition(gamma_s=g[:-1], gamma_t=g[1:])
+    _, p_var = diffusion.posterior(jnp.zeros(steps), jnp.zeros(steps), gamma_s=g[:-1],
+                                   gamma_t=g[1:])
+    mean, _ = diffusion.posterior(jnp.ones(steps), jnp.zeros(steps), gamma_s=g[:-1],
+                                  gamma_t=g[1:])
+    x_hat = lambda e: diffusion.x_from_eps(jnp.zeros(steps), e, gamma=g[1:])
+    mean_b, _ = diffusion.posterior(jnp.zeros(steps), x_hat(jnp.ones(steps)), gamma_s=g[:-1],
+                                    gamma_t=g[1:])
+    mean_a_x, _ = diffusion.posterior(jnp.ones(steps), diffusion.x_from_eps(
+        jnp.ones(steps), jnp.zeros(steps), gamma=g[1:]), gamma_s=g[:-1], gamma_t=g[1:])
+  close = lambda a, b: np.testing.assert_allclose(a, np.asarray(b, np.float64), rtol=1e-9)
+  close(tab.coef[1:], a_ts)
+  close(tab.q_std[1:], np.sqrt(s2_ts))
+  close(tab.p_std[:-1], np.sqrt(p_var))
+  close(tab.mean_a[1:], mean_a_x)
+  close(tab.mean_b[1:], mean_b)
+  assert tab.p_std[-1] == 1.0 and np.all(np.asarray(mean) > 0)
+
+
+def test_scramble_words_is_the_float_count_away_from_ties():
+  for std, delta, n in [(0.3, 2.0**-6, 64), (1.0, 2.0**-5, 6400), (0.001, 2.0**-14, 192)]:
+    per_symbol = np.log2(std / delta * np.sqrt(2 * np.pi * np.e))
+    assert portable_levels.scramble_words(std, delta, n) == 1 + int(np.ceil(n * per_symbol / 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Portable files.
+
+
+def _portable_file(coder, images, steps=3, **kw):
+  blob, stats = compress_portable.compress_images(coder, images, compress.CoderSettings(steps),
+                                                  config_digest=b"cf", step=0, **kw)
+  return blob, stats
+
+
+def test_a_portable_file_round_trips_and_names_its_integer_model(tiny, digits_images):
+  coder = tiny["coder"]
+  blob, stats = _portable_file(coder, digits_images[:6], raw_fallback=False)
+  header, _ = fmt.unpack(blob)
+  assert header.coder == "portable" == stats["coder"]
+  assert header.params_digest == bytes.fromhex(coder.digest)[:6]
+  out, _ = compress_app.decompress_bytes(coder, blob)
+  np.testing.assert_array_equal(out, digits_images[:6])
+  assert out.dtype == digits_images.dtype
+
+
+def test_the_integer_model_file_is_canonical_and_checked(tiny):
+  blob = portable.to_bytes(tiny["model"])
+  again = portable.from_bytes(blob)
+  assert portable.to_bytes(again) == blob
+  assert compress_portable.from_bytes(blob).digest == tiny["coder"].digest
+  with pytest.raises(ValueError, match="not a vdm-jax integer model"):
+    portable.from_bytes(b"PK\x03\x04" + blob[4:])
+  with pytest.raises(ValueError, match="damaged"):
+    portable.from_bytes(blob[:-1])
+  with pytest.raises(ValueError, match="version 9"):
+    portable.from_bytes(blob[:4] + b"\x09" + blob[5:])
+
+
+def test_files_of_another_integer_model_or_environment_are_refused(tiny, digits_images,
+                                                                   monkeypatch):
+  """A portable file decodes only with the integer model its header names (by digest), in the
+  same portable-coder environment (constriction version), where the integer network's probe
+  outputs are the encoder's; and a float coder's file is not decoded by an integer model."""
+  coder = tiny["coder"]
+  blob, _ = _portable_file(coder, digits_images[:3], raw_fallback=False)
+  vdm = tiny["vdm"]
+  other = compress_portable.from_bytes(portable.to_bytes(_int_model(
+      vdm, _params(vdm, (8, 8, 1), seed=5), (8, 8, 1), digits_images)))
+  assert other.digest != coder.digest
+
+  def expect(kind, match, model, data_):
+    with pytest.raises(fmt.CompressedFileError, match=match) as info:
+      compress_app.decompress_bytes(model, data_)
+    assert info.value.kind == kind
+
+  expect("model", f"integer model {coder.digest[:12]}; this is {other.digest[:12]}", other, blob)
+  expect("model", "written by the portable coder; it decodes with its integer model",
+         tiny["float"], blob)
+  floated, _ = compress_app.compress_images(tiny["float"], digits_images[:3],
+                                            compress.CoderSettings(3), raw_fallback=False)
+  expect("model", "written by the float coder", coder, floated)
+  monkeypatch.setattr(portable, "environment_digest", lambda: b"zz")
+  expect("environment", "another constriction version", coder, blob)
+  monkeypatch.undo()
+  monkeypatch.setattr(compress_portable, "probe_digest", lambda *a: b"pppp")
+  expect("environment", "computes other outputs", coder, blob)
+
+
+def test_a_missing_integer_model_is_remade_or_named(tiny, digits_images, tmp_path):
+  """`decompress` finds the integer model in RUN/portable/ by the header's digest; where it is
+  missing, one remade from the checkpoint is used only if its digest is the same, else the
+  error names the file to copy."""
+  coder = tiny["coder"]
+  blob, _ = _portable_file(coder, digits_images[:2], raw_fallback=False)
+  header, _ = fmt.unpack(blob)
+  work = str(tmp_path)
+  remade_elsewhere = compress_portable.from_bytes(portable.to_bytes(
+      coder.model._replace(meta={"another": "machine"})))
+  with pytest.raises(fmt.CompressedFileError, match=f"copy {coder.digest[:12]}.vdmq") as info:
+    compress_portable.coder_for_file(work, header, name="f", remake=lambda: remade_elsewhere)
+  assert info.value.kind == "missing"
+  assert not portable_store.model_path(work, coder.digest).exists()
+  got = compress_portable.coder_for_file(work, header, name="f", remake=lambda: coder)
+  assert got.digest == coder.digest
+  assert portable_store.model_path(work, coder.digest).exists()
+  assert compress_portable.coder_for_file(work, header, name="f").digest == coder.digest
+
+
+_FUSIONS = ("default", "LIBRARY_FUSION_TYPE_DOT",
+            "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+
+
+def _worker(args, *, fusion, devices):
+  env = dict(os.environ, VDM_JAX_XLA_CPU_YNN_FUSION_TYPE=fusion, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, str(HERE / "portable_worker.py"), *map(str, args)],
+                        env=env, capture_output=True, text=True, timeout=patience(600))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_files_decode_exactly_under_every_xla_configuration(tiny, digits_images, tmp_path):
+  """Each of the three YNNPACK fusion settings, with 1 and with 4 host devices, in its own
+  process: the integer network's outputs have the same digest everywhere (and equal the NumPy
+  int64 reference), the files written are the same bytes, and each process decodes its own
+  file and those written before it exactly (the same bytes: so every file decodes under every
+  configuration)."""
+  model_path, images_path = tmp_path / "m.vdmq", tmp_path / "x.npy"
+  model_path.write_bytes(portable.to_bytes(tiny["model"]))
+  np.save(images_path, digits_images[:5])
+  configs = [(f, d) for f in _FUSIONS for d in (1, 4)]
+  files, forwards = [], set()
+  for n, (fusion, devices) in enumerate(configs):
+    files.append(tmp_path / f"{n}.vdmz")
+    out = _worker([model_path, images_path, "encode", files[-1], *files[:-1]], fusion=fusion,
+                  devices=devices)
+    assert out["matches_reference"], (fusion, devices)
+    assert out["decoded"] == [True] * len(files), (fusion, devices)
+    forwards.add(out["forward"])
+  assert len(forwards) == 1
+  assert len({f.read_bytes() for f in files}) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Never larger than the raw data.
+
+HEADER_ALLOWANCE = 72   # bytes: header (<= 60 with 3-byte counts) and checksum, the ANS head
+
+
+def _data(kind, digits_images):
+  if kind == "noise":
+    return np.random.default_rng(7).integers(0, 17, (20, 8, 8, 1)).astype(np.uint8)
+  if kind == "constant":
+    return np.concatenate([np.zeros((3, 8, 8, 1), np.uint8), np.full((3, 8, 8, 1), 16, np.uint8)])
+  split = data.get_source("digits", split="test")
+  return np.stack([np.asarray(split[i]["image"]) for i in range(len(split))])
+
+
+@pytest.mark.parametrize("kind", ["noise", "constant", "test_split"])
+@pytest.mark.parametrize("coder", ["portable", "float"])
+def test_a_file_is_never_larger_than_the_raw_data_plus_a_fixed_header(tiny, digits_images,
+                                                                      kind, coder):
+  """ceil(N D log2 K / 8) bytes plus HEADER_ALLOWANCE, whatever the model: these random-weight
+  models code digits at more than log2 17 bits per value, so batches and files fall back to
+  the stored images; they decode exactly without any model."""
+  images = _data(kind, digits_images)
+  kw = {"coder": tiny["coder"]} if coder == "portable" else {}
+  blob, stats = compress_app.compress_images(
+      tiny["float"], images, compress.CoderSettings(2, max_batch=32), **kw)
+  raw = math.ceil(images.size * math.log2(17) / 8)
+  assert len(blob) <= raw + HEADER_ALLOWANCE, (len(blob), raw)
+  header, _ = fmt.unpack(blob)
+  assert header.coder == stats["coder"]
+  out, _ = compress_app.decompress_bytes(None if header.coder == "stored" else (
+      tiny["coder"] if coder == "portable" else tiny["float"]), blob)
+  np.testing.assert_array_equal(out, images)
+  assert out.dtype == images.dtype
+
+
+def test_batches_stored_raw_and_coded_mix_in_one_stream(tiny, digits_images, monkeypatch):
+  """The per-batch choice: with the raw size made alternately huge and zero, coded and raw
+  batches alternate in the stream, each behind its flag, and the stream decodes exactly."""
+  choice = iter([0.0, 1e9, 1e9] * 50)     # also read by the accounting of raw batches
+  monkeypatch.setattr(compress_stream, "raw_bits", lambda n, k: next(choice))
+  ch = compress_portable.chain(tiny["coder"], compress.CoderSettings(2))
+  images = digits_images[:12].astype(np.int32)
+  enc = compress_stream.encode_images(ch, images, expected_bits=None)
+  assert 0 < enc.raw_batches < len(enc.schedule)
+  out = compress_stream.decode_images(ch, enc.payload, num_images=12,
+                                      num_seed_words=enc.seed_words,
+                                      seed_dropped=enc.seed_dropped, rho=enc.rho)
+  np.testing.assert_array_equal(out, images)

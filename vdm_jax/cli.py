@@ -7,7 +7,8 @@ parsing and a call, nothing else.
       [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
   vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
   vdm-jax import-official --checkpoint PATH --config configs/cifar10.py --workdir DIR
-  vdm-jax compress --workdir runs/digits [--checkpoint S] [--num_steps T] --input test --out F
+  vdm-jax compress --workdir runs/digits [--checkpoint S] [--num_steps T] [--coder float]
+      --input test --out F
   vdm-jax decompress --workdir runs/digits F --out DIR
 
 Exit status: 0 done; 2 bad input (a ValueError: `ConfigError`, `RunError`, ...), printed as one
@@ -66,6 +67,10 @@ flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any 
 flags.DEFINE_integer("grid_bits", 4, "compress: latents on a grid of 2^-grid_bits of each level's "
                      "smallest standard deviation.")
 flags.DEFINE_integer("window", 6, "compress: coding windows of +- window standard deviations.")
+flags.DEFINE_enum("coder", "portable", ["portable", "float"], "compress: 'portable' (an integer "
+                  "network, made and stored in the run directory on first use: the file decodes "
+                  "on any machine) or 'float' (a little smaller; decodes only on a machine that "
+                  "computes the network's float bits exactly as this one).")
 
 # logging
 flags.DEFINE_bool("library_logs", False, "Show the INFO logs of the libraries (orbax's dozens of "
@@ -148,7 +153,8 @@ def _compress(argv):
   compress_app.compress_run(FLAGS.workdir, source=FLAGS.input, out=FLAGS.out,
                             checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
                             grid_bits=FLAGS.grid_bits, window=FLAGS.window,
-                            max_batch=256 if FLAGS.batch_size is None else FLAGS.batch_size)
+                            max_batch=256 if FLAGS.batch_size is None else FLAGS.batch_size,
+                            coder=FLAGS.coder)
 
 
 def _decompress(argv):

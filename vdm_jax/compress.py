@@ -39,6 +39,8 @@ compiled step on the same float32 inputs (the grid latents) with the same batch 
 same schedule, padded to the same power-of-two buckets). Another machine, backend or XLA version
 may round the network's last bits differently and decode garbage; the file header holds a digest
 of the network's outputs on a fixed probe (`compress_format`), so such a mismatch is an error.
+`portable.PortableChain` is this chain with an integer network and exactly computed levels:
+its files decode on any machine.
 """
 
 from __future__ import annotations

@@ -5,8 +5,13 @@
                                                   a folder of PNGs) in one file
   decompress_run(workdir, FILE, out=DIR)        -> DIR/00000.png ... and DIR/images.npz
 
-The coder is `compress.Chain` over the run's EMA parameters, the images one stream
-(`compress_stream`), the file `compress_format`. Every bad input (a source of the wrong shape,
+Two coders (`CODERS`): "portable" (the default: the integer network of `portable`, made from the
+run's EMA parameters on first use and stored in RUN/portable/; the file decodes on any machine)
+and "float" (`compress.Chain` over the float network: a little tighter, but decodes only where
+the network computes the encoder's float bits). The images are one stream (`compress_stream`),
+the file `compress_format`; where the model's file would be longer than the images stored raw,
+the stored file is written instead (`compress_portable.smaller`). The file's header says which
+coder wrote it; `decompress` follows it. Every bad input (a source of the wrong shape,
 type or range, a damaged file, a file of another model or numeric environment, an --out that
 exists) is a ValueError naming the problem, raised before anything is written; outputs are
 written to a temporary name and renamed, so nothing half-written is ever left at --out.
@@ -30,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vdm_jax import checks, compress, compress_format as fmt, compress_stream, data, elbo
+from vdm_jax import checks, compress, compress_format as fmt, compress_portable, compress_stream
+from vdm_jax import data, elbo
 from vdm_jax import model as model_lib
 from vdm_jax.runs import Run, RunError, compiled_as_configured, load_run
 
 DEFAULT_STEPS = 1000    # T for a continuous-time model when --num_steps is not given
+CODERS = ("portable", "float")
 
 
 class Model(NamedTuple):
@@ -140,10 +147,7 @@ def expected_bits(model: Model, images: np.ndarray, num_steps: int) -> float:
   return float(np.mean(np.asarray(terms))) / np.log(2.0)
 
 
-def compress_images(model: Model, images: np.ndarray,
-                    settings: compress.CoderSettings) -> tuple[bytes, dict]:
-  """The file's bytes for integer images [N, H, W, C] (validated against the model) and the
-  accounting (`compress_stream.Encoded` fields, sizes in bits, and the probe time)."""
+def _validated(model: Model, images: np.ndarray) -> np.ndarray:
   images = data.validate_images(images, info=data.DatasetInfo(
       "the input", model.shape, model.vocab_size, 0, {}))
   if images.ndim == 3:
@@ -152,31 +156,63 @@ def compress_images(model: Model, images: np.ndarray,
     raise ValueError("the input holds no images")
   if str(images.dtype) not in fmt.DTYPES:
     raise ValueError(f"the input's integer type {images.dtype} is not one of {fmt.DTYPES}")
-  coder = chain(model, compress.check_settings(settings))
-  encoded = compress_stream.encode_images(
-      coder, images.astype(np.int32), expected_bits=expected_bits(model, images,
-                                                                  settings.num_steps))
+  return images
+
+
+def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSettings, *,
+                    coder: compress_portable.Coder | None = None, raw_fallback: bool = True
+                    ) -> tuple[bytes, dict]:
+  """The file's bytes for integer images [N, H, W, C] (validated against the model) and the
+  accounting (`compress_stream.Encoded` fields, sizes in bits, "coder"). With `coder` (an
+  integer model) the portable coder writes it, else the float one; with `raw_fallback`, batches
+  and the whole file are stored raw where that is smaller (False: the model's code always, e.g.
+  to test it)."""
+  images = _validated(model, images)
+  settings = compress.check_settings(settings)
+  bound = expected_bits(model, images, settings.num_steps)
+  if coder is not None:
+    return compress_portable.compress_images(coder, images, settings,
+                                             config_digest=model.config_digest, step=model.step,
+                                             expected_bits=bound, raw_fallback=raw_fallback)
+  chain_ = chain(model, settings)
+  encoded = compress_stream.encode_images(chain_, images.astype(np.int32), expected_bits=bound,
+                                          raw_fallback=raw_fallback)
   header = fmt.Header(
       model.config_digest, model.step, model.params_digest, environment_digest(),
-      probe_digest(coder, _buckets(encoded.schedule)), settings.num_steps, settings.grid_bits,
+      probe_digest(chain_, _buckets(encoded.schedule)), settings.num_steps, settings.grid_bits,
       settings.window, settings.max_batch, model.vocab_size, model.shape, str(images.dtype),
       len(images), encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload))
   blob = fmt.pack(header, encoded.payload)
+  if raw_fallback:
+    blob = compress_portable.smaller(blob, header, images)
+  written = fmt.unpack(blob)[0]
   stats = dict(encoded._asdict(), payload=None, file_bits=8 * len(blob),
-               header_bits=8 * (len(blob) - 4 * len(encoded.payload)),
-               num_images=len(images), dims=int(images[0].size))
+               header_bits=8 * (len(blob) - 4 * written.payload_words),
+               num_images=len(images), dims=int(images[0].size), coder=written.coder)
   return blob, stats
 
 
-def decompress_bytes(model: Model, blob: bytes, *, name: str = "the file",
-                     on_step: Callable | None = None) -> tuple[np.ndarray, fmt.Header]:
+def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes, *,
+                     name: str = "the file", on_step: Callable | None = None
+                     ) -> tuple[np.ndarray, fmt.Header]:
   """(images [N, H, W, C] of the stored type, header) of a file's bytes, after every check.
+  `model`: the float `Model` for a "float" file, the integer model (`compress_portable.Coder`)
+  for a "portable" one, anything (None) for a "stored" one.
 
   Raises:
     fmt.CompressedFileError: another format, truncated, corrupted, another model or numeric
       environment, or a payload that does not decode consistently ("stream").
   """
   header, payload = fmt.unpack(blob, name=name)
+  if header.coder == "stored":
+    images = compress_portable.stored_images(header, payload, name=name)
+    return images.astype(header.dtype), header
+  if header.coder == "portable" or isinstance(model, compress_portable.Coder):
+    if header.coder != "portable" or not isinstance(model, compress_portable.Coder):
+      needs = "its integer model" if header.coder == "portable" else "the float model"
+      raise fmt.CompressedFileError("model", f"{name} was written by the {header.coder} coder; "
+                                    f"it decodes with {needs}")
+    return compress_portable.decompress_bytes(model, blob, name=name, on_step=on_step)
   settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
                                     header.max_batch)
   try:
@@ -285,6 +321,18 @@ def read_images(source: str, info: data.DatasetInfo, *, data_dir: str | None = N
   return images[None] if images.ndim == 3 else images
 
 
+def _decoder(workdir: str, header: fmt.Header, path: str, checkpoint: int | None):
+  """What decodes the file: nothing (stored), its integer model from RUN/portable/ (made again
+  from the checkpoint if missing, accepted only with the same digest), or the float model."""
+  load = lambda: load_run(workdir, step=header.step if checkpoint is None else checkpoint)
+  if header.coder == "portable":
+    def remake():
+      run = load()
+      return compress_portable.make_coder(run, run_model(run))
+    return compress_portable.coder_for_file(workdir, header, name=path, remake=remake)
+  return None if header.coder == "stored" else run_model(load())
+
+
 def _check_new(path: str, what: str) -> str:
   """`path` (absolute) if nothing is there (an empty directory is accepted for a folder) and
   its parent is a writable directory; RunError otherwise."""
@@ -301,10 +349,12 @@ def _check_new(path: str, what: str) -> str:
 @compiled_as_configured
 def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None = None,
                  num_steps: int | None = None, grid_bits: int = 4, window: int = 6,
-                 max_batch: int = 256) -> dict:
+                 max_batch: int = 256, coder: str = "portable") -> dict:
   """Compresses `source` with the run's model into the file `out` (see module docstring);
   returns the accounting of `compress_images` plus "path", "bpd" (the whole file) and "net_bpd"
-  (the file without the initial bits)."""
+  (the file without the initial bits). `coder`: "portable" (the integer model, made and stored
+  in RUN/portable/ on first use) or "float"."""
+  checks.check_choice("coder", coder, CODERS)
   out = _check_new(out, "file")
   if num_steps is not None:
     checks.check_number("num_steps", num_steps, integer=True, low=1)
@@ -313,8 +363,9 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   model = run_model(run)
   images = read_images(source, run.info, data_dir=run.config.data.data_dir or None)
   steps = num_steps or int(run.config.model.num_steps) or DEFAULT_STEPS
+  integer = None if coder == "float" else compress_portable.coder_of_run(workdir, run, model)
   blob, stats = compress_images(model, images, compress.CoderSettings(
-      steps, grid_bits=grid_bits, window=window, max_batch=max_batch))
+      steps, grid_bits=grid_bits, window=window, max_batch=max_batch), coder=integer)
   fd, tmp = tempfile.mkstemp(prefix=".vdmz-", dir=os.path.dirname(out))
   try:
     with os.fdopen(fd, "wb") as f:
@@ -329,9 +380,11 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   dims = stats["num_images"] * stats["dims"]
   stats.update(path=out, bpd=stats["file_bits"] / dims,
                net_bpd=(stats["file_bits"] - stats["initial_bits"]) / dims)
+  how = ("stored raw: the model's code was longer" if stats["coder"] == "stored"
+         else f"{stats['coder']} coder, {stats['net_bpd']:.4f} without the "
+              f"{stats['initial_bits']} initial bits")
   print(f"{stats['num_images']} images, checkpoint {run.step}, T={steps} -> {out}: "
-        f"{len(blob)} bytes, {stats['bpd']:.4f} bits/dim ({stats['net_bpd']:.4f} without the "
-        f"{stats['initial_bits']} initial bits)", flush=True)
+        f"{len(blob)} bytes, {stats['bpd']:.4f} bits/dim ({how})", flush=True)
   return stats
 
 
@@ -346,8 +399,8 @@ def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None 
   except OSError as e:
     raise RunError(f"cannot read {path!r} ({e.strerror or e})") from e
   header, _ = fmt.unpack(blob, name=path)   # before loading the model: fail fast
-  run = load_run(workdir, step=header.step if checkpoint is None else checkpoint)
-  images, header = decompress_bytes(run_model(run), blob, name=path)
+  images, header = decompress_bytes(_decoder(workdir, header, path, checkpoint), blob,
+                                    name=path)
   tmp = tempfile.mkdtemp(prefix=".vdmz-", dir=os.path.dirname(out))
   try:
     for i, image in enumerate(images):

@@ -2,9 +2,14 @@
 
   size     field
   4        magic b"VDMZ"
-  1        format version (2)
-  14       digests: model config (2 bytes), parameters (6), software environment (2), the
-           network's outputs on a fixed probe (4) (`DIGEST_SIZES`)
+  1        format version (3)
+  1        the coder (an index into `CODERS`): "float" (the float network, bound to the machine
+           that wrote the file), "portable" (the integer network: decodes on any machine) or
+           "stored" (the images stored raw, log2 K bits each: the model's code was longer)
+  14       digests: model config (2 bytes), parameters (6; "portable": the integer model's
+           SHA-256, which names its file), environment (2: float, jax / jaxlib / backend /
+           constriction; portable, constriction and the integer format), the network's outputs
+           on a fixed probe (4) (`DIGEST_SIZES`)
   varints  checkpoint step, T, grid_bits, window, max_batch, K, H, W, C, image type (an index
            into `DTYPES`), N, rho, seed words, seed words not stored, payload words n
            (unsigned LEB128: 7 bits a byte)
@@ -12,12 +17,14 @@
   4 n      payload: n uint32 words, little endian
   4        the first 4 bytes of SHA-256 of everything before
 
+Version 2 files (no coder byte, always "float") are still read.
+
 The header fingerprints the model (its config, the checkpoint step, its parameters) and the
 numerics that coding depends on (the software environment; the compiled network's outputs on a
 fixed probe input), and stores the coder settings, the image shape and type, and the batch
 schedule. `unpack` tells apart, with a `CompressedFileError` naming which: another format, a
 truncated file, a damaged header or payload; `check_model` another model or another numeric
-environment. The header and checksum take 47 bytes for the 297 digits test images (376 bits:
+environment. The header and checksum take 48 bytes for the 297 digits test images (384 bits:
 0.020 bits per dimension). A digest this short can collide (2^-16 for the config and environment
 digests); they serve to name what differs, the 6-byte parameter and 4-byte probe digests and the
 check that decoding ends in the seed it started from guard the images.
@@ -32,19 +39,21 @@ from typing import NamedTuple
 import numpy as np
 
 MAGIC = b"VDMZ"
-VERSION = 2
+VERSION = 3
+READS = (2, 3)
+CODERS = ("float", "portable", "stored")
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64")
 DIGEST_SIZES = {"config": 2, "params": 6, "environment": 2, "probe": 4}
 TRAILER_BYTES = 4
-_FIXED = len(MAGIC) + 1 + sum(DIGEST_SIZES.values())
+_DIGESTS = sum(DIGEST_SIZES.values())
 _NUMBERS = 15    # the varint fields
 
 
 class CompressedFileError(ValueError):
   """A compressed file that cannot be decoded here; `kind` says why: "format" (not a vdm-jax
   compressed file, or another format version), "truncated", "corrupted", "model" (made with
-  another model), "environment" (made in another numeric environment) or "stream" (the payload
-  does not decode consistently)."""
+  another model), "environment" (made in another numeric environment), "missing" (its integer
+  model is not in the run directory) or "stream" (the payload does not decode consistently)."""
 
   def __init__(self, kind: str, message: str):
     super().__init__(message)
@@ -71,6 +80,7 @@ class Header(NamedTuple):
   seed_words: int
   seed_dropped: int
   payload_words: int
+  coder: str = "float"
 
 
 def digest(*parts: bytes, size: int = 8) -> bytes:
@@ -124,7 +134,9 @@ def pack(header: Header, payload: np.ndarray) -> bytes:
   for (name, size), value in zip(DIGEST_SIZES.items(), digests):
     if len(value) != size:
       raise ValueError(f"the {name} digest has {len(value)} bytes; expected {size}")
-  head = (MAGIC + bytes([VERSION]) + b"".join(digests)
+  if header.coder not in CODERS:
+    raise ValueError(f"coder {header.coder!r} is not one of {CODERS}")
+  head = (MAGIC + bytes([VERSION, CODERS.index(header.coder)]) + b"".join(digests)
           + b"".join(_varint(v) for v in _numbers(header)))
   body = (head + (zlib.crc32(head) & 0xFFFF).to_bytes(2, "little")
           + payload.astype("<u4").tobytes())
@@ -145,10 +157,14 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
                                 f"the {len(MAGIC)}-byte signature of a vdm-jax compressed file")
     raise CompressedFileError("format", f"{name} is not a vdm-jax compressed file (it does not "
                               f"start with {MAGIC!r}; it starts with {data[:8]!r})")
-  if len(data) > len(MAGIC) and data[len(MAGIC)] != VERSION:
+  if len(data) > len(MAGIC) and data[len(MAGIC)] not in READS:
     raise CompressedFileError("format", f"{name} is a vdm-jax compressed file of format "
-                              f"version {data[len(MAGIC)]}; this vdm-jax reads version {VERSION}")
-  parsed = _read_varints(data, _FIXED, _NUMBERS) if len(data) >= _FIXED else None
+                              f"version {data[len(MAGIC)]}; this vdm-jax reads versions "
+                              f"{', '.join(map(str, READS))}")
+  version = data[len(MAGIC)] if len(data) > len(MAGIC) else VERSION
+  at = len(MAGIC) + 1 + (version >= 3)       # the digests start here
+  fixed = at + _DIGESTS
+  parsed = _read_varints(data, fixed, _NUMBERS) if len(data) >= fixed else None
   if parsed is None or parsed[1] + 2 > len(data):
     raise CompressedFileError("truncated", f"{name} is truncated: {len(data)} bytes end inside "
                               f"its header")
@@ -158,12 +174,16 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
   if numbers[9] >= len(DTYPES):
     raise CompressedFileError("corrupted", f"{name} is corrupted: unknown image type "
                               f"{numbers[9]}")
-  digests, at = [], len(MAGIC) + 1
+  coder = "float" if version < 3 else data[len(MAGIC) + 1]
+  if coder != "float" and coder >= len(CODERS):
+    raise CompressedFileError("corrupted", f"{name} is corrupted: unknown coder {coder}")
+  digests = []
   for size in DIGEST_SIZES.values():
     digests.append(bytes(data[at:at + size]))
     at += size
   header = Header(digests[0], numbers[0], digests[1], digests[2], digests[3], *numbers[1:5],
-                  numbers[5], tuple(numbers[6:9]), DTYPES[numbers[9]], *numbers[10:])
+                  numbers[5], tuple(numbers[6:9]), DTYPES[numbers[9]], *numbers[10:],
+                  coder=coder if coder == "float" else CODERS[coder])
   expected = end + 2 + 4 * header.payload_words + TRAILER_BYTES
   if len(data) < expected:
     raise CompressedFileError("truncated", f"{name} is truncated: {len(data)} bytes of the "

@@ -14,6 +14,12 @@ start), measured on the first image, so a batch dips about as far as the code be
 The stack starts as pseudo-random seed words (`seed_words`); the seed words the coder never read
 are the same at the bottom of the final stack and are not stored (the decoder regenerates them),
 so the file carries only the seed bits that were used: the initial bits, reported apart.
+
+Where the model's code for a batch is longer than the batch stored raw (log2 K bits per value,
+pushed with `Uniform(K)`), the batch is stored raw instead: the stack is restored to where the
+batch began and the raw values pushed. After every batch one flag says which (a binary symbol of
+probability 2^-8 for raw: 0.006 bits on a coded batch, 8 bits on a raw one), so a batch never
+costs more than its raw size plus 8 bits, whatever the model.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 import time
 from typing import Callable, NamedTuple
 
+import constriction
 import numpy as np
 
 from vdm_jax import compress
@@ -29,6 +36,9 @@ from vdm_jax.compress import Chain, Stack
 
 SEED = 0x5EED_B175_BAC4
 RHO_ONE = 1 << 16     # rho is stored as an integer in units of 2^-16
+# The per-batch flag "stored raw": integer weights summing to 2^24 - 2 (constriction's
+# Categorical then uses them as they are), P(raw) = (2^16 + 1) / 2^24.
+RAW_FLAG = np.array([[(1 << 24) - 2 - (1 << 16), 1 << 16]], np.float64)
 
 
 class Tally:
@@ -71,14 +81,15 @@ class Tally:
 
   def categorical(self, k, probs) -> None:
     """Encoded integers k under per-symbol probabilities [n, K]; the coder's 24-bit ones with
-    one unit at least are taken as p (1 - K 2^-24) + 2^-24."""
+    one unit at least are taken as p (1 - K 2^-24) + 2^-24. (The portable coder's integer
+    tables may give a value weight 0, coded at 2^-24: its ideal length is counted at 2^-64.)"""
     p = np.take_along_axis(np.asarray(probs, np.float64), k.reshape(-1, 1), axis=-1)[:, 0]
     p = p / np.asarray(probs, np.float64).sum(-1)
     num = probs.shape[-1]
     least = 2.0**-compress.PRECISION_BITS
     coder = -np.log2(p * (1.0 - num * least) + least)
-    for total, bits in ((self.continuous, -np.log2(p)), (self.grid, -np.log2(p)),
-                        (self.coder, coder)):
+    ideal = -np.log2(np.maximum(p, 2.0**-64))
+    for total, bits in ((self.continuous, ideal), (self.grid, ideal), (self.coder, coder)):
       total += bits.reshape(len(total), -1).sum(-1)
 
 
@@ -122,7 +133,8 @@ class Encoded(NamedTuple):
     initial_bits: payload bits - net bits (the seed bits used, plus < 32 bits of word rounding).
     ideal_continuous, ideal_grid, ideal_coder: per-image ideal code lengths [N] in bits
       (`Tally`).
-    escapes: symbols sent raw (beyond p's window); seconds: wall time.
+    escapes: symbols sent raw (beyond p's window); raw_batches: batches stored raw (the
+      model's code was longer); seconds: wall time.
   """
 
   payload: np.ndarray
@@ -136,11 +148,43 @@ class Encoded(NamedTuple):
   ideal_grid: np.ndarray
   ideal_coder: np.ndarray
   escapes: int
+  raw_batches: int
   seconds: float
 
 
+def raw_bits(num_values: int, vocab_size: int) -> float:
+  """The ideal size of values stored raw: log2 K bits each."""
+  return num_values * math.log2(vocab_size)
+
+
+def push_raw(stack: Stack, images: np.ndarray, vocab_size: int) -> None:
+  """Pushes integer images with `Uniform(K)` (popped in order by `pop_raw`)."""
+  stack.encode_reverse(np.asarray(images).reshape(-1).astype(np.int32),
+                       constriction.stream.model.Uniform(vocab_size))
+
+
+def pop_raw(stack: Stack, count: int, vocab_size: int) -> np.ndarray:
+  return stack.decode(constriction.stream.model.Uniform(vocab_size), count).astype(np.int32)
+
+
+def _encode_batch(chain: Chain, stack: Stack, batch: np.ndarray, tally: Tally | None,
+                  batch_id: int, raw_fallback: bool) -> tuple[int, bool]:
+  """Codes one batch with the model or, where that is longer (and `raw_fallback`), raw; then
+  its flag. Returns (escapes, stored raw)."""
+  words, before = stack.coder.get_compressed(), stack.bits()
+  escapes = chain.encode(stack, batch, tally, batch_id=batch_id)
+  raw = raw_fallback and stack.bits() - before > raw_bits(batch.size, chain.model.vocab_size)
+  if raw:
+    low = stack.low
+    stack.restore(words)
+    stack.low = low
+    push_raw(stack, batch, chain.model.vocab_size)
+  stack.encode_reverse(np.array([int(raw)], np.int32), compress.CATEGORICAL, RAW_FLAG)
+  return escapes, raw
+
+
 def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | None = None,
-                  safety: float = 0.9, measure: bool = True,
+                  safety: float = 0.9, measure: bool = True, raw_fallback: bool = True,
                   log: Callable[[str], None] | None = None) -> Encoded:
   """Compresses integer images [N, H, W, C] into one stream (batches chained, see module doc).
 
@@ -148,6 +192,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     expected_bits: the expected net bits per image (e.g. the model's T-step bound), for rho;
       None: the first image's own net bits.
     measure: accumulate the ideal code lengths per image (`Tally`; costs a little time).
+    raw_fallback: store a batch raw where the model's code is longer (False: always the
+      model's code, e.g. to measure it; the flags are written either way).
   """
   start, n = time.perf_counter(), len(images)
   num_seed = 4096 + 8 * chain.dims * 4      # 1024 bits per dimension of the first image
@@ -155,16 +201,18 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
   stack = Stack(seed)
   bits0 = stack.bits()
   ideal = {"continuous": np.zeros(n), "grid": np.zeros(n), "coder": np.zeros(n)}
-  sizes, done, rho, escapes = [], 0, 0, 0
+  sizes, done, rho, escapes, raw_batches = [], 0, 0, 0, 0
   while done < n:
     b = next_batch(done, n, rho=rho, max_batch=chain.settings.max_batch)
     tally = Tally(b) if measure else None
     before = stack.bits()
     stack.low = before
-    escapes += chain.encode(stack, images[done:done + b], tally, batch_id=done)
+    esc, raw = _encode_batch(chain, stack, images[done:done + b], tally, done, raw_fallback)
+    escapes, raw_batches = escapes + esc, raw_batches + raw
     if tally:
       for name, values in ideal.items():
-        values[done:done + b] = getattr(tally, name)
+        values[done:done + b] = (raw_bits(chain.dims, chain.model.vocab_size) if raw
+                                 else getattr(tally, name))
     if not sizes:   # the first image sets the growth rate
       net, dip = stack.bits() - before, max(before - stack.low, 1)
       per_image = net if expected_bits is None else expected_bits
@@ -180,7 +228,7 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
   payload = words[dropped:]
   net = stack.bits() - bits0
   return Encoded(payload, num_seed, dropped, rho, sizes, int(net), int(32 * len(payload) - net),
-                 ideal["continuous"], ideal["grid"], ideal["coder"], escapes,
+                 ideal["continuous"], ideal["grid"], ideal["coder"], escapes, raw_batches,
                  time.perf_counter() - start)
 
 
@@ -207,7 +255,11 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_see
     for b in reversed(sizes):
       end -= b
       step = None if on_step is None else (lambda i, z, x, e=end: on_step(e, i, z, x))
-      out.append(chain.decode(stack, b, end, step))
+      if stack.decode(compress.CATEGORICAL, RAW_FLAG)[0]:
+        out.append(pop_raw(stack, b * chain.dims, chain.model.vocab_size).reshape(
+            (b,) + chain.model.shape))
+      else:
+        out.append(chain.decode(stack, b, end, step))
   except (ValueError, KeyError, OverflowError) as e:   # constriction: KeyError = 0 mass
     raise StreamError(f"the coder refused the stream ({e})") from e
   rest = stack.coder.get_compressed()
