@@ -391,3 +391,24 @@ def test_batches_stored_raw_and_coded_mix_in_one_stream(tiny, digits_images, mon
                                       num_seed_words=enc.seed_words,
                                       seed_dropped=enc.seed_dropped, rho=enc.rho)
   np.testing.assert_array_equal(out, images)
+
+
+@pytest.mark.parametrize("im2col", [False, True])
+def test_integer_products_are_exact_beyond_float32s_24_bits(im2col):
+  """Sums of int8 products above 2^24 (128 input channels of +-127, 3x3: 18.6 million) are
+  exact: the float32 matmuls are chunked so that every partial sum stays below 2^24. Both
+  convolution routes (XLA's convolution on CPU; im2col and a matmul, the route on GPU / TPU)
+  and the dense and attention products, against exact integers."""
+  rng = np.random.default_rng(4)
+  a = rng.integers(125, 128, (2, 4, 4, 128)).astype(np.int8)   # odd and even sums
+  w = rng.integers(125, 128, (3, 3, 128, 8)).astype(np.int8)
+  got = np.asarray(jax.jit(lambda x, y: pn._jax_conv3x3(x, y, im2col=im2col))(a, w))
+  want = pn._np_conv3x3(a.astype(np.int64), w.astype(np.int64))
+  assert np.abs(want).max() > 2**24 and np.any(want % 2)
+  np.testing.assert_array_equal(got, want)
+  d = rng.integers(125, 128, (3, 2048)).astype(np.int8)
+  e = rng.integers(125, 128, (2048, 5)).astype(np.int8)
+  np.testing.assert_array_equal(np.asarray(jax.jit(pn.JAX.dense)(d, e)),
+                                d.astype(np.int64) @ e.astype(np.int64))
+  q = d.reshape(1, 3, 2048)
+  np.testing.assert_array_equal(np.asarray(jax.jit(pn.JAX.qk)(q, q)), pn.NUMPY.qk(q, q))

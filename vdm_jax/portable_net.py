@@ -134,13 +134,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _dot = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _jax_conv3x3(a, w):
+def _jax_conv3x3(a, w, *, im2col: bool | None = None):
   """conv(a, w) exactly: on CPU XLA's float32 convolution (its kernels sum products directly;
   no Winograd or FFT transforms, which would round), per chunk of input channels; elsewhere
   (cuDNN may pick transforming algorithms) an explicit im2col and a float32 matmul at HIGHEST
-  precision (no TF32 / bfloat16 passes)."""
+  precision (no TF32 / bfloat16 passes). `im2col` forces the choice (tests)."""
   c = a.shape[-1]
-  if jax.default_backend() == "cpu":
+  if im2col is None:
+    im2col = jax.default_backend() != "cpu"
+  if not im2col:
     conv = lambda x, y: jax.lax.conv_general_dilated(
         x, y, (1, 1), "SAME", dimension_numbers=_DN, precision=_HIGHEST)
     step = max(1, (_F32_EXACT - 1) // (9 * _TERM))

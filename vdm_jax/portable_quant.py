@@ -297,7 +297,7 @@ def _increasing(table: np.ndarray) -> np.ndarray:
 
 def quantize(vdm: model_lib.VDM, params: Any, ranges: Ranges, *,
              shape: tuple[int, int, int]) -> tuple[dict, dict]:
-  """(spec, arrays) of the integer model of a VDM (`portable_unet.unet`, `portable_unet.cond_biases`).
+  """(spec, arrays) of the integer model of a VDM (`portable_unet.unet`, `cond_biases`).
 
   spec: the architecture and units (JSON); arrays: nested dict of int8 / int32 / int64 arrays.
   """
