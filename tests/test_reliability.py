@@ -22,7 +22,8 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import checkpointing, config_checks, data, elbo, parallel, pipeline, run_control, runs
+from vdm_jax import checkpointing, config_checks, data, elbo, metrics, parallel, pipeline, run_control
+from vdm_jax import runs
 from vdm_jax import state as state_lib, steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -329,16 +330,15 @@ def test_full_disk_under_tensorboard_neither_hangs_nor_stops_training(tmp_path, 
                                                                        caplog):
   """The TensorBoard file's writes fail with ENOSPC after a few records (the disk fills during
   training): training finishes, with one warning, and metrics.jsonl is complete."""
-  import tensorboardX.record_writer
-  write, calls = tensorboardX.record_writer.RecordWriter.write, []
+  write, calls = metrics._EventFile.write_event, []
 
-  def filling_disk(self, data):
+  def filling_disk(self, event):
     calls.append(1)
     if len(calls) > 3:
       raise OSError(errno.ENOSPC, "No space left on device")
-    write(self, data)
+    write(self, event)
 
-  monkeypatch.setattr(tensorboardX.record_writer.RecordWriter, "write", filling_disk)
+  monkeypatch.setattr(metrics._EventFile, "write_event", filling_disk)
   caplog.set_level(logging.WARNING, logger="vdm_jax.metrics")
   workdir, box = tmp_path / "full", {}
 

@@ -36,21 +36,35 @@ FUSION_LIST_EXPECTED = ("'default' (XLA's choice) or a comma-separated list of "
 _chosen_fusions: list[str] = []   # innermost `cpu_ynn_fusions` last; process-wide (any thread)
 
 
-def initialize_distributed(*, coordinator_address: str, num_processes: int, process_id: int,
-                           cpu_collectives: str = "gloo") -> None:
-  """Starts multi-process JAX (`jax.distributed.initialize`); a no-op if already started.
+DISTRIBUTED_MODES = ("off", "auto", "explicit")
 
-  On CPU the cross-process collectives need an implementation ("gloo"); accelerators ignore it.
+
+def initialize_distributed(mode: str = "explicit", *, coordinator_address: str = "",
+                           num_processes: int = 1, process_id: int = 0,
+                           cpu_collectives: str = "gloo") -> None:
+  """Starts multi-process JAX (`jax.distributed.initialize`); a no-op if already started or
+  `mode` is "off".
+
+  "auto": `jax.distributed.initialize()` with no arguments, so that JAX finds the coordinator,
+  the process count and this process's id itself, on TPU pods, SLURM, Open MPI and Kubernetes
+  (what every host of a pod or a cluster job runs unchanged). "explicit": the given
+  `coordinator_address` ("host:port"), `num_processes` and `process_id`. On CPU the
+  cross-process collectives need an implementation ("gloo"); accelerators ignore it.
   """
-  if num_processes < 1 or not 0 <= process_id < num_processes:
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f"distributed mode {mode!r}: expected one of {DISTRIBUTED_MODES}")
+  if mode == "explicit" and (num_processes < 1 or not 0 <= process_id < num_processes):
     raise ValueError(f"expected 0 <= process_id < num_processes, got process_id={process_id}, "
                      f"num_processes={num_processes}")
-  if jax.distributed.is_initialized():
+  if mode == "off" or jax.distributed.is_initialized():
     return
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  if mode == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
