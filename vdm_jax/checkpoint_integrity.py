@@ -35,7 +35,7 @@ import numpy as np
 PyTree = Any
 
 __all__ = ["FORMAT", "CheckpointDamagedError", "CheckpointReadError", "CheckpointStructureError",
-           "NoUsableCheckpointError", "damage_reason", "describe", "field_entries",
+           "NoUsableCheckpointError", "damage_reason", "describe", "field_entries", "is_storage_failure",
            "integrity_record", "is_structure_error", "metadata_digest", "non_finite_leaves",
            "saved_fields", "warn"]
 
@@ -135,6 +135,14 @@ def damage_reason(error: BaseException, directory: str) -> str | None:
     if text.startswith(_DAMAGE_CODES) or any(word in text.lower() for word in _DECODING_SIGNS):
       return f"unreadable array data ({describe(e)})"
   return None
+
+
+def is_storage_failure(error: BaseException) -> bool:
+  """Whether `error` (from a save, a restore or a write) is the storage failing: an OSError
+  anywhere in its chain (a disk error, a refused connection to a bucket) or a tensorstore error
+  with a transient status code (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
+  return any(isinstance(e, OSError) or str(e).startswith(_TRANSIENT_CODES)
+             for e in _chain(error))
 
 
 def is_structure_error(error: BaseException) -> bool:

@@ -52,12 +52,13 @@ import orbax.checkpoint as ocp
 from vdm_jax import checkpoint_integrity as integrity, rundir
 from vdm_jax.checkpoint_integrity import (CheckpointDamagedError, CheckpointReadError,
                                           CheckpointStructureError, NoUsableCheckpointError,
-                                          non_finite_leaves)
+                                          is_storage_failure, non_finite_leaves)
 
 PyTree = Any
 
 __all__ = ["CheckpointManager", "complete_steps", "stored_tree", "CheckpointDamagedError", "CheckpointReadError",
-           "CheckpointStructureError", "NoUsableCheckpointError", "non_finite_leaves"]
+           "CheckpointStructureError", "NoUsableCheckpointError", "is_storage_failure",
+           "non_finite_leaves"]
 
 _STATE = "state"
 _METADATA = "metadata"

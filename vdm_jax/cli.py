@@ -74,6 +74,10 @@ flags.DEFINE_bool("library_logs", False, "Show the INFO logs of the libraries (o
 # Loggers of the libraries whose INFO records drown the trainer's own lines (orbax logs through
 # absl's logger "absl"; jax through "jax.*"). This project's modules log through the root logger.
 LIBRARY_LOGGERS = ("absl", "jax")
+# Object-storage clients log each request they give up on, with a traceback, at ERROR level; the
+# command reports the failure itself in one line (`rundir.StorageError`), so theirs are hidden
+# unless --library_logs.
+STORAGE_CLIENT_LOGGERS = ("gcsfs", "fsspec", "s3fs", "aiohttp")
 
 COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress")
 
@@ -176,16 +180,24 @@ def _official_checkpoint_flag(argv: list[str]) -> list[str]:
 def _friendly(fn):
   """Runs a command with the libraries' INFO logs hidden unless --library_logs; bad input
   (ValueError and its subclasses: ConfigError, RunError) -> one `error:` line on stderr and
-  exit 2, no traceback."""
+  exit 2, no traceback; a failing storage (`rundir.StorageError`: a disk, a bucket) -> one
+  `error:` line and exit 1."""
   def wrapped(argv):
     for name in LIBRARY_LOGGERS:
       std_logging.getLogger(name).setLevel(
           std_logging.NOTSET if FLAGS.library_logs else std_logging.WARNING)
+    for name in STORAGE_CLIENT_LOGGERS:
+      std_logging.getLogger(name).setLevel(
+          std_logging.NOTSET if FLAGS.library_logs else std_logging.CRITICAL)
+    from vdm_jax import rundir   # pylint: disable=import-outside-toplevel
     try:
       fn(argv)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except rundir.StorageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   return wrapped
 
 

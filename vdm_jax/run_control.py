@@ -51,6 +51,12 @@ class StopRequests:
         pass
     return self
 
+  def reclaim(self) -> None:
+    """Installs the handlers again (after `jax.distributed.initialize`, whose preemption
+    notifier takes SIGTERM for itself), keeping the handlers to restore on exit."""
+    for sig in self._old:
+      signal.signal(sig, self._handle)
+
   def _handle(self, signum, frame) -> None:
     del frame
     if self.requested is None:
@@ -102,11 +108,11 @@ class RunLock:
   def __enter__(self) -> "RunLock":
     if not self.enabled:
       return self
+    if rundir.is_remote(self.path):   # a failing bucket is a StorageError (the trainer's)
+      self._take_lease()
+      return self
     try:
-      if rundir.is_remote(self.path):
-        self._take_lease()
-      else:
-        self._take_flock()
+      self._take_flock()
     except OSError as e:
       self._stack.close()
       raise runs.RunError(f"cannot use {self.workdir!r} as a run directory: "
@@ -118,6 +124,10 @@ class RunLock:
         f"{self.workdir!r} is being trained by another process ({holder}; lock {self.path}); two "
         f"trainers would write the same checkpoints. Wait for it or stop it, or use another "
         f"--workdir (vdm-jax eval and sample may run beside it)")
+
+  def _holder_line(self, info: dict, age: float) -> str:
+    return (f"{info.get('holder', 'holder unknown')}, last heartbeat {age:.0f} s ago; a lock "
+            f"without one for {float(info.get('expiry_secs', self.expiry_secs)):.0f} s expires")
 
   def _take_flock(self) -> None:
     rundir.make_dirs(self.workdir)
@@ -171,7 +181,7 @@ class RunLock:
                         self.path, info.get("holder", "unknown"), age, limit)
         rundir.remove(claim)
         continue
-      (held if is_held else pending).append(str(info.get("holder", "holder unknown")))
+      (held if is_held else pending).append(self._holder_line(info, age))
     return held, pending
 
   def _heartbeat(self) -> None:

@@ -22,9 +22,9 @@ over the target; in object storage one upload (an object appears complete or not
 where objects cannot be appended to, rewritten whole from memory at most every `flush_secs` and
 at every `flush()` / `close()`.
 
-Object storage is read without fsspec's listings cache, so a listing or an existence check sees
-what another process wrote a moment ago (GCS and S3 are strongly consistent; the lock relies on
-it).
+Object storage is read without fsspec's listings cache (in the whole process, Orbax's and TFDS's
+etils.epath included), so a listing or an existence check sees what another process wrote a
+moment ago (GCS and S3 are strongly consistent; the lock and checkpoint discovery rely on it).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import uuid
 from typing import Any, Iterator
 
 from etils import epath
+import fsspec
 import numpy as np
 from PIL import Image
 
@@ -58,6 +59,10 @@ SAMPLES = "samples"
 EVAL = "eval"
 EVAL_JSON = "eval.json"
 LOCK = "train.lock"
+
+
+class StorageError(OSError):
+  """The storage of a run directory (a disk, a bucket) failed while a command used it."""
 
 
 def is_remote(path: PathLike) -> bool:
@@ -97,9 +102,15 @@ def name(path: PathLike) -> str:
   return posixpath.basename(normalize(path))
 
 
+# Object storage is listed afresh every time, by this module and by every fsspec client of this
+# process (etils.epath, hence Orbax and TFDS, included): a cached listing would hide a checkpoint
+# or a lock claim that another process wrote a moment ago.
+for _protocol in ("gs", "gcs", "s3", "s3a"):
+  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+
+
 @functools.cache
 def _filesystem(protocol: str):
-  import fsspec  # pylint: disable=import-outside-toplevel
   return fsspec.filesystem(protocol, use_listings_cache=False, skip_instance_cache=True)
 
 

@@ -41,6 +41,7 @@ from vdm_jax import (checkpointing, config_checks, data, metrics, parallel, pipe
                      rundir, runs, stored_config)
 from vdm_jax import state as state_lib, steps
 
+from vdm_jax.checkpoint_integrity import describe as integrity_describe
 from vdm_jax.run_control import EXIT_STATUS
 
 # What a process asks of the others through the train step's "stop" column (the maximum wins).
@@ -185,7 +186,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ConfigError: an invalid field (all are listed), a config that differs from the run's, or a
       train state that does not fit the run's checkpoint; nothing in `workdir` was changed.
     RunError: another trainer holds `workdir`.
+    rundir.StorageError: the run directory's storage failed (a disk, an unreachable bucket);
+      the newest complete checkpoint is kept, and the same call resumes from it.
   """
+  try:
+    return _train_and_evaluate(config, workdir)
+  except rundir.StorageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # only storage failures are converted
+    if not checkpointing.is_storage_failure(e):
+      raise
+    raise rundir.StorageError(
+        f"the storage of the run directory {workdir} failed "
+        f"({integrity_describe(e).replace(chr(10), ' ')}); the "
+        f"newest complete checkpoint is kept: run the same command again once the storage is "
+        f"back") from e
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_checks.check_config(config)   # every field, before any side effect
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(run_control.StopRequests())   # before anything compiles
@@ -193,7 +211,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     d = config.distributed
     parallel.initialize_distributed(d.initialize, coordinator_address=d.coordinator_address,
                                     num_processes=d.num_processes, process_id=d.process_id)
+    stop.reclaim()   # JAX's preemption notifier took SIGTERM: every process agrees through the step
     mesh = parallel.make_mesh()
+    if jax.process_count() > 1:
+      _say(f"process {jax.process_index()} of {jax.process_count()}, {mesh.size} devices "
+           f"({jax.local_device_count()} here)")
     config_checks.check_config(config, num_devices=mesh.size)
     is_chief = jax.process_index() == 0
     info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
