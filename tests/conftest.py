@@ -84,9 +84,9 @@ def registered():
 
 @pytest.fixture(scope="session")
 def gcs():
-  """A GCS emulator on loopback for this test process (`tests/gcs_emulator.py`), with this
+  """A GCS emulator on loopback for this test process (`vdm_jax.testing.gcs_emulator`), with this
   process's clients pointed at it for the rest of the session."""
-  import gcs_emulator
+  from vdm_jax.testing import gcs_emulator
   emulator = gcs_emulator.Emulator().start()
   with emulator.environment():
     yield emulator
@@ -97,5 +97,5 @@ def gcs():
 def gs_dir(gcs):
   """A fresh gs:// folder in the emulator's bucket."""
   import uuid
-  import gcs_emulator
+  from vdm_jax.testing import gcs_emulator
   return f"gs://{gcs_emulator.BUCKET}/{uuid.uuid4().hex[:12]}"

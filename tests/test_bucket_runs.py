@@ -1,4 +1,4 @@
-"""Run directories in a GCS bucket (the emulator on loopback, `gcs_emulator.py`): the same
+"""Run directories in a GCS bucket (the emulator on loopback, `vdm_jax.testing.gcs_emulator`): the same
 commands as on a local disk, unchanged, with `--workdir gs://...`.
 
 - `vdm-jax train / eval / sample / compress / decompress` on a bucket, the trainer under strace:
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import patience
-import gcs_emulator
+from vdm_jax.testing import gcs_emulator
 
 from vdm_jax import checkpointing, data, rundir, run_control, train
 

@@ -26,7 +26,7 @@ LAYERS = (
     ("state", ("state", "steps")),
     ("runs", ("runs", "run_control")),
     ("apps", ("train", "evaluation", "bench", "official_import", "compress", "compress_stream",
-              "compress_app")),
+              "compress_app", "launch")),
     ("cli", ("cli",)),
 )
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

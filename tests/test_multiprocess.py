@@ -25,7 +25,7 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import checkpointing, data, parallel, rundir, state as state_lib, tasks
+from vdm_jax import checkpointing, data, launch, parallel, rundir, state as state_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -150,7 +150,12 @@ def test_auto_initialize_finds_a_slurm_job_without_coordinator_flags(tmp_path):
   port = _free_port(range(61440, 65536))   # where JAX puts the coordinator of a SLURM job
   slurm = {"SLURM_JOB_ID": str(port - 61440 + 4096), "SLURM_STEP_NODELIST": "localhost",
            "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
-  procs = _start([(_train_args(tmp_path / "run", 4, "--config.distributed.initialize=auto"),
+  # What every task of `vdm-jax launch slurm` runs.
+  spec = launch.LaunchSpec(config=SMOKE, workdir=str(tmp_path / "run"), nodes=1,
+                           overrides=("training.num_steps=4",))
+  argv = launch.train_command(spec, distributed=True)
+  assert argv[:2] == ["vdm-jax", "train"] and argv[-1] == "--config.distributed.initialize=auto"
+  procs = _start([([sys.executable, "-m", "vdm_jax.cli", *argv[1:]],
                    _env(2, {**slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}))
                   for i in range(2)])
   outs = _finish(procs)

@@ -1,4 +1,4 @@
-"""A real GCS JSON API on loopback for the tests: `gcp-storage-emulator` in a subprocess.
+"""A real GCS JSON API on loopback: `gcp-storage-emulator` (the `test` extra) in a subprocess.
 
 Everything that reads or writes `gs://` here is pointed at it, and every credential look-up is
 switched off, so that nothing leaves the machine and nothing waits on a metadata server:
@@ -52,8 +52,7 @@ class Emulator:
             "GOOGLE_CLOUD_PROJECT": "vdm-test"}
 
   def start(self, timeout: float = 60.0) -> "Emulator":
-    args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "gcs_emulator_server.py"), str(self.port), BUCKET]
+    args = [sys.executable, "-m", "vdm_jax.testing.gcs_emulator_server", str(self.port), BUCKET]
     env = dict(os.environ)
     if self.storage_dir is None:
       args.append("--in-memory")

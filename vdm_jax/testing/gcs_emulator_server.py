@@ -8,7 +8,8 @@ TensorStore (Orbax's array store) relies on:
   (412 Precondition Failed otherwise), as GCS does: OCDBT's manifest updates are
   compare-and-swap writes.
 
-usage: python gcs_emulator_server.py PORT BUCKET [--in-memory]   (STORAGE_BASE: the disk folder)
+usage: python -m vdm_jax.testing.gcs_emulator_server PORT BUCKET [--in-memory]
+       (STORAGE_BASE: the folder of the objects when not in memory)
 """
 
 import functools
