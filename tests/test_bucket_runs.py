@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import patience
+from test_metrics import tb_scalars
 from vdm_jax.testing import gcs_emulator
 
 from vdm_jax import checkpointing, data, rundir, run_control, train
@@ -94,6 +95,8 @@ def test_the_commands_on_a_bucket_and_no_connection_leaves_loopback(gcs, gs_dir,
   assert [r["step"] for r in rows if "train/bpd" in r] == [2, 4] and "eval/bpd" in rows[-1]
   events = rundir.list_names(run + "/tb")
   assert len(events) == 1 and events[0].startswith("events.out.tfevents.")
+  tb = tb_scalars(rundir.read_bytes(run + "/tb/" + events[0]))
+  assert [step for step, _ in tb["train/bpd"]] == [2, 4] and tb["eval/bpd"][0][0] == 4
   assert rundir.read_json(run + "/eval.json")["step"] == 4
   assert rundir.list_names(run + "/samples") == ["step_00000004.png"]
 

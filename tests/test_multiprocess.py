@@ -10,6 +10,7 @@
   coordinator flag.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -24,6 +25,7 @@ import jax
 import pytest
 
 from conftest import patience
+from test_metrics import tb_scalars
 
 from vdm_jax import checkpointing, data, launch, parallel, rundir, state as state_lib, tasks
 
@@ -79,14 +81,71 @@ def _finish(procs, codes=(0,)):
       if p.poll() is None:
         p.kill()
         p.wait()
-  for p, out in zip(procs, outs):
-    assert p.returncode in codes, out[-4000:]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode in codes, "\n".join(f"--- process {j}:\n{o[-3000:]}"
+                                             for j, o in enumerate(outs))
   return outs
 
 
-def _two_processes(workdir, env_extra, *more):
+class _WriteRecorder:
+  """An HTTP proxy in front of the GCS emulator that records the object names of the writes
+  (uploads, deletes, copies) it forwards: what one process wrote into the bucket."""
+
+  _NAME = re.compile(rb'"name"\s*:\s*"([^"]+)"')
+
+  def __init__(self, upstream: str):
+    import http.client
+    import http.server
+    import threading
+    import urllib.parse
+    self.names, recorder = [], self
+    target = urllib.parse.urlparse(upstream)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command != "GET":
+          recorder.record(self.path, body)
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=300)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+          if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+      do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+      def log_message(self, *args):
+        del args
+
+    self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+    threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+  def record(self, path: str, body: bytes) -> None:
+    import urllib.parse
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(path).query)
+    names = query.get("name") or [urllib.parse.unquote(m.decode())
+                                  for m in self._NAME.findall(body[:8192])]
+    if not names and "/o/" in path:   # delete / copy / patch: the name is in the path
+      names = [urllib.parse.unquote(path.split("?")[0].split("/o/", 1)[1])]
+    self.names += names or [f"? {path}"]
+
+  def close(self):
+    self._server.shutdown()
+
+
+def _two_processes(workdir, env_extra, *more, env_extras=None):
   port = _free_port()
-  return _start([(_train_args(workdir, STEPS, *more, *_explicit(port, i)), _env(1, env_extra))
+  return _start([(_train_args(workdir, STEPS, *more, *_explicit(port, i)),
+                  _env(1, {**env_extra, **((env_extras or {}).get(i, {}))}))
                  for i in range(2)])
 
 
@@ -104,7 +163,18 @@ def _restore(workdir):
 @pytest.mark.slow
 def test_two_processes_on_a_bucket_stop_together_and_resume_exactly(gcs, gs_dir, tmp_path):
   straight, stopped, single = gs_dir + "/straight", gs_dir + "/stopped", tmp_path / "single"
-  _finish(_two_processes(straight, gcs.env))
+  recorder = _WriteRecorder(gcs.url)   # process 1 reaches the bucket through it
+  through = {1: {"STORAGE_EMULATOR_HOST": recorder.url, "TENSORSTORE_GCS_HTTP_URL": recorder.url}}
+  try:
+    _finish(_two_processes(straight, gcs.env, env_extras=through))
+  finally:
+    recorder.close()
+  # Process 1 wrote only its part of the checkpoints; never config.json, metrics, events,
+  # samples, eval.json or the lock (process 0's).
+  prefix = straight.split("/", 3)[3] + "/"
+  assert recorder.names, "process 1 wrote nothing (not even its checkpoint shards)"
+  assert all(n.startswith(prefix + "checkpoints/") for n in recorder.names), sorted(
+      set(recorder.names))[:20]
   _finish(_start([(_train_args(single), _env(2))]))   # 1 process x 2 devices, local
 
   procs = _two_processes(stopped, gcs.env)
@@ -128,6 +198,12 @@ def test_two_processes_on_a_bucket_stop_together_and_resume_exactly(gcs, gs_dir,
   assert 3 <= step < STEPS
   assert checkpointing.complete_steps(stopped + "/checkpoints") == [step]
   assert _restore(stopped)[0] == step   # complete: every process's part is there
+  # The metrics and TensorBoard events of every step up to the stop are in the bucket.
+  logged = [json.loads(line)["step"] for line in
+            rundir.read_text(stopped + "/metrics.jsonl").splitlines()]
+  (events,) = rundir.list_names(stopped + "/tb")
+  tb = tb_scalars(rundir.read_bytes(stopped + "/tb/" + events))
+  assert logged == list(range(1, step + 1)) == [s for s, _ in tb["train/bpd"]]
 
   _finish(_two_processes(stopped, gcs.env))   # the same command resumes
   s_straight, st_straight, meta_straight = _restore(straight)
