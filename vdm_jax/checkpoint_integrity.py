@@ -139,10 +139,17 @@ def damage_reason(error: BaseException, directory: str) -> str | None:
 
 def is_storage_failure(error: BaseException) -> bool:
   """Whether `error` (from a save, a restore or a write) is the storage failing: an OSError
-  anywhere in its chain (a disk error, a refused connection to a bucket) or a tensorstore error
-  with a transient status code (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
-  return any(isinstance(e, OSError) or str(e).startswith(_TRANSIENT_CODES)
-             for e in _chain(error))
+  anywhere in its chain (a disk error, a refused connection to a bucket), or a tensorstore
+  read / write error (as Orbax raises them) with a transient status code (UNAVAILABLE,
+  DEADLINE_EXCEEDED, ...). Errors of JAX's own runtime (a collective timing out) are not."""
+  for e in _chain(error):
+    text = str(e)
+    if isinstance(e, OSError) or (
+        isinstance(e, ValueError) and text.startswith(("Error writing", "Error reading",
+                                                       "Error opening", "Error deleting"))
+        and any(code in text for code in _TRANSIENT_CODES)):
+      return True
+  return False
 
 
 def is_structure_error(error: BaseException) -> bool:
