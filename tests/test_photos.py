@@ -152,6 +152,8 @@ def test_pipeline_and_config():
   assert sum(int(b["mask"].sum()) for b in evals) == 342
   config = runpy.run_path(str(ROOT / "configs" / "photos.py"))["get_config"]()
   config_checks.check_config(config)
+  config.data.name = "photos_gray"   # the same config serves the grey patches (1 channel)
+  config_checks.check_config(config)
 
 
 
