@@ -16,9 +16,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vdm_jax"
 # pipelines, devices, checkpoints, metrics, the optimiser, the reader of official checkpoints,
 # the compressed file format.
 LAYERS = (
-    ("base", ("rundir", "registry", "checks", "data", "pipeline", "parallel", "checkpoint_integrity",
-              "checkpointing", "metrics", "optim", "official_checkpoint", "bench_report",
-              "compress_format")),
+    ("base", ("rundir", "registry", "checks", "data", "photos", "pipeline", "parallel",
+              "checkpoint_integrity", "checkpointing", "metrics", "optim", "official_checkpoint",
+              "bench_report", "compress_format")),
     ("maths", ("schedules", "diffusion", "elbo", "objectives", "sampling", "guidance",
                "likelihood", "latent")),
     ("model", ("networks", "model", "classifier", "vae")),
