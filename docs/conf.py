@@ -41,7 +41,7 @@ extensions = [
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "README.md", ".gitignore"]
+exclude_patterns = ["_build", "README.md", ".gitignore", "**/.tmp-*"]   # .tmp-*: gen_api.py mid-write
 
 # --- MyST: $...$ and $$...$$ maths (MathJax), \begin{align} environments, {ref}-able headings.
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

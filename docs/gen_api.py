@@ -9,7 +9,9 @@ an `automodule` of the module with its members; the text is the module's docstri
 
 from __future__ import annotations
 
+import os
 import pathlib
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vdm_jax"
@@ -43,19 +45,23 @@ def module_names(package: pathlib.Path = PACKAGE) -> list[str]:
   return sorted(set(names))
 
 
-def write_pages(api_dir: pathlib.Path = API_DIR) -> list[str]:
+def write_pages(api_dir: pathlib.Path = API_DIR, package: pathlib.Path = PACKAGE) -> list[str]:
   """Writes api/<module>.md for every module, removes pages of modules that no longer exist, and
-  rewrites a page only when its text changes (Sphinx then rebuilds only what changed)."""
+  rewrites a page only when its text changes (Sphinx then rebuilds only what changed). Each write
+  is a rename of a complete file, so two builds at once never read a half-written page."""
   api_dir.mkdir(parents=True, exist_ok=True)
-  names = module_names()
+  names = module_names(package)
   wanted = {f"{n}.md": PAGE.format(name=n) for n in names}
   for old in api_dir.glob(GENERATED_GLOB):
     if old.name not in wanted:
-      old.unlink()
+      old.unlink(missing_ok=True)
   for fname, text in wanted.items():
     path = api_dir / fname
     if not path.exists() or path.read_text() != text:
-      path.write_text(text)
+      fd, tmp = tempfile.mkstemp(dir=api_dir, prefix=".tmp-", suffix=".md")
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+      os.replace(tmp, path)
   return names
 
 
