@@ -115,3 +115,13 @@ def test_api_pages_follow_the_source_tree(tmp_path):
   pages = sorted(p.name for p in api.glob("*.md"))
   assert pages == sorted(["index.md"] + [f"{n}.md" for n in names])
   assert ".. automodule:: vdm_jax.elbo\n" in (api / "vdm_jax.elbo.md").read_text()
+
+
+def test_readme_is_short_and_its_test_command_is_what_ci_runs():
+  readme = (ROOT / "README.md").read_text()
+  assert len(readme.splitlines()) <= 200, "README.md is an overview; details go to docs/"
+  command = 'pip install -e ".[test,docs]" && python -m pytest -n 2 tests'
+  assert command in readme
+  ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")]
+  assert ci[-1] == command
