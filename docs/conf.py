@@ -13,8 +13,8 @@ build. References to other libraries are not resolved (no intersphinx: the build
 from __future__ import annotations
 
 import os
-import re
 import pathlib
+import re
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -22,6 +22,8 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(DOCS))
 # The vdm_jax beside these docs, whatever is installed.
 sys.path.insert(0, str(ROOT))
+# autodoc imports the package: on CPU, so that a build on a GPU or TPU machine does not claim it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import gen_api  # noqa: E402
 
@@ -104,8 +106,7 @@ html_theme_options = {
 }
 html_static_path: list[str] = []
 html_last_updated_fmt = None
-# No intersphinx: the build must run with no network.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No intersphinx: the build must run with no network. MathJax is loaded by the reader's browser.
 
 
 # --- Signatures: default values whose repr is not Python (`<class 'jax.numpy.float32'>`, Flax's
