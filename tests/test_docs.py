@@ -125,3 +125,49 @@ def test_readme_is_short_and_its_test_command_is_what_ci_runs():
   ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")]
   assert ci[-1] == command
+
+
+def _check_docstrings():
+  spec = importlib.util.spec_from_file_location("check_docstrings", DOCS / "check_docstrings.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_docstrings_read_as_restructuredtext(tmp_path):
+  """The fast check (docs/check_docstrings.py) passes on the package and flags the three traps:
+  an indented display straight after a line of text, `**kwargs` outside backticks, `|x|`."""
+  check = _check_docstrings()
+  config = check._napoleon_config()
+  found = [line for path in sorted((ROOT / "vdm_jax").rglob("*.py"))
+           for line in check.problems(path, config)]
+  assert not found, "\n".join(found)
+
+  bad = tmp_path / "bad.py"
+  bad.write_text(textwrap.dedent('''\
+      """A module.
+
+      The bound is
+        L = a + b,
+      a sum.
+      """
+
+
+      def f(**kwargs):
+        """Passes **kwargs on."""
+
+
+      def g(x):
+        """Returns |x|."""
+
+
+      def h(x):
+        """Fine: `**kwargs`, `|x|`, and a display::
+
+          L = a + b
+
+        after a blank line.
+        """
+      '''))
+  flagged = check.problems(bad, config)
+  assert [line.split(": ")[1] for line in flagged] == ["<module>", "f", "g"], flagged
