@@ -1,4 +1,4 @@
-"""Checkpoints that prove their integrity (issue 15, reliability items 1, 2 and 12).
+"""Checkpoints that prove their integrity.
 
 Damage is made on disk as a user's storage would: random bytes, truncated or deleted files,
 silent corruption that still decodes. A restore must fall back past it with a warning naming
@@ -136,7 +136,7 @@ def _probe_step(directory, step):
   return probe
 
 
-# ---- item 1: damage is detected, reported with the step and the reason, and skipped ----
+# ---- Damage is detected, reported with the step and the reason, and skipped ----
 
 @pytest.mark.parametrize("damage", [_random_bytes, _truncate, os.remove])
 def test_damaged_data_file_falls_back_to_the_previous_step(tmp_path, damage):
@@ -199,7 +199,7 @@ def test_explicit_damaged_step_raises(tmp_path):
       mgr.restore(_abstract(), step=2)
 
 
-# ---- item 2: only positive damage counts, and nothing is deleted unconfirmed ----
+# ---- Only positive damage counts, and nothing is deleted unconfirmed ----
 
 def _failing_reads(monkeypatch, error, *, step, times=None):
   """orbax's restore of `step` raises `error` (the first `times` reads; None: every read)."""
@@ -298,7 +298,7 @@ def test_changed_target_structure_is_not_damage(tmp_path):
     _same(mgr.restore(_abstract())[1], _state(2))
 
 
-# ---- item 12: a checkpoint rotated away while being read is not damage ----
+# ---- A checkpoint rotated away while being read is not damage ----
 
 def _vanishing_reads(monkeypatch, directory, step, *, then=None, delay=None):
   """The first read of `step` deletes it first, as a trainer's rotation would (the files at

@@ -243,7 +243,7 @@ def test_bfloat16_switch_keeps_state_schedule_and_losses_in_float32():
   np.testing.assert_allclose(outs["bfloat16"], outs["float32"], rtol=0.02)
 
 
-# One value per field of configs/base.py that check_config must refuse (issue 15 item 4): the
+# One value per field of configs/base.py that check_config must refuse: the
 # table covers every field, so a field added without a rule fails here.
 BAD_VALUES = {
     "seed": -1, "task": "gan",

@@ -53,7 +53,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, results: Any, **extra) -> rundir.Path:
-  """Writes {"environment", **extra, "results"} as JSON to `path` (local or object storage)."""
+  """Writes `{"environment", **extra, "results"}` as JSON to `path` (local or object storage)."""
   rundir.write_text(path, json.dumps({"environment": environment(), **extra, "results": results},
                                      indent=1, default=_jsonable))
   return rundir.as_path(path)

@@ -1,7 +1,8 @@
 """What makes a checkpoint trustworthy: its integrity record, and how a failed read is classified.
 
 The record that `checkpointing.CheckpointManager.save` stores under the metadata's reserved
-key "_integrity":
+key "_integrity"::
+
   {"format": 1, "algorithm": "sha256", "metadata": HEX, "fields": {FIELD: {"sha256": HEX,
   "structure": HEX, "leaves": N}}} with one entry per top-level field of the state ("params",
   "ema_params", "opt_state", ... of a train state; the keys of a dict). "sha256" hashes, for
@@ -10,6 +11,7 @@ key "_integrity":
   by its length (8 bytes, little-endian); "structure" hashes the same without the bytes;
   "metadata" is the SHA-256 of the rest of the metadata as JSON with sorted keys. It is
   computed on host from the arrays being saved.
+
 `field_entries` computes the same for a tree read back (a full or a partial one), so a restore
 can compare field by field.
 

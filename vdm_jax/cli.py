@@ -1,5 +1,5 @@
 """`vdm-jax train | eval | sample | bench | import-official | compress | decompress`: flag
-parsing and a call, nothing else.
+parsing and a call, nothing else::
 
   vdm-jax train --config configs/digits.py --workdir runs/digits [--config.training.num_steps=100]
   vdm-jax eval --workdir runs/digits [--checkpoint 3000] [--num_steps 1000] [--t_samples 4]

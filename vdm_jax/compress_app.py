@@ -1,4 +1,4 @@
-"""`vdm-jax compress` / `vdm-jax decompress`: a trained run's bits-back coder on files.
+"""`vdm-jax compress` / `vdm-jax decompress`: a trained run's bits-back coder on files::
 
   compress_run(workdir, source=..., out=FILE)   -> the images of `source` ("test": the run's
                                                   test split; a .npy / .npz of integer images;
@@ -168,8 +168,9 @@ def decompress_bytes(model: Model, blob: bytes, *, name: str = "the file",
   """(images [N, H, W, C] of the stored type, header) of a file's bytes, after every check.
 
   Raises:
-    fmt.CompressedFileError: another format, truncated, corrupted, another model or numeric
-      environment, or a payload that does not decode consistently ("stream").
+    vdm_jax.compress_format.CompressedFileError: another format, truncated, corrupted,
+      another model or numeric environment, or a payload that does not decode consistently
+      ("stream").
   """
   header, payload = fmt.unpack(blob, name=name)
   settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,

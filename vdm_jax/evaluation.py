@@ -1,4 +1,4 @@
-"""What a user does with a trained run: `vdm-jax eval` and `vdm-jax sample`.
+"""What a user does with a trained run: `vdm-jax eval` and `vdm-jax sample`::
 
   run_eval(workdir, ...)   -> bound (bpd mean, standard error, three terms), written to JSON
   run_sample(workdir, ...) -> a PNG grid and an .npz of integer samples, with any sampler and

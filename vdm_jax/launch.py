@@ -6,7 +6,7 @@ Every host of a multi-host run executes the same `vdm-jax train` with
 id on TPU pods and under SLURM) and one shared run directory, which on a pod is a bucket: a
 multi-host checkpoint is written by all processes into one directory, and each host's own disk
 would hold only its part. Rerunning the same command resumes from the newest complete
-checkpoint (after a preemption too: SIGTERM on every host saves one checkpoint together).
+checkpoint (after a preemption too: SIGTERM on every host saves one checkpoint together)::
 
   tpu-pod  gcloud: create the TPU VM pod (commented out), install jax[tpu] and this package on
            every worker, then the same train command on every worker (`--worker=all`).

@@ -288,6 +288,7 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
   Args:
     path: one of
+
       - a per-host checkpoint directory, as given to `clu.checkpoint.Checkpoint` (e.g. the
         released `.../checkpoint-final/checkpoints-0`): its newest save, as named by its
         `checkpoint` file (or, without that file, the highest-numbered `.flax` file);
@@ -296,6 +297,7 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         directories `{path}-{host id}`, read from the lowest host id;
       - a checkpoint prefix such as `.../checkpoints-0/ckpt-3` (as returned by clu's `save`), its
         `.flax` file, or one of its TensorFlow `.index` / `.data-*` files.
+
       Object storage paths (e.g. `gs://...`) are read directly.
 
   Returns:

@@ -24,7 +24,7 @@ DATA_AXIS = "data"
 # XLA:CPU hands some fusions to the YNNPACK library. Its convolution kernel-gradient runs at about
 # a quarter of XLA's own (Eigen) one on x86 (60 vs 240 GFLOP/s on the U-Net's 3x3, 128-channel
 # layer), so the library's programs keep YNNPACK for dots and reductions only: the paper
-# CIFAR-10 train step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, README).
+# CIFAR-10 train step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, docs/performance.md).
 # The best list depends on the network (the 32-channel digits net is faster without REDUCE), so
 # a config chooses it (config.xla.cpu_ynn_fusion_type, applied with `cpu_ynn_fusions`).
 CPU_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"

@@ -78,10 +78,12 @@ class RunLock:
   folder `workdir/train.lock/`, which needs only what GCS and S3 guarantee (a listing shows every
   object written before it started), no preconditions. A trainer writes a claim (pending), lists
   the folder, and:
+
   - another held claim, alive: refused (`runs.RunError` naming its holder);
   - another pending claim, alive: both may be starting at the same instant, so it withdraws its
     claim and tries again after a random pause (0.2-1 s), up to `_ATTEMPTS` times;
   - none: it marks its claim held and trains.
+
   Two trainers can never both hold it: the later of two claims is listed after the earlier was
   written, sees it, and withdraws. A held claim is refreshed every `expiry_secs / 10` (the
   heartbeat, a thread); one whose last refresh is more than `expiry_secs` old (a trainer killed

@@ -5,7 +5,7 @@ opens: the paths etils.epath, and so Orbax, reaches).
 Nothing else in the package opens, lists, renames or deletes a file. Orbax (checkpoints) and
 TFDS / grain (prepared data) are handed path strings and do their own I/O.
 
-A run directory (`workdir`):
+A run directory (`workdir`)::
 
   config.json     the config of the run's checkpoints (`stored_config`)
   checkpoints/    Orbax steps, each with its integrity record (`checkpointing`)

@@ -1,4 +1,4 @@
-"""Run directories read back: the stored config, and a checkpoint's parameters for evaluation.
+"""Run directories read back: the stored config, and a checkpoint's parameters for evaluation::
 
   load_config(workdir)  -> the config `vdm-jax train` stored in workdir/config.json
   load_run(workdir)     -> Run: config, task, and the EMA parameters of a checkpoint (restored

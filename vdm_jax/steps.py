@@ -5,7 +5,7 @@
   evaluate                           the eval values' means over a split (and the headline's SE)
   draw_samples / sample_images       integer samples from a task's sampler closures
 
-One code path for 1 device, N devices and N hosts: `jax.jit` with explicit `NamedSharding`s (batch
+One code path for 1 device, N devices and N hosts: `jax.jit` with explicit shardings, `NamedSharding` (batch
 split on "data", state replicated, state donated).
 """
 

@@ -5,6 +5,7 @@ programs in `vdm_jax.steps`; this module runs them: check, resume, train, log, e
 checkpoint, stop on a signal.
 
 What a run directory can rely on:
+
 - every config check, and a dry run of the restore (the new config's train state against the
   checkpoint's tree of shapes), happens before anything in the run directory changes; config.json
   is replaced only once the first checkpoint under the new config is written;
