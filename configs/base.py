@@ -106,6 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.training.keep_checkpoints = 3
   c.training.max_nonfinite_steps = 0   # skip up to this many non-finite steps in a row; 0 = stop at once
   c.training.allow_config_change = False
+  # A run directory in object storage (gs://, s3://) is locked by a lease that process 0
+  # refreshes every lock_expiry_secs / 10; a lease older than this (a trainer killed, its VM
+  # lost) is taken over by the next trainer. On a local disk the lock is a flock (no expiry).
+  c.training.lock_expiry_secs = 300.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
@@ -123,7 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.ddpm_variance = "beta"  # sampler "ddpm": sigma_t^2 = beta | posterior
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False
+  # "off": one process. "auto": jax.distributed.initialize() finds the coordinator, process
+  # count and id itself (TPU pods, SLURM, Open MPI, Kubernetes). "explicit": the three fields below.
+  c.distributed.initialize = "off"
   c.distributed.coordinator_address = ""
   c.distributed.num_processes = 1
   c.distributed.process_id = 0

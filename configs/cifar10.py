@@ -5,13 +5,14 @@ holds the official values and checks every one), with the official optimiser mas
 groups and scalar conditioning input. Only the evaluation differs: here the whole test split once;
 the official code averages 100 batches of 128 shuffled test images (12,800 draws).
 
-Launch (8 accelerators; TFDS cifar10 prepared first, see the README):
+Launch (8 accelerators; TFDS cifar10 prepared first, docs/getting_started.md):
   vdm-jax train --config configs/cifar10.py --workdir runs/cifar10
 
 Expected: test bpd 2.65 after 10M steps at batch 128 (the paper; the released checkpoint
 evaluates to 2.637). 32 residual blocks at 32x32, 128 channels, attention in the middle, dropout
 0.1, Fourier features 2^6 and 2^7, learned linear schedule from -13.3 / 5.0, AdamW 2e-4, EMA 0.9999:
-about 30.6M parameters.
+about 30.6M parameters. Measured by the trainer's evaluations, or on any checkpoint:
+  vdm-jax eval --workdir runs/cifar10
 """
 
 import pathlib

@@ -14,6 +14,8 @@ Launch (a pod: batch 1024):
   vdm-jax train --config configs/cifar10_aug.py --workdir runs/cifar10_aug
 
 Expected: test bpd 2.49 (the paper's augmented CIFAR-10 result).
+Measured by the trainer's evaluations, or on any checkpoint:
+  vdm-jax eval --workdir runs/cifar10_aug
 """
 
 import pathlib

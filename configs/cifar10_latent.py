@@ -5,7 +5,9 @@ Launch:
   vdm-jax train --config configs/cifar10_latent.py --workdir runs/cifar10_latent \
       --config.latent.vae_workdir=runs/cifar10_vae
 
-Not run here (no accelerator was available); the expected bound is not measured.
+Expected: not yet measured (it needs an accelerator). Measured by the trainer's evaluations, or
+on any checkpoint:
+  vdm-jax eval --workdir runs/cifar10_latent
 """
 
 import pathlib

@@ -3,7 +3,9 @@
 Launch (then configs/cifar10_latent.py):
   vdm-jax train --config configs/cifar10_vae.py --workdir runs/cifar10_vae
 
-Not run here (no accelerator was available); the expected bound is not measured.
+Expected: not yet measured (it needs an accelerator). Measured by the trainer's evaluations, or
+on any checkpoint:
+  vdm-jax eval --workdir runs/cifar10_vae
 """
 
 import pathlib

@@ -1,13 +1,16 @@
 """Class-conditional VDM on digits, for classifier-free guidance (labels dropped with p = 0.1).
 
+The main job's recipe (configs/digits.py) with a label embedding that has a null label.
+
 Launch:
   vdm-jax train --config configs/digits_cond.py --workdir runs/digits_cond
   vdm-jax sample --workdir runs/digits_cond --sampler ddim --steps 100 --num 64 --label 3 --guidance 1
 
-Expected: about the unconditional test bound of configs/digits.py (measured 2026-11-30, seed 0:
-1.930 against 1.876 for configs/digits.py; the bound is reported with the null label, and the
-label-dropping leaves the null label 10% of the steps), and guided samples of the requested digit (agreement with a
-classifier in the README's guidance table, experiments/guidance_digits.py).
+Expected: a test bound a little above the unconditional one of configs/digits.py (about 1.9 bpd;
+it is reported with the null label, which the label-dropping leaves 10% of the steps), measured
+by the trainer's final evaluation or `vdm-jax eval --workdir runs/digits_cond`; and guided samples
+of the requested digit, measured by python experiments/guidance_digits.py
+(docs/results/index.md, "Guidance").
 """
 
 import pathlib

@@ -12,9 +12,14 @@ KL terms join levels 1..1000, so it is a VDM with num_steps = 999 whose gamma(0)
 DDPM's levels 1 and 1000 (`schedules.BetaLinear`'s default endpoints, exact on the grid:
 alpha_bar_n = prod_{i<=n} (1 - beta_i); t = (n - 1) / 999 is level n, within 3e-6 in gamma).
 A sharper decoder level below DDPM's level 1 (e.g. gamma_min = -13.3) makes the last KL term's
-weight expm1(gamma_1 - gamma_0) ~ 60x larger and the T-step bound's variance explode (measured:
-38 +- 36 bpd), which is why DDPM's own bound puts the decoder at level 1.
+weight expm1(gamma_1 - gamma_0) ~ 60x larger and the T-step bound's variance explode, which is
+why DDPM's own bound puts the decoder at level 1 (docs/results/index.md, "Other digits models").
 `--config.sample.ddpm_variance=posterior` picks the posterior variance instead of beta_t.
+
+Expected: a poor and noisy bound (L_simple does not weight the low-noise levels that dominate it;
+3-4 bpd here, as DDPM's own CIFAR-10 bound, 3.70, is poor beside VDM's 2.65), measured by the
+trainer's final evaluation or `vdm-jax eval --workdir runs/digits_ddpm`; the comparison with the
+pixel VDM and latent diffusion: python experiments/compare_digits.py (docs/results/index.md).
 """
 
 import pathlib

@@ -6,6 +6,10 @@ Launch (then configs/digits_latent.py for stage 2):
 
 The VAE bound itself (KL to N(0, I) as the prior) is reported as test bpd; stage 2 replaces that
 prior by a VDM on the latents, and its composed bound is the latent model's bpd.
+
+Expected: test bpd about 1.9, measured by the trainer's final evaluation or
+`vdm-jax eval --workdir runs/digits_vae`; the comparison with the other digits models:
+python experiments/compare_digits.py (docs/results/index.md).
 """
 
 import pathlib

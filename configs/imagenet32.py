@@ -12,6 +12,8 @@ Launch:
   vdm-jax train --config configs/imagenet32.py --workdir runs/imagenet32
 
 Expected: the VDM paper reports 3.72 bpd on ImageNet 32x32.
+Measured by the trainer's evaluations, or on any checkpoint:
+  vdm-jax eval --workdir runs/imagenet32
 """
 
 import pathlib

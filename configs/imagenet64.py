@@ -13,6 +13,8 @@ Launch:
   vdm-jax train --config configs/imagenet64.py --workdir runs/imagenet64
 
 Expected: the VDM paper reports 3.40 bpd on ImageNet 64x64.
+Measured by the trainer's evaluations, or on any checkpoint:
+  vdm-jax eval --workdir runs/imagenet64
 """
 
 import pathlib

@@ -3,7 +3,8 @@
 Launch:
   vdm-jax train --config configs/smoke.py --workdir runs/smoke
 Expected: a few steps, a checkpoint, a sample grid; the bpd is meaningless (near the uniform
-baseline, log2(17) = 4.09 on digits).
+baseline, log2(17) = 4.09 on digits). It is what the end-to-end tests train:
+  python -m pytest tests/test_train.py
 """
 
 import pathlib

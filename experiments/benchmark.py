@@ -1,4 +1,4 @@
-"""The README's "Performance" table: `vdm_jax.bench` over several configs, each in a fresh process.
+"""The benchmark table (docs/performance.md): `vdm_jax.bench` over configs, one fresh process each.
 
   python experiments/benchmark.py                        # digits, smoke, cifar10 (batch 8)
   python experiments/benchmark.py --configs cifar10 --repeats 3

@@ -1,5 +1,5 @@
 """Learned schedules on digits, trained four ways: test bpd vs steps and the variance of the bound's
-estimate (issue 14).
+estimate.
 
 Variants (each from the same config, configs/digits.py by default, with its
 training.num_steps unless --steps is given; the same seeds):

@@ -80,3 +80,22 @@ def registered():
   yield register
   for registry, name in reversed(names):
     registry.unregister(name)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on loopback for this test process (`vdm_jax.testing.gcs_emulator`), with this
+  process's clients pointed at it for the rest of the session."""
+  from vdm_jax.testing import gcs_emulator
+  emulator = gcs_emulator.Emulator().start()
+  with emulator.environment():
+    yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def gs_dir(gcs):
+  """A fresh gs:// folder in the emulator's bucket."""
+  import uuid
+  from vdm_jax.testing import gcs_emulator
+  return f"gs://{gcs_emulator.BUCKET}/{uuid.uuid4().hex[:12]}"

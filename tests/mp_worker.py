@@ -19,7 +19,7 @@ config = runpy.run_path(str(root / "configs" / "smoke.py"))["get_config"]()
 config.training.num_steps = num_steps
 if len(sys.argv) > 4:
   port, num_processes, process_id = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-  config.distributed.initialize = True
+  config.distributed.initialize = "explicit"
   config.distributed.coordinator_address = f"127.0.0.1:{port}"
   config.distributed.num_processes = num_processes
   config.distributed.process_id = process_id

@@ -1,4 +1,4 @@
-"""Checkpoints that prove their integrity (issue 15, reliability items 1, 2 and 12).
+"""Checkpoints that prove their integrity.
 
 Damage is made on disk as a user's storage would: random bytes, truncated or deleted files,
 silent corruption that still decodes. A restore must fall back past it with a warning naming
@@ -136,7 +136,7 @@ def _probe_step(directory, step):
   return probe
 
 
-# ---- item 1: damage is detected, reported with the step and the reason, and skipped ----
+# ---- Damage is detected, reported with the step and the reason, and skipped ----
 
 @pytest.mark.parametrize("damage", [_random_bytes, _truncate, os.remove])
 def test_damaged_data_file_falls_back_to_the_previous_step(tmp_path, damage):
@@ -199,7 +199,7 @@ def test_explicit_damaged_step_raises(tmp_path):
       mgr.restore(_abstract(), step=2)
 
 
-# ---- item 2: only positive damage counts, and nothing is deleted unconfirmed ----
+# ---- Only positive damage counts, and nothing is deleted unconfirmed ----
 
 def _failing_reads(monkeypatch, error, *, step, times=None):
   """orbax's restore of `step` raises `error` (the first `times` reads; None: every read)."""
@@ -298,7 +298,7 @@ def test_changed_target_structure_is_not_damage(tmp_path):
     _same(mgr.restore(_abstract())[1], _state(2))
 
 
-# ---- item 12: a checkpoint rotated away while being read is not damage ----
+# ---- A checkpoint rotated away while being read is not damage ----
 
 def _vanishing_reads(monkeypatch, directory, step, *, then=None, delay=None):
   """The first read of `step` deletes it first, as a trainer's rotation would (the files at
@@ -530,3 +530,44 @@ def test_load_run_reports_a_damaged_requested_step_as_a_run_error(tmp_path, smok
     _truncate(path)
   with pytest.warns(RuntimeWarning), pytest.raises(runs.RunError, match="None of the checkpoints"):
     runs.load_run(str(workdir))
+
+
+# ---- the same guarantees for checkpoints in a bucket (the GCS emulator) ----
+
+def _walk(folder):
+  """Every object under `folder` (local or gs://), recursively."""
+  from vdm_jax import rundir
+  for name in rundir.list_names(folder):
+    path = rundir.join(folder, name)
+    if rundir.is_dir(path):
+      yield from _walk(path)
+    else:
+      yield path
+
+
+def test_silent_corruption_in_a_bucket_is_refused_by_the_digest_and_skipped(gs_dir):
+  """Bytes changed inside an array data object of the newest checkpoint in a bucket, where the
+  compressed stream still decodes: the digest refuses it, the restore falls back to the step
+  before and keeps the damaged one."""
+  from vdm_jax import rundir
+  directory = gs_dir + "/ckpt"
+  with CheckpointManager(directory, async_save=False, max_to_keep=None) as mgr:
+    for step in (1, 2):
+      assert mgr.save(step, _state(step), metadata={"data_step": step})
+  files = [p for p in _walk(directory + "/2/state") if "/d/" in p]
+  assert files, list(_walk(directory + "/2"))
+  path = max(files, key=lambda p: len(rundir.read_bytes(p)))
+  original, rng, probe = rundir.read_bytes(path), np.random.default_rng(1), _probe_step(directory, 2)
+  for offset in range(0, len(original) - 8, max(1, len(original) // 48)):
+    rundir.write_bytes(path, original[:offset] + rng.bytes(8) + original[offset + 8:])
+    message = probe()
+    if message is not None and "digest" in message:
+      break
+  else:
+    raise AssertionError("no silent corruption found")
+  with CheckpointManager(directory, async_save=False) as mgr:
+    with pytest.warns(RuntimeWarning, match=r"step 2 .*digest mismatch"):
+      step, restored, metadata = mgr.restore(_abstract())
+  assert (step, metadata) == (1, {"data_step": 1})
+  _same(restored, _state(1))
+  assert checkpointing.complete_steps(directory) == [2, 1]   # nothing deleted by a restore

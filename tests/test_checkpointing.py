@@ -366,3 +366,36 @@ def test_stored_tree_gives_the_saved_shapes_and_dtypes(tmp_path):
     checkpointing.stored_tree(str(directory), 2)
   assert (tree["w"].shape, tree["w"].dtype) == ((2, 3), jnp.float32)
   assert (tree["net"]["b"].shape, tree["net"]["b"].dtype) == ((4,), jnp.int32)
+
+
+def test_killed_during_a_save_to_a_bucket_leaves_the_previous_checkpoint_usable(gcs, gs_dir):
+  """In GCS, Orbax writes step 2 in place and its commit marker last: a process killed while
+  writing leaves objects of step 2 that no listing takes for a checkpoint; step 1 restores, and
+  step 2 can be saved again."""
+  from vdm_jax import rundir
+  directory = gs_dir + "/ckpt"
+  child = _CRASHING_CHILD.replace("(50_000_000,)", "(5_000_000,)")   # 20 MB through the emulator
+  env = {**os.environ, **gcs.env, "PYTHONPATH": _REPO, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-c", child, directory], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + patience(300)
+    while (time.monotonic() < deadline and proc.poll() is None
+           and not rundir.list_names(directory + "/2")):
+      time.sleep(0.01)
+    assert rundir.list_names(directory + "/2"), f"step 2 was never started ({proc.poll()})"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=patience(120)) == -signal.SIGKILL
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait(timeout=patience(120))
+  assert checkpointing.complete_steps(directory) == [1], "the save finished before the kill"
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with CheckpointManager(directory, async_save=False) as mgr:
+    assert mgr.all_steps() == [1]
+    step, restored, metadata = mgr.restore(abstract)
+    assert (step, metadata) == (1, {"data_step": 1})
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert mgr.save(2, {"w": jnp.ones(4)})
+    assert mgr.restore(abstract)[0] == 2

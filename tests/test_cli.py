@@ -1,5 +1,5 @@
 """`vdm-jax` entry points: bad input gives one `error:` line on stderr and exit status 2 for every
-command (issue 15 item 8); nothing is created by a refused command."""
+command; nothing is created by a refused command."""
 
 import pathlib
 import subprocess

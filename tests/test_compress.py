@@ -15,7 +15,7 @@ import pytest
 
 from vdm_jax import compress, compress_app, compress_format as fmt, compress_portable
 from vdm_jax import compress_stream
-from vdm_jax import checkpointing, data, elbo, model as model_lib, parallel, runs
+from vdm_jax import checkpointing, data, elbo, model as model_lib, parallel, rundir, runs
 from vdm_jax import state as state_lib, stored_config, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -197,11 +197,11 @@ def test_a_failed_write_leaves_nothing_at_out(digits, packed, tmp_path, monkeypa
   def full_disk(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(np, "savez", full_disk)   # after the PNGs
+  # The last step of each write fails: the rename into place, after every byte was written.
+  monkeypatch.setattr(rundir.os, "replace", full_disk)
   with pytest.raises(runs.RunError, match="No space left on device"):
     compress_app.decompress_run(str(digits["workdir"]), str(tmp_path / "f.vdmz"),
                                 out=str(tmp_path / "d"))
-  monkeypatch.setattr(compress_app.os, "replace", full_disk)
   with pytest.raises(runs.RunError, match="No space left on device"):
     compress_app.compress_run(str(digits["workdir"]), source=str(tmp_path / "in.npy"),
                               out=str(tmp_path / "g.vdmz"), num_steps=T)

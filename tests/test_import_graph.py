@@ -16,9 +16,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vdm_jax"
 # pipelines, devices, checkpoints, metrics, the optimiser, the reader of official checkpoints,
 # the compressed file format.
 LAYERS = (
-    ("base", ("registry", "checks", "data", "pipeline", "parallel", "checkpoint_integrity",
-              "checkpointing", "metrics", "optim", "official_checkpoint", "bench_report",
-              "compress_format")),
+    ("base", ("rundir", "registry", "checks", "data", "photos", "pipeline", "parallel",
+              "checkpoint_integrity", "checkpointing", "metrics", "optim", "official_checkpoint",
+              "bench_report", "compress_format")),
     ("maths", ("schedules", "diffusion", "elbo", "objectives", "sampling", "guidance",
                "likelihood", "latent")),
     ("model", ("networks", "model", "classifier", "vae")),
@@ -26,8 +26,8 @@ LAYERS = (
     ("state", ("state", "steps")),
     ("runs", ("runs", "run_control")),
     ("apps", ("train", "evaluation", "bench", "official_import", "compress", "compress_stream",
-              "compress_app", "portable_net", "portable_unet", "portable_quant", "portable_levels", "portable",
-              "portable_store", "compress_portable")),
+              "compress_app", "launch", "portable_net", "portable_unet", "portable_quant",
+              "portable_levels", "portable", "portable_store", "compress_portable")),
     ("cli", ("cli",)),
 )
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -232,13 +232,6 @@ def test_state_dict_without_official_fields_lists_the_keys_found(tmp_path):
   assert str(path) in message and "['step', 'target']" in message and "'params'" in message
 
 
-def test_remote_path_without_tensorflow_names_the_extra(monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorflow", None)
-  with pytest.raises(ImportError, match=r'pip install "vdm-jax\[tf\]"') as error:
-    read_official_checkpoint("gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0")
-  assert "gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0" in str(error.value)
-
-
 def test_reads_what_clu_multihost_checkpoint_writes(tmp_path):
   pytest.importorskip("tensorflow")
   clu_checkpoint = pytest.importorskip("clu.checkpoint")

@@ -132,3 +132,22 @@ def test_import_of_what_clu_writes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "imported step 1234" in proc.stdout
   _check_run(workdir, d)
+
+
+def test_import_from_a_bucket_into_a_bucket_without_tensorflow(gs_dir, tmp_path, monkeypatch):
+  """The official checkpoint read straight from gs:// (as the released one is, at
+  gs://gresearch/vdm/...), into a run directory in a bucket; no TensorFlow is imported."""
+  from vdm_jax import rundir
+  d, tree = _official()
+  local = tmp_path / "official" / "checkpoints-0"
+  _write_clu_save(str(local), 1, _state(tree))
+  ckpt = gs_dir + "/official/checkpoints-0"
+  for path in local.iterdir():
+    rundir.write_bytes(rundir.join(ckpt, path.name), path.read_bytes())
+  workdir = gs_dir + "/run"
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "tensorflow", None)   # any import of TensorFlow fails
+    out = official_import.import_official(ckpt, _config(d), workdir)
+  assert out["step"] == 1234
+  _check_run(workdir, d)
+  assert rundir.read_json(workdir + "/config.json")["config"]["model"]["channels"] == 32

@@ -22,7 +22,8 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import checkpointing, config_checks, data, elbo, parallel, pipeline, run_control, runs
+from vdm_jax import checkpointing, config_checks, data, elbo, metrics, parallel, pipeline, run_control
+from vdm_jax import rundir, runs
 from vdm_jax import state as state_lib, steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -246,21 +247,29 @@ def test_a_structure_change_is_refused_before_anything_changes(trained, change, 
   assert np.isfinite(result["bpd"])   # and the original command resumes it
 
 
-def test_config_json_is_replaced_only_after_a_checkpoint(trained, monkeypatch):
+@pytest.fixture(params=["local", "gs"])
+def trained_anywhere(request, tmp_path):
+  """`trained`, in a local directory or in a bucket (the GCS emulator)."""
+  base = str(tmp_path) if request.param == "local" else request.getfixturevalue("gs_dir")
+  workdir = rundir.join(base, "run")
+  train.train_and_evaluate(smoke_config(num_steps=2, checkpoint_every=1), workdir)
+  return workdir
+
+
+def test_config_json_is_replaced_only_after_a_checkpoint(trained_anywhere, monkeypatch):
   """A pinned but structure-preserving change (dropout), allowed explicitly: a first attempt that
   fails before its first checkpoint leaves config.json as it was; a successful one replaces it."""
+  run, config_path = trained_anywhere, rundir.join(trained_anywhere, "config.json")
   config = smoke_config(num_steps=4, checkpoint_every=2)   # the NaN of step 3 is seen at step 4
   config.model.dropout, config.training.allow_config_change = 0.25, True
   _nan_loss(monkeypatch)
   with pytest.raises(FloatingPointError, match="at step 3"):
-    train.train_and_evaluate(config, str(trained))
-  assert sorted(os.listdir(trained / "checkpoints")) == ["1", "2"]
-  stored = json.loads((trained / "config.json").read_text())["config"]
-  assert stored["model"]["dropout"] == 0.0
+    train.train_and_evaluate(config, run)
+  assert checkpointing.complete_steps(rundir.join(run, "checkpoints")) == [2, 1]
+  assert rundir.read_json(config_path)["config"]["model"]["dropout"] == 0.0
   monkeypatch.undo()
-  train.train_and_evaluate(config, str(trained))
-  stored = json.loads((trained / "config.json").read_text())["config"]
-  assert stored["model"]["dropout"] == 0.25
+  train.train_and_evaluate(config, run)
+  assert rundir.read_json(config_path)["config"]["model"]["dropout"] == 0.25
 
 
 @pytest.mark.parametrize("section, field, value", [
@@ -329,16 +338,15 @@ def test_full_disk_under_tensorboard_neither_hangs_nor_stops_training(tmp_path, 
                                                                        caplog):
   """The TensorBoard file's writes fail with ENOSPC after a few records (the disk fills during
   training): training finishes, with one warning, and metrics.jsonl is complete."""
-  import tensorboardX.record_writer
-  write, calls = tensorboardX.record_writer.RecordWriter.write, []
+  write, calls = metrics._EventFile.write_event, []
 
-  def filling_disk(self, data):
+  def filling_disk(self, event):
     calls.append(1)
     if len(calls) > 3:
       raise OSError(errno.ENOSPC, "No space left on device")
-    write(self, data)
+    write(self, event)
 
-  monkeypatch.setattr(tensorboardX.record_writer.RecordWriter, "write", filling_disk)
+  monkeypatch.setattr(metrics._EventFile, "write_event", filling_disk)
   caplog.set_level(logging.WARNING, logger="vdm_jax.metrics")
   workdir, box = tmp_path / "full", {}
 

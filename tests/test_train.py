@@ -243,7 +243,7 @@ def test_bfloat16_switch_keeps_state_schedule_and_losses_in_float32():
   np.testing.assert_allclose(outs["bfloat16"], outs["float32"], rtol=0.02)
 
 
-# One value per field of configs/base.py that check_config must refuse (issue 15 item 4): the
+# One value per field of configs/base.py that check_config must refuse: the
 # table covers every field, so a field added without a rule fails here.
 BAD_VALUES = {
     "seed": -1, "task": "gan",
@@ -266,7 +266,7 @@ BAD_VALUES = {
     "training.batch_size": 0, "training.num_steps": 0, "training.log_every": 0,
     "training.eval_every": 0, "training.sample_every": 0, "training.checkpoint_every": 0,
     "training.keep_checkpoints": 0, "training.max_nonfinite_steps": -1,
-    "training.allow_config_change": None,
+    "training.allow_config_change": None, "training.lock_expiry_secs": 0.0,
     "eval.batch_size": 0, "eval.max_examples": -1, "eval.num_steps": -2, "eval.t_samples": 0,
     "sample.num_steps": 0, "sample.num_images": 0, "sample.sampler": "euler",
     "sample.ddpm_variance": "fixed",

@@ -5,6 +5,7 @@
 For one config it times exactly what the trainer runs (`runs.training_task`,
 `state.init_state`, `steps.jit_train_step` / `steps.jit_eval_step`: jitted with NamedShardings
 over the mesh, state donated):
+
 - train: lower + compile time; median of `steps` timed steps after `warmup` (each ended by
   block_until_ready) as images/s; FLOPs per step from XLA's cost analysis, FLOP/s, MFU on GPU/TPU;
 - memory: `compiled.memory_analysis()` (arguments + outputs + temporaries - aliased), the
@@ -334,7 +335,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
   """Benchmarks one config; see the module docstring for what each part measures.
 
   Args:
-    config: a trainer config (configs/*.py).
+    config: a trainer config (`configs/*.py`).
     batch_size: global train batch (default config.training.batch_size); a multiple of the
       number of devices.
     steps, warmup: timed and untimed train steps.

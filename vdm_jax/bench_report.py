@@ -6,13 +6,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import pathlib
 import platform
 import sys
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+
+from vdm_jax import rundir
 
 _COLUMNS = (  # (header, key, format)
     ("config", "name", "{}"), ("backend", "backend", "{}"), ("dtype", "dtype", "{}"),
@@ -51,12 +52,11 @@ def environment() -> dict[str, Any]:
           "command": " ".join(sys.argv)}
 
 
-def write_json(path: str | os.PathLike, results: Any, **extra) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"environment": environment(), **extra, "results": results},
-                             indent=1, default=_jsonable))
-  return path
+def write_json(path: str | os.PathLike, results: Any, **extra) -> rundir.Path:
+  """Writes `{"environment", **extra, "results"}` as JSON to `path` (local or object storage)."""
+  rundir.write_text(path, json.dumps({"environment": environment(), **extra, "results": results},
+                                     indent=1, default=_jsonable))
+  return rundir.as_path(path)
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,7 +1,8 @@
 """What makes a checkpoint trustworthy: its integrity record, and how a failed read is classified.
 
 The record that `checkpointing.CheckpointManager.save` stores under the metadata's reserved
-key "_integrity":
+key "_integrity"::
+
   {"format": 1, "algorithm": "sha256", "metadata": HEX, "fields": {FIELD: {"sha256": HEX,
   "structure": HEX, "leaves": N}}} with one entry per top-level field of the state ("params",
   "ema_params", "opt_state", ... of a train state; the keys of a dict). "sha256" hashes, for
@@ -10,6 +11,7 @@ key "_integrity":
   by its length (8 bytes, little-endian); "structure" hashes the same without the bytes;
   "metadata" is the SHA-256 of the rest of the metadata as JSON with sorted keys. It is
   computed on host from the arrays being saved.
+
 `field_entries` computes the same for a tree read back (a full or a partial one), so a restore
 can compare field by field.
 
@@ -35,7 +37,7 @@ import numpy as np
 PyTree = Any
 
 __all__ = ["FORMAT", "CheckpointDamagedError", "CheckpointReadError", "CheckpointStructureError",
-           "NoUsableCheckpointError", "damage_reason", "describe", "field_entries",
+           "NoUsableCheckpointError", "damage_reason", "describe", "field_entries", "is_storage_failure",
            "integrity_record", "is_structure_error", "metadata_digest", "non_finite_leaves",
            "saved_fields", "warn"]
 
@@ -135,6 +137,21 @@ def damage_reason(error: BaseException, directory: str) -> str | None:
     if text.startswith(_DAMAGE_CODES) or any(word in text.lower() for word in _DECODING_SIGNS):
       return f"unreadable array data ({describe(e)})"
   return None
+
+
+def is_storage_failure(error: BaseException) -> bool:
+  """Whether `error` (from a save, a restore or a write) is the storage failing: an OSError
+  anywhere in its chain (a disk error, a refused connection to a bucket), or a tensorstore
+  read / write error (as Orbax raises them) with a transient status code (UNAVAILABLE,
+  DEADLINE_EXCEEDED, ...). Errors of JAX's own runtime (a collective timing out) are not."""
+  for e in _chain(error):
+    text = str(e)
+    if isinstance(e, OSError) or (
+        isinstance(e, ValueError) and text.startswith(("Error writing", "Error reading",
+                                                       "Error opening", "Error deleting"))
+        and any(code in text for code in _TRANSIENT_CODES)):
+      return True
+  return False
 
 
 def is_structure_error(error: BaseException) -> bool:

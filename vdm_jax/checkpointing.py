@@ -44,21 +44,21 @@ from collections.abc import Mapping
 import json
 import logging
 import os
-import pathlib
 import time
 from typing import Any
 
 import orbax.checkpoint as ocp
 
-from vdm_jax import checkpoint_integrity as integrity
+from vdm_jax import checkpoint_integrity as integrity, rundir
 from vdm_jax.checkpoint_integrity import (CheckpointDamagedError, CheckpointReadError,
                                           CheckpointStructureError, NoUsableCheckpointError,
-                                          non_finite_leaves)
+                                          is_storage_failure, non_finite_leaves)
 
 PyTree = Any
 
 __all__ = ["CheckpointManager", "complete_steps", "stored_tree", "CheckpointDamagedError", "CheckpointReadError",
-           "CheckpointStructureError", "NoUsableCheckpointError", "non_finite_leaves"]
+           "CheckpointStructureError", "NoUsableCheckpointError", "is_storage_failure",
+           "non_finite_leaves"]
 
 _STATE = "state"
 _METADATA = "metadata"
@@ -72,12 +72,13 @@ class _Vanished(Exception):
 
 
 def complete_steps(directory: str) -> list[int]:
-  """The steps of the complete checkpoints in `directory`, newest first, read from the directory
-  listing alone (orbax writes into "S.orbax-checkpoint-tmp*" and renames when complete). No
-  manager is opened: on several processes opening one is a collective, this is not."""
-  if not os.path.isdir(directory):
+  """The steps of the complete checkpoints in `directory`, newest first, as orbax finalises
+  them (on a local disk it writes into "S.orbax-checkpoint-tmp*" and renames when complete; on
+  GCS it writes "S/commit_success.txt" last). No manager is opened: on several processes opening
+  one is a collective, this is not."""
+  if not rundir.is_dir(directory):
     return []
-  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+  return sorted(ocp.utils.checkpoint_steps(rundir.normalize(directory)), reverse=True)
 
 
 def stored_tree(directory: str, step: int) -> PyTree:
@@ -89,7 +90,7 @@ def stored_tree(directory: str, step: int) -> PyTree:
     raise ValueError(f"No checkpoint for step {step} in {directory}.")
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    return handler.metadata(pathlib.Path(directory) / str(step) / _STATE).tree
+    return handler.metadata(rundir.as_path(rundir.join(directory, str(step), _STATE))).tree
   finally:
     handler.close()
 
@@ -125,7 +126,7 @@ class CheckpointManager:
       raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
-    self._directory = os.path.abspath(os.fspath(directory))
+    self._directory = rundir.normalize(directory)
     self._save_interval_steps = save_interval_steps
     # Steps this process found damaged -> (target, partial) to re-read them with before deleting.
     self._unusable: dict[int, tuple[PyTree, bool]] = {}
@@ -290,9 +291,9 @@ class CheckpointManager:
 
   def _vanished(self, step: int) -> bool:
     """Whether step's directory is gone, or goes within the grace period (a rotation)."""
-    path = os.path.join(self._directory, str(step))
+    path = rundir.join(self._directory, str(step))
     deadline = time.monotonic() + _VANISH_GRACE_S
-    while os.path.exists(path):
+    while rundir.exists(path):
       if time.monotonic() >= deadline:
         return False
       time.sleep(0.02)

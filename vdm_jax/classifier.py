@@ -71,7 +71,7 @@ class NoisyClassifierModel(nn.Module):
 
   Attributes:
     vocab_size: K of the data.
-    classifier: a network (z [B, H, W, C], t_cond [B], *, train) -> logits [B, num_classes].
+    classifier: a network `(z [B, H, W, C], t_cond [B], *, train)` -> logits [B, num_classes].
     gamma_min, gamma_max: training range of gamma (cover the diffusion model's endpoints).
   """
 

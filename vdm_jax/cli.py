@@ -1,5 +1,5 @@
 """`vdm-jax train | eval | sample | bench | import-official | compress | decompress`: flag
-parsing and a call, nothing else.
+parsing and a call, nothing else::
 
   vdm-jax train --config configs/digits.py --workdir runs/digits [--config.training.num_steps=100]
   vdm-jax eval --workdir runs/digits [--checkpoint 3000] [--num_steps 1000] [--t_samples 4]
@@ -10,6 +10,7 @@ parsing and a call, nothing else.
   vdm-jax compress --workdir runs/digits [--checkpoint S] [--num_steps T] [--coder float]
       --input test --out F
   vdm-jax decompress --workdir runs/digits F --out DIR
+  vdm-jax launch tpu-pod|slurm|local --config C --workdir gs://B/R [--config.F=V] [--name ...]
 
 Exit status: 0 done; 2 bad input (a ValueError: `ConfigError`, `RunError`, ...), printed as one
 `error: ...` line on stderr without a traceback, by every command; 1 any other failure (with its
@@ -79,8 +80,13 @@ flags.DEFINE_bool("library_logs", False, "Show the INFO logs of the libraries (o
 # Loggers of the libraries whose INFO records drown the trainer's own lines (orbax logs through
 # absl's logger "absl"; jax through "jax.*"). This project's modules log through the root logger.
 LIBRARY_LOGGERS = ("absl", "jax")
+# Object-storage clients log each request they give up on, with a traceback, at ERROR level; the
+# command reports the failure itself in one line (`rundir.StorageError`), so theirs are hidden
+# unless --library_logs.
+STORAGE_CLIENT_LOGGERS = ("gcsfs", "fsspec", "s3fs", "aiohttp")
 
-COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress")
+COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress",
+            "launch")
 
 
 def _need(command: str, *names: str) -> None:
@@ -182,21 +188,63 @@ def _official_checkpoint_flag(argv: list[str]) -> list[str]:
 def _friendly(fn):
   """Runs a command with the libraries' INFO logs hidden unless --library_logs; bad input
   (ValueError and its subclasses: ConfigError, RunError) -> one `error:` line on stderr and
-  exit 2, no traceback."""
+  exit 2, no traceback; a failing storage (`rundir.StorageError`: a disk, a bucket) -> one
+  `error:` line and exit 1."""
   def wrapped(argv):
     for name in LIBRARY_LOGGERS:
       std_logging.getLogger(name).setLevel(
           std_logging.NOTSET if FLAGS.library_logs else std_logging.WARNING)
+    for name in STORAGE_CLIENT_LOGGERS:
+      std_logging.getLogger(name).setLevel(
+          std_logging.NOTSET if FLAGS.library_logs else std_logging.CRITICAL)
+    from vdm_jax import rundir   # pylint: disable=import-outside-toplevel
     try:
       fn(argv)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except rundir.StorageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   return wrapped
+
+
+def _launch(argv: list[str]) -> None:
+  """`vdm-jax launch TARGET --config C --workdir W [--config.FIELD=VALUE ...] [settings]`:
+  prints the commands that start the config on TARGET (`vdm_jax.launch`)."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from vdm_jax import launch
+  parser = argparse.ArgumentParser(prog="vdm-jax launch", description=launch.__doc__.split(
+      "\n\n")[0])
+  parser.add_argument("target", choices=launch.TARGETS)
+  parser.add_argument("--config", required=True,
+                      help="the config file as the hosts see it, or a packaged config's name")
+  parser.add_argument("--workdir", required=True, help="the run directory (gs://... for pods)")
+  defaults = launch.LaunchSpec("", "")
+  for field in ("name", "zone", "accelerator", "version", "package", "nodes", "gpus_per_node",
+                "per", "hours"):
+    default = getattr(defaults, field)
+    parser.add_argument(f"--{field}", type=type(default), default=default,
+                        help=f"(default {default!r})")
+  known, rest = parser.parse_known_args(argv)
+  overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  spec = launch.LaunchSpec(**{k: v for k, v in vars(known).items() if k != "target"},
+                           overrides=tuple(overrides))
+  try:
+    print(launch.recipe(known.target, spec), end="")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None) -> None:
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) >= 2 and argv[1] == "launch":   # prints commands: no JAX, no absl flags
+    _launch(argv[2:])
+    return
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(f"usage: vdm-jax {{{'|'.join(COMMANDS)}}} [flags]   (vdm-jax COMMAND --help)",
           file=sys.stderr)

@@ -3,14 +3,16 @@
 The T-step VDM is a hierarchical latent-variable model x -> z_0 -> z_{1/T} -> ... -> z_1 with the
 fixed encoder q and the generative model p (VDM eq. 23-24; survey eq. 84). With bits-back coding
 (Townsend et al. 2019, BB-ANS) in the Bit-Swap order (Kingma, Abbeel & Ho 2019), one batch of
-images is coded on an ANS stack (`constriction.stream.stack.AnsCoder`) as
+images is coded on an ANS stack (`constriction.stream.stack.AnsCoder`) as::
 
   decode z_0 ~ q(z_0 | x);  encode x with the discrete decoder p(x | z_0);
   for i = 1..T:  decode z_i ~ q(z_i | z_{i-1});  encode z_{i-1} with p(z_{i-1} | z_i);
   encode z_1 with N(0, I),
 
-and decoded by the exact inverse, in reverse order. The net code length of an image is
+and decoded by the exact inverse, in reverse order. The net code length of an image is::
+
   -log p(x|z_0) + log q(z_0|x) + sum_i [log q(z_i|z_{i-1}) - log p(z_{i-1}|z_i)] - log p(z_1),
+
 a one-sample estimate of the T-step negative ELBO in its "consistency" form
 (`elbo.consistency_terms`): the file size is the bound, plus the coder's overheads.
 
@@ -26,7 +28,7 @@ the grid (bin masses instead of densities) -0.0003 bits per dimension, the 24-bi
 (+0.006 with grid_bits = 6, +0.04 with 8, on 48 images: the least masses grow with the window).
 
 Encoding with p uses per-symbol escapes (a value outside p's window is sent raw), so a bad model
-costs bits but stays exact; means are clipped to [-16, 16] (latents |z| < 32 always).
+costs bits but stays exact; means are clipped to [-16, 16] (latents `|z| < 32` always).
 
 Bits-back pops each step's latents from the bits the previous step just pushed; where p misfits,
 those bits are not uniform, and popped as they are they widen the latents' noise and cost rate
@@ -234,7 +236,7 @@ def grid_params(mean: np.ndarray, g: Grid):
 
 
 def raw_chunks(delta: float) -> list[int]:
-  """Bit widths of the chunks of a raw latent index j + 2^(L-1) in [0, 2^L), |z| < 32."""
+  """Bit widths of the chunks of a raw latent index j + 2^(L-1) in [0, 2^L), `|z| < 32`."""
   total = LATENT_BITS_ABOVE_ONE + 1 - int(np.frexp(delta)[1] - 1)
   return [min(16, total - s) for s in range(0, total, 16)]
 
@@ -246,7 +248,7 @@ def decode_q(stack: "Stack", mean: np.ndarray, g: Grid) -> np.ndarray:
 
 
 def encode_q(stack: "Stack", j: np.ndarray, mean: np.ndarray, g: Grid) -> None:
-  """Pushes grid indices j (inverse of `decode_q`; |j - centre| <= radius by construction)."""
+  """Pushes grid indices j (inverse of `decode_q`; `|j - centre| <= radius` by construction)."""
   c, r, s = grid_params(mean, g)
   stack.encode_reverse((j - c).astype(np.int32), _window_model(g.radius), r, s)
 

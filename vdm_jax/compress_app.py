@@ -1,4 +1,4 @@
-"""`vdm-jax compress` / `vdm-jax decompress`: a trained run's bits-back coder on files.
+"""`vdm-jax compress` / `vdm-jax decompress`: a trained run's bits-back coder on files::
 
   compress_run(workdir, source=..., out=FILE)   -> the images of `source` ("test": the run's
                                                   test split; a .npy / .npz of integer images;
@@ -22,21 +22,16 @@ a PNG off that scale is refused.
 
 from __future__ import annotations
 
-import glob
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from vdm_jax import checks, compress, compress_format as fmt, compress_portable, compress_stream
-from vdm_jax import data, elbo
+from vdm_jax import data, elbo, rundir
 from vdm_jax import model as model_lib
 from vdm_jax.runs import Run, RunError, compiled_as_configured, load_run
 
@@ -200,8 +195,9 @@ def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes,
   for a "portable" one, anything (None) for a "stored" one.
 
   Raises:
-    fmt.CompressedFileError: another format, truncated, corrupted, another model or numeric
-      environment, or a payload that does not decode consistently ("stream").
+    vdm_jax.compress_format.CompressedFileError: another format, truncated, corrupted,
+      another model or numeric environment, or a payload that does not decode consistently
+      ("stream").
   """
   header, payload = fmt.unpack(blob, name=name)
   if header.coder == "stored":
@@ -265,12 +261,12 @@ def level_pixels(k: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def _read_png_folder(folder: str, info: data.DatasetInfo) -> np.ndarray:
-  paths = sorted(glob.glob(os.path.join(folder, "*.png")))
+  paths = [rundir.join(folder, n) for n in rundir.list_names(folder) if n.endswith(".png")]
   if not paths:
     raise ValueError(f"--input {folder!r} holds no .png files")
   images = []
   for path in paths:
-    with Image.open(path) as picture:
+    with rundir.read_image(path) as picture:
       pixels = np.asarray(picture.convert("L" if info.shape[-1] == 1 else "RGB")
                           if picture.mode not in ("L", "RGB") else picture)
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
@@ -283,7 +279,7 @@ def _read_png_folder(folder: str, info: data.DatasetInfo) -> np.ndarray:
 
 def _read_array(path: str) -> np.ndarray:
   try:
-    loaded = np.load(path, allow_pickle=False)
+    loaded = rundir.read_array(path)
   except (OSError, ValueError) as e:
     raise ValueError(f"--input {path!r} cannot be read as a NumPy file ({e})") from e
   if isinstance(loaded, np.ndarray):
@@ -306,9 +302,9 @@ def read_images(source: str, info: data.DatasetInfo, *, data_dir: str | None = N
   if source in data.get_dataset(info.name).splits:
     split = data.get_source(info.name, split=source, data_dir=data_dir)
     images = np.stack([np.asarray(split[i]["image"]) for i in range(len(split))])
-  elif os.path.isdir(source):
+  elif rundir.is_dir(source):
     images = _read_png_folder(source, info)
-  elif os.path.isfile(source) and source.endswith((".npy", ".npz")):
+  elif source.endswith((".npy", ".npz")) and rundir.exists(source):
     images = _read_array(source)
   else:
     raise ValueError(f"--input {source!r} is neither a split of {info.name!r} "
@@ -334,16 +330,14 @@ def _decoder(workdir: str, header: fmt.Header, path: str, checkpoint: int | None
 
 
 def _check_new(path: str, what: str) -> str:
-  """`path` (absolute) if nothing is there (an empty directory is accepted for a folder) and
-  its parent is a writable directory; RunError otherwise."""
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not (what == "folder" and os.path.isdir(path)
-                                   and not os.listdir(path)):
-    raise RunError(f"--out {path!r} exists; pass a new {what}")
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise RunError(f"cannot write --out {path!r}: {parent!r} is not a writable directory")
-  return path
+  """`path` (normalised) if nothing is there (an empty directory is accepted for a folder) and
+  it can be written (`rundir.check_new`); RunError otherwise."""
+  try:
+    return rundir.check_new(path, folder=what == "folder")
+  except FileExistsError as e:
+    raise RunError(f"--out {rundir.normalize(path)!r} exists; pass a new {what}") from e
+  except OSError as e:
+    raise RunError(f"cannot write --out {rundir.normalize(path)!r}: {e.strerror or e}") from e
 
 
 @compiled_as_configured
@@ -366,17 +360,10 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   integer = None if coder == "float" else compress_portable.coder_of_run(workdir, run, model)
   blob, stats = compress_images(model, images, compress.CoderSettings(
       steps, grid_bits=grid_bits, window=window, max_batch=max_batch), coder=integer)
-  fd, tmp = tempfile.mkstemp(prefix=".vdmz-", dir=os.path.dirname(out))
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(blob)
-    os.replace(tmp, out)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise RunError(f"cannot write {out} ({e.strerror or e}); nothing was written") from e
-    raise
+    rundir.write_bytes(out, blob)   # atomic: nothing half-written at `out`
+  except OSError as e:
+    raise RunError(f"cannot write {out} ({e.strerror or e}); nothing was written") from e
   dims = stats["num_images"] * stats["dims"]
   stats.update(path=out, bpd=stats["file_bits"] / dims,
                net_bpd=(stats["file_bits"] - stats["initial_bits"]) / dims)
@@ -394,28 +381,19 @@ def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None 
   and images.npz (key "images", the stored integer type). Returns {"images", "header", "out"}."""
   out = _check_new(out, "folder")
   try:
-    with open(path, "rb") as f:
-      blob = f.read()
+    blob = rundir.read_bytes(path)
   except OSError as e:
     raise RunError(f"cannot read {path!r} ({e.strerror or e})") from e
   header, _ = fmt.unpack(blob, name=path)   # before loading the model: fail fast
   images, header = decompress_bytes(_decoder(workdir, header, path, checkpoint), blob,
                                     name=path)
-  tmp = tempfile.mkdtemp(prefix=".vdmz-", dir=os.path.dirname(out))
+  files = {f"{i:05d}.png": rundir.png_bytes(level_pixels(image, header.vocab_size))
+           for i, image in enumerate(images)}
+  files["images.npz"] = rundir.npz_bytes(images=images)
   try:
-    for i, image in enumerate(images):
-      pixels = level_pixels(image, header.vocab_size)
-      Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-          os.path.join(tmp, f"{i:05d}.png"), format="PNG")
-    np.savez(os.path.join(tmp, "images.npz"), images=images)
-    if os.path.isdir(out):
-      os.rmdir(out)   # empty (checked above)
-    os.replace(tmp, out)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise RunError(f"cannot write the images to {out} ({e.strerror or e}); nothing was "
-                     f"written") from e
-    raise
+    rundir.write_folder(out, files)   # all or nothing
+  except OSError as e:
+    raise RunError(f"cannot write the images to {out} ({e.strerror or e}); nothing was "
+                   f"written") from e
   print(f"{len(images)} images of {path} -> {out} (PNGs and images.npz)", flush=True)
   return {"images": images, "header": header, "out": out}

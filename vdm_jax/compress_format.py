@@ -1,4 +1,4 @@
-"""The file format of `vdm-jax compress`: a small header, the ANS payload, a checksum.
+"""The file format of `vdm-jax compress`: a small header, the ANS payload, a checksum::
 
   size     field
   4        magic b"VDMZ"

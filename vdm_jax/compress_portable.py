@@ -15,6 +15,7 @@ coder head) plus the header.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vdm_jax import compress, compress_format as fmt, compress_stream, data, portable
-from vdm_jax import portable_quant, portable_store
+from vdm_jax import portable_quant, portable_store, rundir
 from vdm_jax.runs import Run, RunError
 
 CALIBRATION_IMAGES = 256   # training images the integer model is calibrated on
@@ -210,7 +211,12 @@ def coder_of_run(workdir: str, run: Run, model: Any, *,
     if {k: coder.model.meta.get(k) for k in want} == want:
       return coder
   coder = make_coder(run, model)
-  path = portable_store.write_model(workdir, coder.digest, portable.to_bytes(coder.model))
+  try:
+    path = portable_store.write_model(workdir, coder.digest, portable.to_bytes(coder.model))
+  except OSError as e:
+    raise RunError(f"cannot store the portable coder in {workdir!r} ({e.strerror or e}): a "
+                   f"file it writes would not decode elsewhere without it; nothing was "
+                   f"written") from e
   log(f"made the portable coder of checkpoint {run.step}: {path} "
       f"({len(portable.to_bytes(coder.model))} bytes; the integer network quantised from the "
       f"float one, calibrated on {CALIBRATION_IMAGES} training images)")
@@ -226,7 +232,7 @@ def coder_for_file(workdir: str, header: fmt.Header, *, name: str,
   digest = header.params_digest.hex()
   blob = portable_store.read_model(workdir, digest)
   if blob is not None:
-    coder = from_bytes(blob, name=str(portable_store.model_path(workdir, digest)))
+    coder = from_bytes(blob, name=portable_store.model_path(workdir, digest))
     if coder.header_digest == header.params_digest:
       return coder
   where = portable_store.model_path(workdir, digest)
@@ -236,9 +242,10 @@ def coder_for_file(workdir: str, header: fmt.Header, *, name: str,
     except RunError:
       coder = None
     if coder is not None and coder.header_digest == header.params_digest:
-      portable_store.write_model(workdir, coder.digest, portable.to_bytes(coder.model))
+      with contextlib.suppress(OSError):   # kept for next time where the run is writable
+        portable_store.write_model(workdir, coder.digest, portable.to_bytes(coder.model))
       return coder
   raise fmt.CompressedFileError("missing", f"{name} was compressed with the integer model "
-                                f"{digest}, which is not in this run directory: copy {where.name} "
-                                f"from the compressing run's {portable_store.SUBDIR}/ folder to "
-                                f"{where}")
+                                f"{digest}, which is not in this run directory: copy "
+                                f"{rundir.name(where)} from the compressing run's "
+                                f"{portable_store.SUBDIR}/ folder to {where}")

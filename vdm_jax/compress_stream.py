@@ -46,10 +46,13 @@ class Tally:
 
   continuous: the Gaussians' densities times the grid (the consistency form of the bound,
     evaluated on the coder's own latents);
+
   grid: the exact masses of the grid bins under the same Gaussians;
+
   coder: the masses the coder's models give: the Gaussian clipped to its window, probabilities
     in units of 2^-24 with at least one unit per symbol (constriction's leaky quantization),
     escaped symbols as the window end's mass plus their raw bits.
+
   The ANS stream then adds its own (tiny) overhead: net bits - coder.
   """
 

@@ -232,7 +232,7 @@ def convert_params(official_params: Mapping, config: ml_collections.ConfigDict, 
     {"schedule": ..., "score_net": ...} of float32 jax arrays.
 
   Raises:
-    ValueError naming the first official parameter that does not fit.
+    ValueError: naming the first official parameter that does not fit.
   """
   tree = _plain(_unwrap(official_params))
   if "score_model" in tree:

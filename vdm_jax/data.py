@@ -6,7 +6,9 @@ decoder needs no dequantization. A data set is a `DatasetInfo` (shape, vocab siz
 split sizes) and random-access sources of {"image": [H, W, C], "label": int} per split; the
 batching, shuffling and augmentation of the trainer's pipelines are in `vdm_jax.pipeline`.
 
-Known data sets: "digits" (scikit-learn's bundled 8x8 digits, offline, K = 17), "cifar10",
+Known data sets: "digits" (scikit-learn's bundled 8x8 digits, offline, K = 17), "photos" and
+"photos_gray" (32x32 patches of the photographs in scikit-image's wheel, offline, K = 256;
+`vdm_jax.photos`), "cifar10",
 "mnist", "downsampled_imagenet/32x32" and "downsampled_imagenet/64x64" (8-bit, K = 256). TFDS data
 is read with `tfds.data_source(..., download=False)` (array_record files, images decoded by
 Pillow): TensorFlow is never imported, and nothing is ever downloaded here.
@@ -25,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from vdm_jax import registry
+from vdm_jax import photos, registry
 
 Example = dict[str, Any]
 
@@ -273,3 +275,15 @@ register_dataset("downsampled_imagenet/32x32", DatasetSpec(
     (32, 32, 3), 256, 0, ("train", "validation"), archive="train_32x32.tar and valid_32x32.tar"))
 register_dataset("downsampled_imagenet/64x64", DatasetSpec(
     (64, 64, 3), 256, 0, ("train", "validation"), archive="train_64x64.tar and valid_64x64.tar"))
+
+
+def _photos_source(name: str, split: str, data_dir: str | None) -> ArraySource:
+  del data_dir  # read from the installed scikit-image
+  images = photos.patches(name, split).images
+  return ArraySource(images, np.zeros(len(images), np.int32))
+
+
+for _name, _patch_set in photos.PATCH_SETS.items():
+  register_dataset(_name, DatasetSpec((photos.PATCH_SIZE, photos.PATCH_SIZE, _patch_set.channels),
+                                      256, 0, ("train", "test"), load=_photos_source,
+                                      split_slicing=False))

@@ -100,8 +100,10 @@ def gaussian_bridge(z_a: ArrayLike, z_c: ArrayLike, *, coef_ab: ArrayLike, var_a
                     coef_bc: ArrayLike, var_bc: ArrayLike) -> tuple[jax.Array, jax.Array]:
   """Middle of a Gaussian chain: p(z_b | z_a, z_c) for z_b ~ N(a z_a, v1), z_c ~ N(b z_b, v2).
 
-  By Bayes' rule on the two Gaussians (survey eq. 71-84, general form):
+  By Bayes' rule on the two Gaussians (survey eq. 71-84, general form)::
+
     mean = (b v1 z_c + a v2 z_a) / (b^2 v1 + v2),  variance = v1 v2 / (b^2 v1 + v2).
+
   The denominator is a sum of positives (no cancellation).
 
   Args:

@@ -297,9 +297,11 @@ def consistency_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn: 
                       vocab_size: int, num_steps: int, antithetic: bool = True) -> ELBOTerms:
   """The same T-step bound estimated the survey's "consistency" way (Luo 2022, eq. 45-47).
 
-  Writing z_i for the latent at t_i = i / T (and z_{-1} = x), the negative ELBO regroups as
+  Writing z_i for the latent at t_i = i / T (and z_{-1} = x), the negative ELBO regroups as::
+
     E[-log p(x | z_0)] + E[KL(q(z_T | z_{T-1}) || N(0, I))]
     + sum_{i=1..T} E[log q(z_{i-1} | z_{i-2}) - log p(z_{i-1} | z_i)],
+
   comparing the model's step p(z_{i-1} | z_i) with the forward step q(z_{i-1} | z_{i-2}).
   The survey writes each summand as KL(q(z_{i-1} | z_{i-2}) || p(z_{i-1} | z_i)) under
   q(z_{i-2}, z_i | x); that is not exact, because z_{i-1} depends on z_i too. Here the exact

@@ -1,4 +1,4 @@
-"""What a user does with a trained run: `vdm-jax eval` and `vdm-jax sample`.
+"""What a user does with a trained run: `vdm-jax eval` and `vdm-jax sample`::
 
   run_eval(workdir, ...)   -> bound (bpd mean, standard error, three terms), written to JSON
   run_sample(workdir, ...) -> a PNG grid and an .npz of integer samples, with any sampler and
@@ -14,9 +14,7 @@ so a read-only run still shows it (the write failure is then a `RunError`). Runs
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any
 
 import jax
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import data, guidance as guidance_lib, likelihood, metrics, parallel
-from vdm_jax import pipeline
+from vdm_jax import pipeline, rundir
 from vdm_jax import sampling, steps as steps_lib, stored_config
 from vdm_jax.checks import check_number
 from vdm_jax.runs import Run, RunError, compiled_as_configured, load_run
@@ -70,12 +68,10 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
         f"{result['num_steps'] or 'continuous'}, {result['t_samples']} t-samples): "
         f"{steps_lib.summary_line(result, run.task.headline)}", flush=True)   # first: then write
   if out is None:
-    out = os.path.join(workdir, "eval", f"step{run.step}_T{result['num_steps']}_"
-                       f"K{result['t_samples']}_{split}.json")
+    out = rundir.join(workdir, rundir.EVAL, f"step{run.step}_T{result['num_steps']}_"
+                      f"K{result['t_samples']}_{split}.json")
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(result, f, indent=2)
+    rundir.write_json(out, result)
   except OSError as e:
     raise RunError(f"the result above was not saved: cannot write {out} ({e.strerror or e}); "
                    f"pass --out with a writable path") from e
@@ -166,15 +162,11 @@ def guided_fns(run: Run, *, labels: jax.Array | None, guidance: float,
 
 def _check_output_directory(path: str) -> None:
   """Raises RunError unless `path` is a writable directory or can be created as one."""
-  probe = os.path.abspath(path)
-  if os.path.exists(probe) and not os.path.isdir(probe):
-    raise RunError(f"--out {path!r} exists and is not a directory; sample writes a PNG and an "
-                   f".npz into a directory: pass a new or existing directory")
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-    raise RunError(f"cannot write the samples to {path!r}: {probe!r} is not a writable "
-                   f"directory; pass --out with a writable directory")
+  try:
+    rundir.check_writable_folder(path, what="the samples (a PNG and an .npz)")
+  except OSError as e:
+    raise RunError(f"--out {path!r}: {e.strerror or e}; pass --out with a new or existing, "
+                   f"writable directory") from e
 
 
 @compiled_as_configured
@@ -192,7 +184,7 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
   batch_size = check_number("batch_size", batch_size, integer=True, low=1)
   if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
     raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-  out = out or os.path.join(workdir, "samples")
+  out = out or rundir.join(workdir, rundir.SAMPLES)
   _check_output_directory(out)   # before sampling, not after
   stored_config.read_stored_config(workdir)   # a damaged config.json is named as such
   run = load_run(workdir, step=checkpoint)
@@ -210,12 +202,12 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
   stem = f"{sampler}_steps{steps}_n{num}_ckpt{run.step}"
   if label is not None:
     stem += f"_label{label}_w{guidance:g}" + ("_clf" if classifier is not None else "")
-  png, npz = os.path.join(out, stem + ".png"), os.path.join(out, stem + ".npz")
+  png, npz = rundir.join(out, stem + ".png"), rundir.join(out, stem + ".npz")
   try:
-    os.makedirs(out, exist_ok=True)
     metrics.save_image_grid(png, samples, vocab_size=run.info.vocab_size)
-    np.savez(npz, samples=samples, label=-1 if label is None else label, guidance=guidance,
-             sampler=sampler, steps=steps, checkpoint=run.step)
+    rundir.write_bytes(npz, rundir.npz_bytes(
+        samples=samples, label=-1 if label is None else label, guidance=guidance,
+        sampler=sampler, steps=steps, checkpoint=run.step))
   except OSError as e:
     raise RunError(f"cannot write the samples to {out} ({e.strerror or e})") from e
   print(f"{num} samples ({sampler}, {steps} steps) from checkpoint {run.step} -> {png}, {npz}",

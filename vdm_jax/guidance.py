@@ -51,8 +51,10 @@ def classifier_guided_eps_fn(eps_fn: EpsFn, log_prob_fn: LogProbFn, *,
                              guidance: float) -> EpsFn:
   """Classifier guidance (Dhariwal & Nichol 2021, algorithm 2; survey eq. 163-166).
 
-  Since grad log p(z_t | y) = grad log p(z_t) + grad log p(y | z_t) and eps = -sigma_t score,
+  Since grad log p(z_t | y) = grad log p(z_t) + grad log p(y | z_t) and eps = -sigma_t score::
+
     eps_guided = eps_hat - w sigma_t grad_z log p(y | z_t, gamma_t).
+
   With w = 1 and an exact eps_hat and classifier this is exactly the conditional eps(z_t | y).
 
   Args:

@@ -331,8 +331,8 @@ def ode_bpd(key: jax.Array, images_int: jax.typing.ArrayLike, *, eps_fn: EpsFn,
   Args:
     key: PRNG key (dequantisation noise and Hutchinson probes).
     images_int: integer data [B, ...] in [0, vocab_size), e.g. [B, H, W, C].
-    eps_fn, gamma_fn, method, num_steps, rtol, atol, max_steps, trace, num_probes,
-      time_variable: as `ode_log_likelihood`.
+    eps_fn, gamma_fn, method, num_steps, rtol, atol, max_steps, trace, num_probes, time_variable:
+      as `ode_log_likelihood`.
     vocab_size: K.
     dequantization: "variational" or "uniform".
 

@@ -2,9 +2,10 @@
 
 - `MetricWriter`: one JSON object per line in `workdir/metrics.jsonl` (`{"step": s, ...}`,
   appended to on resume, as in big_vision) and TensorBoard event files in `workdir/tb`
-  (tensorboardX's event format, no TensorFlow needed), both written in the caller's thread so
-  that a failing disk raises (JSONL) or turns TensorBoard off with one warning, never a hang.
-  Only process 0 writes by default.
+  (tensorboardX's event format, no TensorFlow needed), local or in object storage
+  (`rundir.AppendFile`), both written in the caller's thread so that a failing disk raises
+  (JSONL) or turns TensorBoard off with one warning, never a hang. Only process 0 writes by
+  default.
 - `ProgressBar`: step, bpd, steps/s and ETA; a single updating line on a terminal, plain log
   lines every `log_every` steps otherwise (log files, pods).
 - `image_grid` / `save_image_grid`: integer images in {0..K-1} -> one uint8 PNG.
@@ -15,22 +16,26 @@ import json
 import logging
 import math
 import os
+import socket
+import struct
 import sys
 import time
 from typing import Any, TextIO
 
 import jax
 import numpy as np
-from PIL import Image
-from tensorboardX import event_file_writer, summary as tb_summary
+from tensorboardX import summary as tb_summary
 from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
+
+from vdm_jax import rundir
 
 __all__ = ["MetricWriter", "MetricsWriteError", "ProgressBar", "image_grid", "save_image_grid"]
 
 _log = logging.getLogger(__name__)
 
-JSONL_NAME = "metrics.jsonl"
-TB_SUBDIR = "tb"
+JSONL_NAME = rundir.METRICS
+TB_SUBDIR = rundir.TB
 
 
 def _now() -> float:
@@ -41,12 +46,38 @@ class MetricsWriteError(OSError):
   """metrics.jsonl could not be written (e.g. the disk is full); the message names the file."""
 
 
+class _EventFile:
+  """TensorBoard scalar events in one event file of `directory` (tensorboardX's protos in
+  TFRecord framing: length, its masked CRC-32C, the event, its masked CRC-32C), written through
+  `rundir.AppendFile` so that the file lands wherever the run directory is."""
+
+  def __init__(self, directory: str, *, flush_secs: float):
+    file_name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+    self._file = rundir.AppendFile(rundir.join(directory, file_name), flush_secs=flush_secs)
+    self.write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def write_event(self, event: event_pb2.Event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                     + struct.pack("<I", masked_crc32c(data)))
+
+  def flush(self, *, force: bool = True) -> None:
+    self._file.flush(force=force)
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MetricWriter:
-  """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard files in `workdir/tb`.
+  """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard files in `workdir/tb`,
+  wherever the run directory is (`rundir.AppendFile`: appended on a local disk, uploaded whole
+  to object storage at most every `remote_flush_secs` / `tb_flush_secs` and at every `flush`).
 
   Values are converted to Python floats; a NaN / Inf is written as JSON `NaN` / `Infinity`
-  (read back by Python's `json` and pandas). Each JSONL line is flushed as it is written, so the
-  file is complete up to the last call even after a crash.
+  (read back by Python's `json` and pandas). On a local disk each JSONL line is flushed as it is
+  written, so the file is complete up to the last call even after a crash; in object storage up
+  to the last upload (the trainer flushes at every checkpoint, and `close` always does).
 
   Both files are written in the calling thread (no background writer whose death could leave a
   caller blocked on its queue), so a failure surfaces where it happens: a JSONL write error
@@ -55,28 +86,29 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None,
-               tb_flush_secs: float = 30.0):
+               tb_flush_secs: float = 30.0, remote_flush_secs: float = 10.0):
     """Opens the writers.
 
     Args:
       workdir: run directory (created if needed).
       enabled: write anything at all; None means "on process 0 only".
-      tb_flush_secs: the TensorBoard file is flushed to disk at most this often (and on
-        `flush` / `close`).
+      tb_flush_secs: the TensorBoard file is flushed at most this often (and on `flush` /
+        `close`).
+      remote_flush_secs: in object storage, metrics.jsonl is uploaded at most this often (and
+        on `flush` / `close`).
     """
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
-    self.workdir = os.fspath(workdir)
-    self.tb_dir = os.path.join(self.workdir, TB_SUBDIR)
-    self._jsonl: TextIO | None = None
-    self._tb: event_file_writer.EventsWriter | None = None
+    self.workdir = rundir.normalize(workdir)
+    self.tb_dir = rundir.join(self.workdir, TB_SUBDIR)
+    self._jsonl: rundir.AppendFile | None = None
+    self._tb: _EventFile | None = None
     self._tb_flush_secs, self._tb_flushed = tb_flush_secs, _now()
     self.tb_error: OSError | None = None   # why TensorBoard events were turned off, if they were
     if self.enabled:
-      os.makedirs(self.workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
+      self._jsonl = rundir.AppendFile(rundir.join(self.workdir, JSONL_NAME),
+                                      flush_secs=remote_flush_secs)
       try:
-        os.makedirs(self.tb_dir, exist_ok=True)
-        self._tb = event_file_writer.EventsWriter(os.path.join(self.tb_dir, "events"))
+        self._tb = _EventFile(self.tb_dir, flush_secs=tb_flush_secs)
       except OSError as e:
         self._drop_tb(e)
 
@@ -110,10 +142,10 @@ class MetricWriter:
     if self._jsonl is None:
       raise ValueError("write_scalars on a closed MetricWriter.")
     try:
-      self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-      self._jsonl.flush()
+      self._jsonl.write((json.dumps({"step": int(step), **values}) + "\n").encode("utf-8"))
+      self._jsonl.flush(force=False)
     except OSError as e:
-      path = os.path.join(self.workdir, JSONL_NAME)
+      path = rundir.join(self.workdir, JSONL_NAME)
       raise MetricsWriteError(e.errno, f"writing metrics to {path} failed at step {step}: "
                               f"{e.strerror or e}") from e
     if self._tb is not None:
@@ -129,15 +161,26 @@ class MetricWriter:
         self._drop_tb(e)
 
   def flush(self) -> None:
-    """Writes buffered events to disk (a TensorBoard failure turns its events off)."""
-    if self.enabled and self._jsonl is not None:
+    """Writes everything buffered (uploads to object storage); a TensorBoard failure turns its
+    events off.
+
+    Raises:
+      MetricsWriteError: metrics.jsonl could not be written.
+    """
+    if not self.enabled or self._jsonl is None:
+      return
+    try:
       self._jsonl.flush()
-      if self._tb is not None:
-        try:
-          self._tb.flush()
-          self._tb_flushed = _now()
-        except OSError as e:
-          self._drop_tb(e)
+    except OSError as e:
+      raise MetricsWriteError(e.errno, f"writing metrics to "
+                              f"{rundir.join(self.workdir, JSONL_NAME)} failed: "
+                              f"{e.strerror or e}") from e
+    if self._tb is not None:
+      try:
+        self._tb.flush()
+        self._tb_flushed = _now()
+      except OSError as e:
+        self._drop_tb(e)
 
   def close(self) -> None:
     """Flushes and closes both writers; further writes are errors. Idempotent; a failure to
@@ -284,10 +327,7 @@ def image_grid(images: np.ndarray, *, vocab_size: int, num_cols: int | None = No
 
 def save_image_grid(path: str | os.PathLike, images: np.ndarray, *, vocab_size: int,
                     num_cols: int | None = None) -> None:
-  """Writes `image_grid(images, ...)` as a PNG (grayscale or RGB); creates the directory."""
+  """Writes `image_grid(images, ...)` as a PNG (grayscale or RGB) at `path`, local or in object
+  storage (`rundir.write_bytes`)."""
   grid = image_grid(images, vocab_size=vocab_size, num_cols=num_cols)
-  directory = os.path.dirname(os.fspath(path))
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  picture.save(path, format="PNG")
+  rundir.write_bytes(path, rundir.png_bytes(grid))

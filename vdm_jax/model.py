@@ -55,7 +55,7 @@ class ScheduleSpec(NamedTuple):
   """A registered family of schedules.
 
   Attributes:
-    make: (*, gamma_min, gamma_max, hidden) -> ScheduleDef with these endpoints (the initial
+    make: `(*, gamma_min, gamma_max, hidden)` -> ScheduleDef with these endpoints (the initial
       ones of a learned schedule); `hidden` is the width of a schedule network (unused by others).
     learned: whether the schedule has parameters (trained with the model).
     learned_interior: whether its parameters shape gamma(t) between the endpoints (not only the
@@ -155,7 +155,7 @@ class VDM(nn.Module):
   Attributes:
     vocab_size: K, the number of values of each data dimension.
     schedule: a NoiseSchedule.
-    score_net: a network (z [B, H, W, C], t_cond [B], label [B] | None, *, train) -> eps_hat.
+    score_net: a network `(z [B, H, W, C], t_cond [B], label [B] | None, *, train)` -> eps_hat.
     num_steps: T for the training loss; 0 = continuous time.
     cond_gamma_min, cond_gamma_max: the network sees t_cond = (gamma - min) / (max - min), fixed
       constants (the initial endpoints), so conditioning does not move with a learned schedule.

@@ -396,9 +396,9 @@ def register_network(name: str, make: Callable[..., nn.Module], *,
 
   `make` (e.g. a Flax module class) takes ScoreUNet's keyword arguments (channels, num_blocks,
   fourier_exponents, attention_everywhere, dropout, num_classes, conditioning_input,
-  norm_groups, block_impl, remat, dtype; it may absorb those it does not use in **kwargs) and
-  returns a module called as (z [B, H, W, C], t [B], label [B] | None[, conditioning [B]], *,
-  train) -> eps_hat [B, H, W, C]; `conditioning` is passed only when the batch carries it.
+  norm_groups, block_impl, remat, dtype; it may absorb those it does not use in `**kwargs`) and
+  returns a module called as `(z [B, H, W, C], t [B], label [B] | None[, conditioning [B]], *,
+  train)` -> eps_hat [B, H, W, C]; `conditioning` is passed only when the batch carries it.
   """
   return NETWORKS.register(name, make, replace=replace)
 

@@ -223,12 +223,14 @@ def variance_elbo_terms(key: jax.Array, x: ArrayLike, *, eps_fn: EpsFn, gamma_fn
   of s, so the bound's gradient in s is zero in expectation (noise only), and
   grad_s Var[L] = grad_s E[L^2] = E[2 L grad_s L]: the gradient of L with its cotangent
   multiplied by 2 L. Here, for a loss J = sum_i c_i l_i of per-example values (c_i = 1 / B for a
-  batch mean; any differentiable J works, c_i = dJ / dl_i), a schedule parameter theta receives
+  batch mean; any differentiable J works, c_i = dJ / dl_i), a schedule parameter theta receives::
+
     dJ/dgamma_0 dgamma_0/dtheta + dJ/dgamma_1 dgamma_1/dtheta      (the bound, via the endpoints:
                                                                   prior, reconstruction and the
                                                                   diffusion loss's range)
     + sum_i c_i 2 L_i dL_i/ds_i ds_i/dtheta                        (= grad_theta sum_i c_i L_i^2
                                                                   with the endpoints held fixed)
+
   in one backward pass. For `schedules.monotone_gamma` the endpoints are the parameters
   {"gamma_min", "delta"} and the shape depends on "net" only, so the endpoints get exactly the
   bound's gradient and the net exactly grad sum_i c_i L_i^2 (L in nats; the trainer's mean-bpd

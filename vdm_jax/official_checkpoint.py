@@ -21,10 +21,8 @@ What clu writes (clu 0.0.12, `clu/checkpoint.py`: `Checkpoint.save`, `Checkpoint
   `flax.serialization.msgpack_restore` of `ckpt-N.flax` (a nested dict); the TensorFlow files are
   only needed to restore TensorFlow objects (the official trainer restores none from them).
 
-What is read here: only the `.flax` msgpack file, with `flax.serialization.msgpack_restore`, so
-local checkpoints need no TensorFlow. Remote paths (`gs://...`, any `scheme://`) are read through
-`tf.io.gfile`, imported lazily; without TensorFlow they raise an ImportError that names the
-optional extra `pip install "vdm-jax[tf]"`.
+What is read here: only the `.flax` msgpack file, with `flax.serialization.msgpack_restore`, on a
+local disk or in object storage (`gs://...`, through `rundir`): no TensorFlow.
 
 The official train state (google-research/vdm `train_state.py`) has the pytree fields `step`,
 `params`, `ema_params` and `opt_state`; params and ema_params are the `{"params": {...}}` trees of
@@ -40,9 +38,10 @@ from typing import Any
 from flax import serialization
 import numpy as np
 
+from vdm_jax import rundir
+
 __all__ = ["read_official_checkpoint"]
 
-_TF_EXTRA = 'pip install "vdm-jax[tf]"'
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9.+-]+://")
 _STATE_FILE = "checkpoint"  # TensorFlow's CheckpointState text file.
 _NUMBERED_FLAX = re.compile(r"^(?P<name>.+)-(?P<number>\d+)\.flax$")
@@ -59,49 +58,38 @@ _EXPECTED_FILES = ("clu's 'checkpoint' (TensorFlow CheckpointState text file) an
 
 
 class _Files:
-  """The few file operations needed, on the local disk or, for `scheme://` paths, tf.io.gfile."""
+  """The few file operations needed, through `rundir`: a local disk or object storage (gs://,
+  ...) alike, without TensorFlow."""
 
   def __init__(self, path: str):
-    self._gfile = _tf_gfile(path) if _SCHEME.match(path) else None
+    self._remote = rundir.is_remote(path)
 
   def join(self, *parts: str) -> str:
-    return posixpath.join(*parts) if self._gfile else os.path.join(*parts)
+    return posixpath.join(*parts) if self._remote else os.path.join(*parts)
 
   def split(self, path: str) -> tuple[str, str]:
-    return posixpath.split(path) if self._gfile else os.path.split(path)
+    return posixpath.split(path) if self._remote else os.path.split(path)
 
   def isabs(self, path: str) -> bool:
-    return bool(_SCHEME.match(path)) or (posixpath.isabs(path) if self._gfile
+    return bool(_SCHEME.match(path)) or (posixpath.isabs(path) if self._remote
                                          else os.path.isabs(path))
 
+  def _here(self, path: str) -> bool:
+    """Whether `path` is on the checkpoint's own storage: a state file written in a bucket and
+    copied to a local disk names gs:// prefixes, which are then looked up by name here."""
+    return rundir.is_remote(path) == self._remote
+
   def exists(self, path: str) -> bool:
-    return self._gfile.exists(path) if self._gfile else os.path.exists(path)
+    return self._here(path) and rundir.exists(path)
 
   def isdir(self, path: str) -> bool:
-    return self._gfile.isdir(path) if self._gfile else os.path.isdir(path)
+    return self._here(path) and rundir.is_dir(path)
 
   def listdir(self, path: str) -> list[str]:
-    names = self._gfile.listdir(path) if self._gfile else os.listdir(path)
-    return sorted(name.rstrip("/") for name in names)
+    return rundir.list_names(path)
 
   def read(self, path: str) -> bytes:
-    if self._gfile:
-      with self._gfile.GFile(path, "rb") as f:
-        return f.read()
-    with open(path, "rb") as f:
-      return f.read()
-
-
-def _tf_gfile(path: str):
-  """tf.io.gfile, imported only for remote paths; ImportError naming the extra without it."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"reading the checkpoint {path!r} needs TensorFlow (tf.io.gfile reads remote paths); "
-        f"install the optional extra: {_TF_EXTRA}, or copy the checkpoint directory to a "
-        "local disk") from e
-  return tf.io.gfile
+    return rundir.read_bytes(path)
 
 
 def _unescape(text: str) -> str:
@@ -300,6 +288,7 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
   Args:
     path: one of
+
       - a per-host checkpoint directory, as given to `clu.checkpoint.Checkpoint` (e.g. the
         released `.../checkpoint-final/checkpoints-0`): its newest save, as named by its
         `checkpoint` file (or, without that file, the highest-numbered `.flax` file);
@@ -308,7 +297,8 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         directories `{path}-{host id}`, read from the lowest host id;
       - a checkpoint prefix such as `.../checkpoints-0/ckpt-3` (as returned by clu's `save`), its
         `.flax` file, or one of its TensorFlow `.index` / `.data-*` files.
-      Remote `scheme://` paths (e.g. `gs://`) need TensorFlow.
+
+      Object storage paths (e.g. `gs://...`) are read directly.
 
   Returns:
     {"params": tree, "ema_params": tree, "step": int}: each tree is the official model's nested
@@ -319,14 +309,8 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
   Raises:
     ValueError: if the path does not exist, a directory holds no checkpoint, a file is not a
       clu/flax checkpoint, or the state has no "params", "ema_params" or "step".
-    ImportError: for a remote path when TensorFlow is not installed (the message names the
-      optional extra `pip install "vdm-jax[tf]"`).
   """
-  path = os.fspath(path)
-  if not _SCHEME.match(path):
-    path = os.path.expanduser(path)
-  if len(path) > 1:
-    path = path.rstrip("/")
+  path = rundir.normalize(path)
   files = _Files(path)
   flax_file = _locate(files, path)
   state = _load_state_dict(files, flax_file)

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vdm_jax import checkpointing, convert, data, official_checkpoint, parallel
+from vdm_jax import checkpointing, convert, data, official_checkpoint, parallel, rundir
 from vdm_jax import state as state_lib, tasks
 from vdm_jax.config_checks import ConfigError, check_config
 from vdm_jax.stored_config import check_workdir_config
@@ -52,8 +52,8 @@ def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir:
   if info.vocab_size != 256 or info.shape[-1] != 3:
     raise ConfigError(f"data.name: {config.data.name!r} has vocab_size {info.vocab_size} and "
                       f"{info.shape[-1]} channel(s); the official models are 8-bit RGB")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  ckpt_dir = rundir.join(workdir, rundir.CHECKPOINTS)
+  if rundir.list_names(ckpt_dir):
     raise ValueError(f"{workdir!r} already holds checkpoints; import into a new --workdir")
   official = official_checkpoint.read_official_checkpoint(checkpoint)
   # The stored layout of the blocks (unrolled / scanned) is fixed now, so that the run restores
@@ -71,7 +71,7 @@ def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir:
                         ema_params=jax.device_put(ema_params, rep),
                         step=jax.device_put(jax.numpy.asarray(official["step"], jax.numpy.int32),
                                             rep))
-  os.makedirs(workdir, exist_ok=True)
+  rundir.make_dirs(workdir)
   check_workdir_config(config, workdir, write=True)
   with checkpointing.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False) as manager:
     manager.save(official["step"], state, force=True,

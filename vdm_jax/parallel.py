@@ -24,7 +24,7 @@ DATA_AXIS = "data"
 # XLA:CPU hands some fusions to the YNNPACK library. Its convolution kernel-gradient runs at about
 # a quarter of XLA's own (Eigen) one on x86 (60 vs 240 GFLOP/s on the U-Net's 3x3, 128-channel
 # layer), so the library's programs keep YNNPACK for dots and reductions only: the paper
-# CIFAR-10 train step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, README).
+# CIFAR-10 train step goes from 12.5 s to 6.2 s at batch 8 (experiments/conv_libraries.py, docs/performance.md).
 # The best list depends on the network (the 32-channel digits net is faster without REDUCE), so
 # a config chooses it (config.xla.cpu_ynn_fusion_type, applied with `cpu_ynn_fusions`).
 CPU_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -36,21 +36,35 @@ FUSION_LIST_EXPECTED = ("'default' (XLA's choice) or a comma-separated list of "
 _chosen_fusions: list[str] = []   # innermost `cpu_ynn_fusions` last; process-wide (any thread)
 
 
-def initialize_distributed(*, coordinator_address: str, num_processes: int, process_id: int,
-                           cpu_collectives: str = "gloo") -> None:
-  """Starts multi-process JAX (`jax.distributed.initialize`); a no-op if already started.
+DISTRIBUTED_MODES = ("off", "auto", "explicit")
 
-  On CPU the cross-process collectives need an implementation ("gloo"); accelerators ignore it.
+
+def initialize_distributed(mode: str = "explicit", *, coordinator_address: str = "",
+                           num_processes: int = 1, process_id: int = 0,
+                           cpu_collectives: str = "gloo") -> None:
+  """Starts multi-process JAX (`jax.distributed.initialize`); a no-op if already started or
+  `mode` is "off".
+
+  "auto": `jax.distributed.initialize()` with no arguments, so that JAX finds the coordinator,
+  the process count and this process's id itself, on TPU pods, SLURM, Open MPI and Kubernetes
+  (what every host of a pod or a cluster job runs unchanged). "explicit": the given
+  `coordinator_address` ("host:port"), `num_processes` and `process_id`. On CPU the
+  cross-process collectives need an implementation ("gloo"); accelerators ignore it.
   """
-  if num_processes < 1 or not 0 <= process_id < num_processes:
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f"distributed mode {mode!r}: expected one of {DISTRIBUTED_MODES}")
+  if mode == "explicit" and (num_processes < 1 or not 0 <= process_id < num_processes):
     raise ValueError(f"expected 0 <= process_id < num_processes, got process_id={process_id}, "
                      f"num_processes={num_processes}")
-  if jax.distributed.is_initialized():
+  if mode == "off" or jax.distributed.is_initialized():
     return
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  if mode == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

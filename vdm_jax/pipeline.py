@@ -1,6 +1,6 @@
 """Input pipelines: the trainer's batches of a data set (`vdm_jax.data`), read with grain.
 
-Batches are dicts of NumPy arrays:
+Batches are dicts of NumPy arrays::
 
   "image": int32 [B_local, H, W, C], values in [0, vocab_size)
   "label": int32 [B_local] (0 for data sets without labels)

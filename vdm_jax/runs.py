@@ -1,4 +1,4 @@
-"""Run directories read back: the stored config, and a checkpoint's parameters for evaluation.
+"""Run directories read back: the stored config, and a checkpoint's parameters for evaluation::
 
   load_config(workdir)  -> the config `vdm-jax train` stored in workdir/config.json
   load_run(workdir)     -> Run: config, task, and the EMA parameters of a checkpoint (restored
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
-from vdm_jax import checkpointing, data, parallel, state as state_lib, stored_config, tasks
+from vdm_jax import checkpointing, data, parallel, rundir, state as state_lib, stored_config
+from vdm_jax import tasks
 
 PyTree = Any
 
@@ -52,12 +52,11 @@ class Run(NamedTuple):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config stored by `vdm-jax train` in workdir/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = rundir.join(workdir, rundir.CONFIG)
+  if not rundir.exists(path) or rundir.is_dir(path):
     raise RunError(f"{workdir!r} is not a vdm-jax run directory: {path} does not exist (expected "
                    f"the --workdir of a `vdm-jax train` run)")
-  with open(path) as f:
-    stored = json.load(f)
+  stored = json.loads(rundir.read_text(path))
   config = ml_collections.ConfigDict(stored["config"])
   if (config.get("task", "vdm") in stored_config.NETWORK_TASKS
       and "norm_groups" not in config.get("model", {})):
@@ -107,8 +106,8 @@ def load_run(workdir: str, *, step: int | None = None, eval_batch_size: int | No
     config.eval.batch_size = int(eval_batch_size)
   info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
   task, mesh = tasks.build_task(config, info), parallel.make_mesh()
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = rundir.join(workdir, rundir.CHECKPOINTS)
+  if not rundir.is_dir(ckpt_dir):
     raise RunError(f"{workdir!r} holds no checkpoint ({ckpt_dir} does not exist); train first: "
                    f"vdm-jax train --config CONFIG --workdir {workdir}")
   manager = checkpointing.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False)

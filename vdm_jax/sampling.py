@@ -164,7 +164,7 @@ def ancestral_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape:
     clip_x: clip x_hat to [-1, 1] (the data range) at every step.
 
   Returns:
-    [*shape] int32 data (vocab_size given) or float32 z_0.
+    `[*shape]` int32 data (vocab_size given) or float32 z_0.
   """
   shape = _check_common(shape, vocab_size)
   t, s = _step_grid(check_number("num_steps", num_steps, integer=True, low=1))
@@ -182,8 +182,10 @@ def ddim_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
 
   For t = 1, ..., 1/T and s = t - 1/T, with x_hat = (z_t - sigma_t eps_hat) / alpha_t and
   c^2 = eta^2 sigma_Q^2 (sigma_Q^2 = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, the variance of
-  q(z_s | z_t, x)):
+  q(z_s | z_t, x))::
+
     z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c xi,   xi ~ N(0, I),
+
   with sigma_s^2 - c^2 = sigma_s^2 (1 - eta^2 + eta^2 alpha_{t|s}^2 sigma_s^2 / sigma_t^2)
   (from sigma_t^2 = sigma_{t|s}^2 + alpha_{t|s}^2 sigma_s^2; no cancellation). eta = 0 is the
   deterministic DDIM, a first-order solver of the probability-flow ODE; eta = 1 has exactly the
@@ -212,12 +214,14 @@ def ddpm_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: Sequ
                 num_steps: int, variance: str = "beta", vocab_size: int | None = None) -> jax.Array:
   """DDPM sampling (Ho et al. 2020, algorithm 2) on the grid t = 1, ..., 1/T of any schedule.
 
-  DDPM's quantities at t and s = t - 1/T are read off gamma (VDM symbols on the right):
+  DDPM's quantities at t and s = t - 1/T are read off gamma (VDM symbols on the right)::
+
     alpha_bar_t = sigmoid(-gamma_t) = alpha_t^2,   1 - alpha_bar_t = sigma_t^2,
     DDPM's alpha_t = alpha_bar_t / alpha_bar_s = alpha_{t|s}^2,
     beta_t = 1 - alpha_bar_t / alpha_bar_s = sigma_{t|s}^2 (from `diffusion.transition`, which
     does not cancel), and one step is
       z_s = (z_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t) + sqrt(v) xi,
+
   with v = beta_t ("beta") or the posterior variance beta_t (1 - alpha_bar_s) / (1 - alpha_bar_t)
   ("posterior", DDPM's beta-tilde = sigma_Q^2 of q(z_s | z_t, x)). The mean equals that of
   q(z_s | z_t, x = x_hat), so with "posterior" every step is `ancestral_sample`'s. As in
@@ -321,7 +325,7 @@ def langevin_sample(key: jax.Array, *, eps_fn: EpsFn, gamma_fn: GammaFn, shape: 
     step_size: if given, the fixed step is step_size * sigma_t^2 at level t.
 
   Returns:
-    [*shape] int32 data (vocab_size given) or float32 z at t = 0.
+    `[*shape]` int32 data (vocab_size given) or float32 z at t = 0.
   """
   shape = _check_common(shape, vocab_size)
   levels = check_number("num_levels", num_levels, integer=True, low=1)

@@ -317,10 +317,10 @@ def init_learned_linear(*, gamma_min: float = -13.3, gamma_max: float = 5.0) -> 
 
 
 def learned_linear_gamma(t: ArrayLike, params: Params) -> jax.Array:
-  """gamma(t) = gamma_min + |delta| t: linear with learned endpoints (VDM section 3.1).
+  """`gamma(t) = gamma_min + |delta| t`: linear with learned endpoints (VDM section 3.1).
 
   The absolute value keeps gamma increasing whatever the optimiser does; gamma_max is
-  gamma_min + |delta|. Shape of `t`.
+  `gamma_min + |delta|`. Shape of `t`.
   """
   return params["gamma_min"] + jnp.abs(params["delta"]) * jnp.asarray(t)
 
@@ -357,7 +357,7 @@ def init_nnet(key: jax.Array, *, gamma_min: float = -13.3, gamma_max: float = 5.
 def nnet_gamma(t: ArrayLike, params: Params) -> jax.Array:
   """The official VDM `learnable_nnet` schedule, a monotone network (VDM appendix H.2).
 
-  gamma(t) = b1 + |W1| t + |W3| (2 sigmoid(|W2| (2 t - 1) + b2) - 1) / hidden,
+  `gamma(t) = b1 + |W1| t + |W3| (2 sigmoid(|W2| (2 t - 1) + b2) - 1) / hidden`,
 
   increasing in t since every weight enters through its absolute value. Its endpoints
   gamma(0), gamma(1) are whatever the weights give (they are not pinned). Shape of `t`.

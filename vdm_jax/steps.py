@@ -5,7 +5,7 @@
   evaluate                           the eval values' means over a split (and the headline's SE)
   draw_samples / sample_images       integer samples from a task's sampler closures
 
-One code path for 1 device, N devices and N hosts: `jax.jit` with explicit `NamedSharding`s (batch
+One code path for 1 device, N devices and N hosts: `jax.jit` with explicit shardings, `NamedSharding` (batch
 split on "data", state replicated, state donated).
 """
 
@@ -24,11 +24,19 @@ from vdm_jax import data, optim, parallel, pipeline, sampling, state as state_li
 
 PyTree = Any
 
+# A batch column [B] int32 the trainer adds: each process's stop request (`StopCode`); the train
+# step returns its maximum over the global batch as metrics["stop"], so that every process of a
+# multi-host run reads the same value and stops after the same step.
+STOP_KEY = "stop"
+
 
 def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
                     ema_warmup: bool = True, lr_schedule: optax.Schedule | None = None,
                     info: data.DatasetInfo | None = None, p_uncond: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics): one optimiser step on the task's loss, plus EMA.
+
+  A batch column `STOP_KEY` (the processes' stop requests, not training data) is taken out of
+  the batch and returned as metrics["stop"], its maximum over the global batch.
 
   The EMA decay is `optim.ema_decay(step, decay=ema_decay, warmup=ema_warmup)` (warmup=False:
   the official constant rate from the initial weights).
@@ -41,6 +49,8 @@ def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
   task = tasks.as_task(task, info=info, p_uncond=p_uncond)
 
   def step_fn(state: state_lib.TrainState, batch: dict[str, jax.Array]):
+    batch = dict(batch)
+    stop = batch.pop(STOP_KEY, None)
     key = jax.random.fold_in(state.rng, state.step)
     loss_fn = lambda params: task.loss(params, state.frozen, batch, key)
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -59,6 +69,8 @@ def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
                nonfinite_count=state.nonfinite_count, **task.param_metrics(state.params))
     if lr_schedule is not None:
       out["learning_rate"] = lr_schedule(state.step - 1)
+    if stop is not None:
+      out[STOP_KEY] = jnp.max(stop).astype(jnp.float32)
     return state, out
 
   return step_fn

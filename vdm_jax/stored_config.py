@@ -11,14 +11,13 @@ state against the checkpoint's tree of shapes, before anything in the run direct
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from vdm_jax import config_checks
+from vdm_jax import config_checks, rundir
 
 # Tasks whose score network changed in vdm_jax 0.2 (the official network: Fourier features
 # sin/cos(2^n 2 pi z), output skip eps_hat = NN(z) + z); their runs from 0.1 are refused.
@@ -30,7 +29,7 @@ OLD_NETWORK = ("{workdir} was trained by vdm_jax 0.1, whose score network comput
 
 
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = rundir.CONFIG
 
 
 def read_stored_config(workdir: str) -> dict[str, Any] | None:
@@ -41,12 +40,11 @@ def read_stored_config(workdir: str) -> dict[str, Any] | None:
     config_checks.ConfigError: the file exists but is damaged (not JSON, truncated, or without a "config"
       object); the message names the file.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = rundir.join(workdir, CONFIG_FILE)
+  if not rundir.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      stored = json.load(f)
+    stored = json.loads(rundir.read_text(path))
   except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
     raise config_checks.ConfigError(f"{path} is damaged (not valid JSON: {e}); restore it from a copy of the "
                       f"run, or train in a new --workdir") from e
@@ -94,12 +92,10 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def store_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes `workdir/config.json` atomically (a temporary file, then a rename)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"config_checks.pinned": config_checks.pinned(config), "config": json.loads(config.to_json())}, f, indent=2)
-  os.replace(tmp, path)
+  """Writes `workdir/config.json` atomically (`rundir.write_json`)."""
+  rundir.write_json(rundir.join(workdir, CONFIG_FILE),
+                    {"config_checks.pinned": config_checks.pinned(config),
+                     "config": json.loads(config.to_json())})
 
 
 # The config sections whose fields can change the train state's structure (and so are named when

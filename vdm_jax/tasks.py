@@ -1,7 +1,7 @@
 """What the one trainer optimises: a task turns a config into a module and pure closures.
 
 `train.py` runs every task through the same jitted step, checkpointing, evaluation loop and
-metrics. A task provides (all pure, traced under jit):
+metrics. A task provides (all pure, traced under jit)::
 
   init(key)                          -> (params, frozen)   frozen: {} or parameters kept fixed
   loss(params, frozen, batch, key)   -> (scalar loss, metrics dict)      (train mode)

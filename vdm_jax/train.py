@@ -5,16 +5,22 @@ programs in `vdm_jax.steps`; this module runs them: check, resume, train, log, e
 checkpoint, stop on a signal.
 
 What a run directory can rely on:
+
 - every config check, and a dry run of the restore (the new config's train state against the
   checkpoint's tree of shapes), happens before anything in the run directory changes; config.json
   is replaced only once the first checkpoint under the new config is written;
-- one trainer at a time: an exclusive lock on `workdir/train.lock` (released when the process
-  ends, however it ends), so two trainers never write the same checkpoints;
+- one trainer at a time: `run_control.RunLock` on `workdir/train.lock` (a flock on a local disk,
+  an expiring lease in object storage), taken by process 0 for all processes;
 - SIGTERM / SIGINT are caught from the start: before the first step (restoring, compiling)
-  there is nothing new to save and the trainer stops at once; after it, the current step ends,
-  the state is saved and the trainer stops. Exit statuses: `run_control.EXIT_PREEMPTED` (SIGTERM)
-  and `run_control.EXIT_INTERRUPTED` (SIGINT), returned as "exit_status";
-- every exit path waits for the checkpoint being written.
+  there is nothing new to save and the trainer stops at once; after it, every process's request
+  travels through the train step (a batch column whose maximum the step returns), so all
+  processes of a multi-host run stop after the same step (one or two steps after the signal),
+  save that step together and stop. Exit statuses: `run_control.EXIT_PREEMPTED` (SIGTERM) and
+  `run_control.EXIT_INTERRUPTED` (SIGINT), returned as "exit_status";
+- every exit path waits for the checkpoint being written;
+- only process 0 writes the run's bookkeeping (config.json, metrics, events, samples,
+  eval.json); every process takes part in the checkpoints (Orbax) and reads its own rows of each
+  global batch. All of it goes through `rundir`, so the run directory may be in a bucket.
 """
 
 from __future__ import annotations
@@ -22,20 +28,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Callable, NamedTuple
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vdm_jax import (checkpointing, config_checks, data, metrics, parallel, pipeline, run_control,
-                     runs, stored_config)
+                     rundir, runs, stored_config)
 from vdm_jax import state as state_lib, steps
 
+from vdm_jax.checkpoint_integrity import describe as integrity_describe
 from vdm_jax.run_control import EXIT_STATUS
+
+# What a process asks of the others through the train step's "stop" column (the maximum wins).
+_STOP_NONE, _STOP_SIGTERM, _STOP_SIGINT, _STOP_LOCK_LOST = 0, 1, 2, 3
+_STOP_SIGNAL = {_STOP_SIGTERM: "SIGTERM", _STOP_SIGINT: "SIGINT"}
 
 def _host_check(step: int, out: dict, max_nonfinite: int) -> None:
   if out["finite"] < 1.0 and out["nonfinite_count"] > max_nonfinite:
@@ -61,7 +73,7 @@ class _Prepared(NamedTuple):
   start: int
   step_fn: Callable        # the compiled train step
   train_it: Any
-  first_batch: dict
+  first_batch: dict        # this process's rows, as numpy
 
 
 def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: run_control.StopRequests,
@@ -72,7 +84,7 @@ def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: run_co
   task, optimizer = runs.training_task(config, info), state_lib.build_optimizer(config)
   init_fn = lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed)
   abstract = state_lib.abstract_state(init_fn, mesh)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = rundir.join(workdir, rundir.CHECKPOINTS)
   _check_restore(abstract, ckpt_dir, config=config, stored=stored, workdir=workdir)
   if stop.requested:
     return None
@@ -92,13 +104,14 @@ def _prepare(config, info, mesh, workdir: str, stored: dict | None, stop: run_co
         config.data.name, global_batch_size=config.training.batch_size, seed=config.seed,
         start_step=start, flip=config.data.flip, data_dir=config.data.data_dir or None,
         **augmentation(config))
-    batch = parallel.shard_batch(next(train_it), mesh)
+    batch = next(train_it)
     if stop.requested:
       ckpt.close()
       return None
     set_phase("compiling the train step")
     logging.info("compiling the train step (a signal now stops at once: nothing new to save)")
-    step_fn = steps.jit_train_step(config, task, optimizer, mesh).lower(state, batch).compile()
+    step_fn = steps.jit_train_step(config, task, optimizer, mesh).lower(
+        state, _with_stop(batch, _STOP_NONE, mesh)).compile()
   except BaseException:
     ckpt.close()
     raise
@@ -174,21 +187,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ConfigError: an invalid field (all are listed), a config that differs from the run's, or a
       train state that does not fit the run's checkpoint; nothing in `workdir` was changed.
     RunError: another trainer holds `workdir`.
+    rundir.StorageError: the run directory's storage failed (a disk, an unreachable bucket);
+      the newest complete checkpoint is kept, and the same call resumes from it.
   """
+  try:
+    return _train_and_evaluate(config, workdir)
+  except rundir.StorageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # only storage failures are converted
+    if not checkpointing.is_storage_failure(e):
+      raise
+    raise rundir.StorageError(
+        f"the storage of the run directory {workdir} failed "
+        f"({integrity_describe(e).replace(chr(10), ' ')}); the "
+        f"newest complete checkpoint is kept: run the same command again once the storage is "
+        f"back") from e
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_checks.check_config(config)   # every field, before any side effect
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(run_control.StopRequests())   # before anything compiles
     stack.enter_context(parallel.cpu_ynn_fusions(config.xla.cpu_ynn_fusion_type))
-    if config.distributed.initialize:
-      parallel.initialize_distributed(
-          coordinator_address=config.distributed.coordinator_address,
-          num_processes=config.distributed.num_processes,
-          process_id=config.distributed.process_id)
+    d = config.distributed
+    parallel.initialize_distributed(d.initialize, coordinator_address=d.coordinator_address,
+                                    num_processes=d.num_processes, process_id=d.process_id)
+    stop.reclaim()   # JAX's preemption notifier took SIGTERM: every process agrees through the step
     mesh = parallel.make_mesh()
+    if jax.process_count() > 1:
+      _say(f"process {jax.process_index()} of {jax.process_count()}, {mesh.size} devices "
+           f"({jax.local_device_count()} here)")
     config_checks.check_config(config, num_devices=mesh.size)
     is_chief = jax.process_index() == 0
     info = data.get_info(config.data.name, data_dir=config.data.data_dir or None)
-    stack.enter_context(run_control.RunLock(workdir, enabled=is_chief))
+    lock = _take_lock(stack, workdir, config, is_chief)
     stored = stored_config.check_workdir_config(config, workdir, write=False)
     if stop.requested:
       return _stopped(stop.requested, None, saved=False)
@@ -198,52 +230,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return _stopped(stop.requested, None, saved=False, abandoned=prepared is not None,
                       phase=getattr(prepared, "phase", None))
     writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_chief))
-    state, step = _loop(config, workdir, info, mesh, prepared, stop, stored, writer, is_chief)
-    if stop.requested is not None:
-      return _stopped(stop.requested, step, saved=step > prepared.start)
+    state, step, code = _loop(config, workdir, info, mesh, prepared, stop, lock, stored, writer,
+                              is_chief)
+    if code == _STOP_LOCK_LOST:
+      raise runs.RunError(f"{workdir!r}: another trainer took over this run's lock (this one "
+                          f"stalled for longer than training.lock_expiry_secs="
+                          f"{config.training.lock_expiry_secs}); stopped after saving step "
+                          f"{step}")
+    if code != _STOP_NONE:
+      return _stopped(_STOP_SIGNAL[code], step, saved=step > prepared.start)
     stop.__exit__()   # the state is saved: from here on a signal has its usual effect
     return _final(config, workdir, info, mesh, prepared.task, state, step, writer, is_chief)
 
 
-def _loop(config, workdir, info, mesh, p: _Prepared, stop: run_control.StopRequests, stored, writer,
-          is_chief):
-  """Steps from p.start to the last step (or a stop request); returns (state, step). Every exit
-  waits for the checkpoint being written and closes the checkpointer."""
+def _take_lock(stack: contextlib.ExitStack, workdir: str, config, is_chief: bool
+               ) -> run_control.RunLock:
+  """Process 0 takes the run directory's lock; every process learns whether it did (a
+  collective), so that a refused run stops on all hosts with process 0's error."""
+  lock = run_control.RunLock(workdir, enabled=is_chief,
+                             expiry_secs=config.training.lock_expiry_secs)
+  error = None
+  try:
+    stack.enter_context(lock)
+  except runs.RunError as e:
+    error = e
+  if jax.process_count() > 1:
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if refused and error is None:
+      raise runs.RunError(f"process 0 could not take the lock of {workdir!r} (its error says "
+                          f"why); this process stops with it")
+  if error is not None:
+    raise error
+  return lock
+
+
+def _local_stop(stop: run_control.StopRequests, lock: run_control.RunLock) -> int:
+  if lock.lost:
+    return _STOP_LOCK_LOST
+  return {"SIGTERM": _STOP_SIGTERM, "SIGINT": _STOP_SIGINT}.get(stop.requested, _STOP_NONE)
+
+
+def _with_stop(local_batch: dict, code: int, mesh) -> dict:
+  """This process's rows of the batch, plus the stop column (`steps.STOP_KEY`), as global
+  arrays."""
+  rows = len(next(iter(local_batch.values())))
+  return parallel.shard_batch(
+      {**local_batch, steps.STOP_KEY: np.full((rows,), code, np.int32)}, mesh)
+
+
+def _loop(config, workdir, info, mesh, p: _Prepared, stop: run_control.StopRequests,
+          lock: run_control.RunLock, stored, writer, is_chief):
+  """Steps from p.start to the last step, or until the processes agree to stop; returns (state,
+  step, stop code). Each step carries this process's stop request; the step's output says what
+  any process asked, and is read one step later (no stall), so all processes stop after the
+  same step. Every exit waits for the checkpoint being written and closes the checkpointer."""
   t = config.training
   bar = metrics.ProgressBar(total=t.num_steps, initial=p.start, enabled=is_chief,
                             log_every=t.log_every)
   config_saved = _ConfigAfterCheckpoint(config, workdir, stored, write=is_chief)
-  state, step, batch = p.state, p.start, p.first_batch
-  pending, tick, tick_step = None, time.perf_counter(), p.start
+  state, step, local = p.state, p.start, p.first_batch
+  pending, tick, tick_step, agreed = None, time.perf_counter(), p.start, _STOP_NONE
   try:
-    while step < t.num_steps and stop.requested is None:
-      batch = batch if batch is not None else parallel.shard_batch(next(p.train_it), mesh)
-      state, out = p.step_fn(state, batch)
-      step, batch = step + 1, None
+    while step < t.num_steps and agreed == _STOP_NONE:
+      local = local if local is not None else next(p.train_it)
+      state, out = p.step_fn(state, _with_stop(local, _local_stop(stop, lock), mesh))
+      step, local = step + 1, None
       if pending is not None:   # the previous step's metrics: ready by now, no stall
-        _report(pending, writer, bar, t, tick_info=None)
+        agreed = _report(pending, writer, bar, t, tick_info=None)
       pending = (step, out)
       if step % t.log_every == 0 or step == t.num_steps:
-        _report(pending, writer, bar, t, tick_info=(tick, tick_step))
+        agreed = max(agreed, _report(pending, writer, bar, t, tick_info=(tick, tick_step)))
         pending, tick, tick_step = None, time.perf_counter(), step
-      if step % t.eval_every == 0 and step < t.num_steps:
+      if step % t.eval_every == 0 and step < t.num_steps and agreed == _STOP_NONE:
         writer.write_scalars(step, _prefix(steps.evaluate(
             p.task, state.ema_params, config, info, mesh, frozen=state.frozen), "eval/"))
-      if step % t.sample_every == 0 and step < t.num_steps:
+      if step % t.sample_every == 0 and step < t.num_steps and agreed == _STOP_NONE:
         _write_samples(p.task, state, config, info, workdir, step, is_chief)
-      config_saved.after_save(p.ckpt, p.ckpt.save(step, state, metadata=_metadata(config, step)))
+      _save(p, config_saved, writer, config, step, state)
     if pending is not None:
-      _report(pending, writer, bar, t, tick_info=None)
+      agreed = max(agreed, _report(pending, writer, bar, t, tick_info=None))
     if step > p.start:
-      config_saved.after_save(p.ckpt, p.ckpt.save(step, state, metadata=_metadata(config, step),
-                                                   force=True))
+      _save(p, config_saved, writer, config, step, state, force=True)
     p.ckpt.wait_until_finished()
   except BaseException:
     _close_quietly(p.ckpt, bar)
     raise
   p.ckpt.close()
   bar.close()
-  return state, step
+  return state, step, agreed
+
+
+def _save(p: _Prepared, config_saved, writer, config, step: int, state, *,
+          force: bool = False) -> None:
+  """Checkpoint `step` if due (or `force`); after one, the metrics and events written so far
+  are flushed too (uploaded, for a run directory in object storage)."""
+  saved = p.ckpt.save(step, state, metadata=_metadata(config, step), force=force)
+  config_saved.after_save(p.ckpt, saved)
+  if saved:
+    writer.flush()
 
 
 def _close_quietly(ckpt, bar) -> None:
@@ -263,8 +347,8 @@ def _final(config, workdir, info, mesh, task, state, step, writer, is_chief) -> 
   _write_samples(task, state, config, info, workdir, step, is_chief)
   num_params = sum(int(leaf.size) for leaf in jax.tree.leaves(state.ema_params))
   if is_chief:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"step": step, "num_params": num_params, **result}, f, indent=2)
+    rundir.write_json(rundir.join(workdir, rundir.EVAL_JSON),
+                      {"step": step, "num_params": num_params, **result})
     print(f"step {step}: test {steps.summary_line(result, task.headline)} -> {workdir} "
           f"({num_params:,} parameters)", flush=True)
   return result
@@ -278,9 +362,11 @@ def _metadata(config, step: int) -> dict:
   return {"step": step, "data_position": step, "seed": config.seed}
 
 
-def _report(pending, writer, bar, t, *, tick_info) -> None:
+def _report(pending, writer, bar, t, *, tick_info) -> int:
+  """Logs a step's metrics; returns the stop code the processes sent through it."""
   step, out = pending
   host = {k: float(v) for k, v in jax.device_get(out).items()}
+  code = int(host.pop(steps.STOP_KEY, _STOP_NONE))
   _host_check(step, host, t.max_nonfinite_steps)
   if tick_info is not None:
     tick, tick_step = tick_info
@@ -289,6 +375,7 @@ def _report(pending, writer, bar, t, *, tick_info) -> None:
     host["images_per_sec"] = host["steps_per_sec"] * t.batch_size
     writer.write_scalars(step, {"train/" + k: v for k, v in host.items()})
   bar.update(step, **({"bpd": host["bpd"]} if "bpd" in host else {"loss": host["loss"]}))
+  return code
 
 
 def _write_samples(task, state, config, info, workdir, step, is_chief) -> None:
@@ -301,9 +388,8 @@ def _write_samples(task, state, config, info, workdir, step, is_chief) -> None:
                                labels=labels, frozen=state.frozen, sampler=config.sample.sampler,
                                **_sampler_options(config))
   if is_chief:
-    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    metrics.save_image_grid(path, images, vocab_size=info.vocab_size)
+    metrics.save_image_grid(rundir.join(workdir, rundir.SAMPLES, f"step_{step:08d}.png"),
+                            images, vocab_size=info.vocab_size)
 
 
 def _sampler_options(config) -> dict:

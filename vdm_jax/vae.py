@@ -9,13 +9,13 @@ logits [B, H, W, C, K] of a per-dimension softmax p(x | y). Its negative ELBO (K
 `vdm_jax.model.VDM`); its bound on -log p(x) (the VAE's reconstruction, minus the entropy of
 q(y | x), plus the VDM bound on -log p_VDM(y)) comes from `vdm_jax.latent.composed_terms`.
 The VAE's parameters live in the variable collection "vae", not "params", so an optimiser over
-"params" never sees them:
+"params" never sees them::
 
     variables = {"params": vdm_params, "vae": {"autoencoder": vae_params}}   # make_variables
     terms = model.apply(variables, images, train=True,
                         rngs={"latent": k1, "diffusion": k2, "dropout": k3})
 
-Samplers from `vdm_jax.sampling` run on latents through the same closures as for a VDM:
+Samplers from `vdm_jax.sampling` run on latents through the same closures as for a VDM::
 
     eps_fn = lambda z, g: model.apply(variables, z, g, label, method=LatentVDM.eps)
     gamma_fn = lambda t: model.apply(variables, t, method=LatentVDM.gamma)
@@ -211,7 +211,7 @@ class LatentVDM(nn.Module):
   Attributes:
     vae: the VAE (its parameters come from the collection "vae", see `make_variables`).
     schedule: a NoiseSchedule for the latent VDM.
-    score_net: a network (z [B, h, w, c], t_cond [B], label [B] | None, *, train) -> eps_hat.
+    score_net: a network `(z [B, h, w, c], t_cond [B], label [B] | None, *, train)` -> eps_hat.
     num_steps: T for the training loss; 0 = continuous time.
     cond_gamma_min, cond_gamma_max: the network sees t_cond = (gamma - min) / (max - min).
     control_variate: use the unbiased control variate of `latent.latent_vdm_terms` at the unit
