@@ -1,13 +1,11 @@
 """Files of the portable coder and of stored (raw) images, for `compress_app`.
 
-  compress_images(coder, images, settings)  -> a "portable" file (decodes on any machine)
-  decompress_bytes(coder, blob)             -> its images, after every check
-  stored_blob(header, images) / stored_images(header, payload)
-                                            -> a "stored" file: the images at log2 K bits each,
-                                               written instead where the model's file is longer
-  coder_of_run(workdir, run, ...)           -> the run's integer model: found in
-                                               RUN/portable/, or made and stored there
-  coder_for_file(workdir, header, ...)      -> the integer model a file names
+- `compress_images` / `decompress_bytes`: a "portable" file (decodes on any machine), and its
+  images after every check;
+- `stored_blob` / `stored_images`: a "stored" file, the images at log2 K bits each, written
+  instead where the model's file is longer;
+- `coder_of_run`: the run's integer model, found in RUN/portable/ or made and stored there;
+  `coder_for_file`: the integer model a file names.
 
 A file's size is therefore at most the raw size (ceil(N D log2 K / 32) words plus the 64-bit
 coder head) plus the header.

@@ -11,7 +11,7 @@ distributions depend on made exactly reproducible:
   - the schedule: gamma at the T + 1 levels interpolated in the integer model's table, and every
     level's constants in exact decimal arithmetic (`portable_levels`);
   - what is handed to the entropy coder: Gaussian means and standard deviations are float64
-    results of IEEE operations that are correctly rounded everywhere (+, -, *, /, floor) on those
+    results of IEEE operations that are correctly rounded everywhere (`+ - * /`, floor) on those
     exact inputs; the discrete decoder p(k | z_0) is an integer probability table (exp from a
     stored table), handed to constriction's `Categorical` as integers summing to 2^24 - K, which
     it uses as they are (its scale factor is then exactly 1).

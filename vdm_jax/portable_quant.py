@@ -220,7 +220,7 @@ def _norm(p: dict, group_size: int, fa) -> dict:
 
 
 def luts(exp_bits: int) -> dict:
-  """The lookup tables (int32): swish(i 2^-8) 2^14 for |i| <= 2^11, sin(2 pi i / 2^12) 128,
+  """The lookup tables (int32): swish(i 2^-8) 2^14 for -2^11 <= i <= 2^11, sin(2 pi i / 2^12) 128,
   exp(-i 2^-8) (2^exp_bits - 1) for 0 <= i <= 24 2^8 (attention), and the same exp times 2^24
   (the discrete decoder's probabilities, `portable.PortableChain.probs`)."""
   lim = pn.SWISH_RANGE << pn.SWISH_FRAC
