@@ -8,11 +8,13 @@ anywhere) compresses the split into one file (`compress_app.compress_images`, th
 compiled for every batch size before the clock starts and run in the same process,
 alternately, so that their times share the machine's load; the ratio portable / float is the
 number to read. Then the raw fallback: uniform noise and constant images, both coders, against
-their raw size; and the stored integer model's size.
+their raw size and against the model's own code (no batch stored raw); and the stored integer
+model's size.
 
 Usage:
   python experiments/portable_coder.py --workdir runs/digits [--steps 100 1000]
-      [--t_samples 128] [--out experiments/out/portable_coder]
+      [--t_samples 128] [--num_images N] [--max_batch B] [--no_fallback]
+      [--out experiments/out/portable_coder]
 
 Writes <out>.md and <out>.json and prints the tables.
 """
@@ -41,7 +43,7 @@ def per_image_bound(model, images, steps: int, *, t_samples: int) -> np.ndarray:
   return np.asarray(jax.lax.map(fn, keys), np.float64).mean(0) / math.log(2.0)
 
 
-def _warm(model, coder, settings) -> float:
+def _warm(model, coder, settings: compress.CoderSettings) -> float:
   """Compiles every batch bucket of both coders (seconds for the portable one)."""
   buckets = {1 << k for k in range(int(math.log2(settings.max_batch)) + 1)}
   compress_app.probe_digest(compress_app.chain(model, settings), buckets)
@@ -69,8 +71,8 @@ def _run(model, coder, images, settings) -> dict:
           "realised_bpd": float(np.sum(stats["ideal_continuous"])) / dims}
 
 
-def coder_rows(model, coder, images, steps: int, *, t_samples: int) -> dict:
-  settings = compress.CoderSettings(steps)
+def coder_rows(model, coder, images, steps: int, *, t_samples: int, max_batch: int) -> dict:
+  settings = compress.CoderSettings(steps, max_batch=max_batch)
   bound = per_image_bound(model, images, steps, t_samples=t_samples)
   compile_s = _warm(model, coder, settings)
   compress_app.expected_bits(model, images, steps)
@@ -96,10 +98,12 @@ def fallback_rows(model, coder, vocab_size: int, shape) -> list[dict]:
     raw = math.ceil(images.size * math.log2(vocab_size) / 8)
     for label, kw in (("float", {}), ("portable", {"coder": coder})):
       blob, stats = compress_app.compress_images(model, images, compress.CoderSettings(100), **kw)
+      alone, _ = compress_app.compress_images(model, images, compress.CoderSettings(100),
+                                              raw_fallback=False, **kw)
       rows.append({"data": name, "coder": label, "written_as": stats["coder"],
                    "file_bytes": len(blob), "raw_bytes": raw, "over_raw": len(blob) - raw,
                    "bpd": 8 * len(blob) / images.size, "raw_batches": stats["raw_batches"],
-                   "batches": len(stats["schedule"])})
+                   "batches": len(stats["schedule"]), "model_code_bytes": len(alone)})
   return rows
 
 
@@ -115,7 +119,7 @@ def model_rows(coder: compress_portable.Coder) -> dict:
 def markdown(rows: list[dict], fallback: list[dict], model: dict, info: dict) -> str:
   lines = [f"Run {info['workdir']} (checkpoint {info['step']}), {info['num_images']} test "
            f"images, D = {info['dims']}, K = {info['vocab_size']}; grid_bits 4, window 6, "
-           f"max_batch 256; {info['backend']}, {info['cpu']}.", "",
+           f"max_batch {info['max_batch']}; {info['backend']}, {info['cpu']}.", "",
            "| T | bound (bpd) | coder | file (bpd) | without initial bits (bpd) | stream (bpd) "
            "| file vs float | compress (s) | decompress (s) | portable / float time: "
            "compress, decompress |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -128,11 +132,12 @@ def markdown(rows: list[dict], fallback: list[dict], model: dict, info: dict) ->
                    f"{x['file_bpd']:.4f} | {x['net_file_bpd']:.4f} | {x['stream_bpd']:.4f} | "
                    f"{vs} | {x['encode_s']:.1f} | {x['decode_s']:.1f} | {ratio} |")
   lines += ["", "| data | coder | written as | file (bytes) | raw, log2 K bits per value "
-            "(bytes) | file - raw (bytes) | batches stored raw |", "|---|---|---|---|---|---|---|"]
+            "(bytes) | file - raw (bytes) | batches stored raw | the model's code alone "
+            "(bytes) |", "|---|---|---|---|---|---|---|---|"]
   for f in fallback:
     lines.append(f"| {f['data']} | {f['coder']} | {f['written_as']} | {f['file_bytes']} | "
                  f"{f['raw_bytes']} | {f['over_raw']:+d} | {f['raw_batches']} / "
-                 f"{f['batches']} |")
+                 f"{f['batches']} | {f['model_code_bytes']} |")
   lines += ["", f"Integer model {model['digest']}: {model['bytes']} bytes "
             f"({model['int8_weights']} int8 weights, {model['other_bytes']} bytes of biases, "
             f"multipliers, shifts, tables and the gamma table; {model['arrays']} arrays)."]
@@ -144,21 +149,28 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000])
   parser.add_argument("--t_samples", type=int, default=128)
+  parser.add_argument("--num_images", type=int, default=None, help="the first N test images")
+  parser.add_argument("--max_batch", type=int, default=256)
+  parser.add_argument("--no_fallback", action="store_true", help="skip the noise / constant rows")
   parser.add_argument("--out", default="experiments/out/portable_coder")
   args = parser.parse_args()
   run = runs.load_run(args.workdir)
   model = compress_app.run_model(run)
   coder = compress_portable.coder_of_run(args.workdir, run, model)
   images = compress_app.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
+  images = images[:args.num_images]
   rows = []
   for steps in args.steps:
-    rows.append(coder_rows(model, coder, images, steps, t_samples=args.t_samples))
+    rows.append(coder_rows(model, coder, images, steps, t_samples=args.t_samples,
+                           max_batch=args.max_batch))
     print(json.dumps(rows[-1]), flush=True)
-  fallback = fallback_rows(model, coder, run.info.vocab_size, tuple(run.info.shape))
+  fallback = ([] if args.no_fallback
+              else fallback_rows(model, coder, run.info.vocab_size, tuple(run.info.shape)))
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
               if line.startswith("model name")), "?") if os.path.exists("/proc/cpuinfo") else "?"
   info = {"workdir": args.workdir, "step": run.step, "num_images": len(images),
           "dims": int(images[0].size), "vocab_size": run.info.vocab_size, "cpu": cpu,
+          "max_batch": args.max_batch,
           "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})"}
   table = markdown(rows, fallback, model_rows(coder), info)
   print(table)
