@@ -1,4 +1,5 @@
-"""Compile time and step time of the VDM ScoreUNet: unrolled vs nn.scan blocks, with and without remat.
+"""Compile time and step time of the VDM ScoreUNet: unrolled vs nn.scan blocks, with and without
+remat.
 
 For each (num_blocks, block_impl, remat) it builds parallel.jit(jax.grad(loss)) (the library's
 XLA options; VDM_JAX_XLA_CPU_YNN_FUSION_TYPE=default for XLA's own) with
@@ -31,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import networks, parallel
+from vdm_jax.nets import networks
+from vdm_jax.core import parallel
 
 
 def _random_params(model: networks.ScoreUNet, z: jax.Array, t: jax.Array) -> dict:

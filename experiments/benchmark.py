@@ -1,4 +1,5 @@
-"""The benchmark table (docs/performance.md): `vdm_jax.bench` over configs, one fresh process each.
+"""The benchmark table (docs/performance.md): `vdm_jax.apps.bench` over configs, one fresh process
+each.
 
   python experiments/benchmark.py                        # digits, smoke, cifar10 (batch 8)
   python experiments/benchmark.py --configs cifar10 --repeats 3
@@ -63,7 +64,7 @@ def median_row(rows: list[dict]) -> dict:
 
 def run_one(args) -> None:
   """Child process: one benchmark of one config, JSON to args.child_out."""
-  from vdm_jax import bench   # pylint: disable=g-import-not-at-top
+  from vdm_jax.apps import bench
   kwargs = dict(PRESETS.get(args.configs[0], {}))
   if args.batch:
     kwargs["batch_size"] = args.batch
@@ -90,7 +91,7 @@ def main() -> None:
   args = p.parse_args()
   if args.child_out:
     return run_one(args)
-  from vdm_jax import bench_report   # pylint: disable=g-import-not-at-top
+  from vdm_jax.apps import bench_report
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   medians = []

@@ -28,8 +28,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import bench, bench_report, data, parallel, pipeline, state as state_lib
-from vdm_jax import steps as steps_lib, tasks
+from vdm_jax.apps import bench, bench_report
+from vdm_jax.datasets import data, pipeline
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib
+from vdm_jax.training import steps as steps_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")

@@ -2,7 +2,7 @@
 
 Two columns of bounds, for T = 10, 100, 250, 500, 1000 and continuous time (T = 0 here):
 
-- oracle: the Bayes-optimal denoiser of a finite data set (`vdm_jax.elbo.oracle_eps_fn`), the
+- oracle: the Bayes-optimal denoiser of a finite data set (`vdm_jax.maths.elbo.oracle_eps_fn`), the
   first N training digits as the data set, the bound evaluated on those same N points, with the
   fixed log-SNR-linear schedule (-13.3, 5): it approaches log2(N) / D bpd as T grows.
 - model: the digits VDM (runs/digits, trained in continuous time) evaluated with the T-step bound
@@ -31,7 +31,9 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import data, elbo, runs, schedules
+from vdm_jax.datasets import data
+from vdm_jax.maths import elbo, schedules
+from vdm_jax.training import runs
 
 STEPS = (10, 100, 250, 500, 1000, 0)
 # VDM paper, CIFAR-10 test bpd, one model trained and evaluated per T; continuous-time model.

@@ -1,4 +1,5 @@
-"""Pixel-space VDM vs DDPM (L_simple) vs latent diffusion on digits: bpd, training and sampling time.
+"""Pixel-space VDM vs DDPM (L_simple) vs latent diffusion on digits: bpd, training and sampling
+time.
 
 Trains nothing itself; it reads the runs made by (each config's docstring has the details):
 
@@ -8,10 +9,11 @@ Trains nothing itself; it reads the runs made by (each config's docstring has th
   vdm-jax train --config configs/digits_latent.py --workdir runs/digits_latent
   python experiments/compare_digits.py
 
-For each run: the test bound in bpd (continuous time, and with T = 1000 steps, or the model's own T) from `vdm-jax eval`
-machinery, training throughput (median images/s over the logged intervals of metrics.jsonl, as
-trained, on a shared machine), and sampling time for `--num` images with `--steps` steps (median
-of `--repeats` timed runs after one compile, all measured here in one process so they compare as
+For each run: the test bound in bpd (continuous time, and with T = 1000 steps, or the model's own T)
+from `vdm-jax eval` machinery, training throughput (median images/s over the logged intervals of
+metrics.jsonl, as trained, on a shared machine), and sampling time for `--num` images with `--steps`
+steps (median of `--repeats` timed runs after one compile, all measured here in one process so they
+compare as
 ratios). Writes experiments/out/compare_digits.csv and .png and prints a markdown table.
 """
 
@@ -26,7 +28,8 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import evaluation, runs, steps as steps_lib
+from vdm_jax.apps import evaluation
+from vdm_jax.training import runs, steps as steps_lib
 
 RUNS = (("pixel VDM (ELBO, continuous)", "runs/digits", "ancestral"),
         ("DDPM (L_simple, 1000 levels)", "runs/digits_ddpm", "ddpm"),

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from jax import lax
 
-from vdm_jax import bench_report, parallel
+from vdm_jax.apps import bench_report
+from vdm_jax.core import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -36,8 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import classifier as classifier_lib, data, diffusion, elbo, evaluation, runs
-from vdm_jax import steps as steps_lib
+from vdm_jax.nets import classifier as classifier_lib
+from vdm_jax.datasets import data
+from vdm_jax.maths import diffusion, elbo
+from vdm_jax.apps import evaluation
+from vdm_jax.training import runs
+from vdm_jax.training import steps as steps_lib
 
 
 def noisy_classifier_predict(clf: runs.Run, images: np.ndarray, *, seed: int = 0):

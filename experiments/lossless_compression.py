@@ -1,8 +1,8 @@
 """Lossless compression with a trained VDM: file sizes against the bound, beside general codecs.
 
 For each T in --steps (default 20, 100, 1000), the run's test split is compressed into one file
-with the bits-back coder (`vdm_jax.compress_app.compress_images`, the `vdm-jax compress` code
-path), decompressed and checked pixel for pixel. Reported per T:
+with the bits-back coder (`vdm_jax.compression.compress_app.compress_images`, the `vdm-jax compress`
+code path), decompressed and checked pixel for pixel. Reported per T:
 
 - bound: the T-step negative ELBO of the same model on the same images (`elbo.elbo_terms`,
   --t_samples draws per image), with its standard error over images;
@@ -47,7 +47,9 @@ from PIL import Image, features
 
 import jax
 
-from vdm_jax import compress, compress_app, elbo, runs
+from vdm_jax.compression import compress, compress_app
+from vdm_jax.maths import elbo
+from vdm_jax.training import runs
 
 
 def mosaic(images: np.ndarray) -> np.ndarray:

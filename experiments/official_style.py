@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import bench, bench_report, parallel, state as state_lib, steps as steps_lib, tasks
+from vdm_jax.apps import bench, bench_report
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib, steps as steps_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -1,9 +1,10 @@
 """The oracle bound: the VDM bound with the Bayes-optimal denoiser of a finite data set.
 
 For N distinct points of dimension D (uniform distribution), the exact denoiser E[x | z_t] is a
-softmax over the points (`vdm_jax.elbo.oracle_eps_fn`), and the bound on a training point tends to
-log N nats, i.e. log2(N) / D bits per dimension, when gamma_min is low and gamma_max high enough.
-The T-step bound falls as T grows and approaches the continuous-time one (VDM paper, section 4).
+softmax over the points (`vdm_jax.maths.elbo.oracle_eps_fn`), and the bound on a training point
+tends to log N nats, i.e. log2(N) / D bits per dimension, when gamma_min is low and gamma_max high
+enough. The T-step bound falls as T grows and approaches the continuous-time one (VDM paper, section
+4).
 
 Usage:
   python experiments/oracle_bound.py [--samples 1000] [--out experiments/out/oracle_bound]
@@ -22,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import elbo, schedules
+from vdm_jax.maths import elbo, schedules
 
 CASES = ((16, 8), (32, 16), (64, 16), (256, 16), (64, 64), (1024, 64))
 STEPS = (10, 100, 1000, 0)

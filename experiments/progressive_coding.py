@@ -34,7 +34,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from vdm_jax import compress, compress_app, diffusion, elbo, runs  # noqa: E402
+from vdm_jax.compression import compress, compress_app
+from vdm_jax.maths import diffusion, elbo
+from vdm_jax.training import runs
 
 
 def psnr(levels: np.ndarray, x_hat: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import data, model as model_lib, runs, train
+from vdm_jax.datasets import data
+from vdm_jax.nets import model as model_lib
+from vdm_jax.training import runs, train
 
 VARIANTS = {
     "fixed_linear": {"model.schedule": "fixed_linear", "model.schedule_objective": "elbo"},

@@ -39,7 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import data, elbo, model as model_lib, runs, schedules
+from vdm_jax.datasets import data
+from vdm_jax.maths import elbo, schedules
+from vdm_jax.nets import model as model_lib
+from vdm_jax.training import runs
 
 PAPER = {"learned": 0.53, "log-SNR-linear": 6.35, "beta-linear": 31.6, "cosine": 31.1}
 

@@ -11,8 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from vdm_jax import bench, bench_report, data, networks, parallel, state as state_lib
-from vdm_jax import steps as steps_lib, tasks
+from vdm_jax.apps import bench, bench_report
+from vdm_jax.datasets import data
+from vdm_jax.nets import networks
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib
+from vdm_jax.training import steps as steps_lib, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL_ROOF = dict(conv_batch=2, size=8, channels=8, matmul_size=64, repeats=1)

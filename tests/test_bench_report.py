@@ -1,8 +1,8 @@
-"""Tests for vdm_jax.bench_report: the markdown table and the JSON record of benchmark results."""
+"""Tests for vdm_jax.apps.bench_report: the markdown table and the JSON record of the results."""
 
 import json
 
-from vdm_jax import bench_report
+from vdm_jax.apps import bench_report
 
 
 def test_markdown_shows_known_columns_scaled_and_missing_values_as_dashes():

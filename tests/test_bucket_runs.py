@@ -1,5 +1,5 @@
-"""Run directories in a GCS bucket (the emulator on loopback, `vdm_jax.testing.gcs_emulator`): the same
-commands as on a local disk, unchanged, with `--workdir gs://...`.
+"""Run directories in a GCS bucket (the emulator on loopback, `vdm_jax.testing.gcs_emulator`): the
+same commands as on a local disk, unchanged, with `--workdir gs://...`.
 
 - `vdm-jax train / eval / sample / compress / decompress` on a bucket, the trainer under strace:
   every connection it opens goes to loopback (no credential or metadata look-up leaves);
@@ -31,7 +31,9 @@ from conftest import patience
 from test_metrics import tb_scalars
 from vdm_jax.testing import gcs_emulator
 
-from vdm_jax import checkpointing, data, rundir, run_control, train
+from vdm_jax.storage import checkpointing, rundir
+from vdm_jax.datasets import data
+from vdm_jax.training import run_control, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")

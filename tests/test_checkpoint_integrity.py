@@ -24,8 +24,9 @@ import optax
 import pytest
 
 from conftest import fresh_run
-from vdm_jax import checkpointing, runs
-from vdm_jax.checkpointing import CheckpointManager
+from vdm_jax.storage import checkpointing
+from vdm_jax.training import runs
+from vdm_jax.storage.checkpointing import CheckpointManager
 
 # orbax can leave an asyncio callback behind after a failed read; it is harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -536,7 +537,7 @@ def test_load_run_reports_a_damaged_requested_step_as_a_run_error(tmp_path, smok
 
 def _walk(folder):
   """Every object under `folder` (local or gs://), recursively."""
-  from vdm_jax import rundir
+  from vdm_jax.storage import rundir
   for name in rundir.list_names(folder):
     path = rundir.join(folder, name)
     if rundir.is_dir(path):
@@ -549,7 +550,7 @@ def test_silent_corruption_in_a_bucket_is_refused_by_the_digest_and_skipped(gs_d
   """Bytes changed inside an array data object of the newest checkpoint in a bucket, where the
   compressed stream still decodes: the digest refuses it, the restore falls back to the step
   before and keeps the damaged one."""
-  from vdm_jax import rundir
+  from vdm_jax.storage import rundir
   directory = gs_dir + "/ckpt"
   with CheckpointManager(directory, async_save=False, max_to_keep=None) as mgr:
     for step in (1, 2):

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.classifier: the noise-conditional classifier network and model, and the
+"""Tests for vdm_jax.nets.classifier: the noise-conditional classifier network and model, and the
 classifier task's evaluation against NumPy."""
 
 import pathlib
@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import classifier, data, parallel, steps, tasks
+from vdm_jax.nets import classifier
+from vdm_jax.datasets import data
+from vdm_jax.core import parallel
+from vdm_jax.training import steps, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import config_checks, evaluation, runs as runs_lib, train
+from vdm_jax.training import config_checks, runs as runs_lib, train
+from vdm_jax.apps import evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,9 @@ def test_classifier_task_reports_accuracy(runs):
   noise draws, so the evaluation's own draw must give this accuracy too."""
   import jax
   import jax.numpy as jnp
-  from vdm_jax import classifier as classifier_lib, diffusion, elbo, pipeline
+  from vdm_jax.nets import classifier as classifier_lib
+  from vdm_jax.maths import diffusion, elbo
+  from vdm_jax.datasets import pipeline
   result = evaluation.run_eval(runs["classifier"], max_examples=16)
   assert result["task"] == "classifier" and np.isfinite(result["nll"])
   run = runs_lib.load_run(runs["classifier"])
@@ -123,7 +126,7 @@ def test_guided_eps_is_the_guidance_formula(runs):
   (classifier); checked against the task's own closures on random z."""
   import jax
   import jax.numpy as jnp
-  from vdm_jax import diffusion
+  from vdm_jax.maths import diffusion
   run, clf = runs_lib.load_run(runs["cond"]), runs_lib.load_run(runs["classifier"])
   z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
   g = jnp.full((4,), 1.0)

@@ -22,9 +22,14 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import checkpointing, config_checks, data, elbo, metrics, parallel, pipeline, run_control
-from vdm_jax import rundir, runs
-from vdm_jax import state as state_lib, steps as steps_lib, tasks, train
+from vdm_jax.storage import checkpointing, metrics
+from vdm_jax.training import config_checks, run_control
+from vdm_jax.datasets import data, pipeline
+from vdm_jax.maths import elbo
+from vdm_jax.core import parallel
+from vdm_jax.storage import rundir
+from vdm_jax.training import runs
+from vdm_jax.training import state as state_lib, steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -347,7 +352,7 @@ def test_full_disk_under_tensorboard_neither_hangs_nor_stops_training(tmp_path, 
     write(self, event)
 
   monkeypatch.setattr(metrics._EventFile, "write_event", filling_disk)
-  caplog.set_level(logging.WARNING, logger="vdm_jax.metrics")
+  caplog.set_level(logging.WARNING, logger="vdm_jax.storage.metrics")
   workdir, box = tmp_path / "full", {}
 
   def run():

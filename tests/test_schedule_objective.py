@@ -15,8 +15,14 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from vdm_jax import config_checks, data, elbo, model as model_lib, objectives, parallel
-from vdm_jax import pipeline, schedules, state as state_lib, steps, tasks
+from vdm_jax.training import config_checks
+from vdm_jax.datasets import data
+from vdm_jax.maths import elbo, objectives
+from vdm_jax.nets import model as model_lib
+from vdm_jax.core import parallel
+from vdm_jax.datasets import pipeline
+from vdm_jax.maths import schedules
+from vdm_jax.training import state as state_lib, steps, tasks
 
 SK = model_lib.SCHEDULE_KEY
 

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.state: the optimiser applies the learning-rate schedule it reports, the
+"""Tests for vdm_jax.training.state: the optimiser applies the learning-rate schedule it reports,
+the
 train state's shapes, and the part of it that evaluation restores."""
 
 import jax
@@ -7,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import data, parallel, state as state_lib, steps, tasks
+from vdm_jax.datasets import data
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib, steps, tasks
 
 
 @pytest.fixture

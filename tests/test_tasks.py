@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, evaluation, runs as runs_lib, train
+from vdm_jax.training import config_checks, runs as runs_lib, train
+from vdm_jax.datasets import data
+from vdm_jax.apps import evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -29,8 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import data, model as model_lib, parallel, state as state_lib
-from vdm_jax import steps, tasks
+from vdm_jax.datasets import data
+from vdm_jax.nets import model as model_lib
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib
+from vdm_jax.training import steps, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INFO = data.static_info("digits")

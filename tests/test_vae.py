@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.vae: VAE shapes and terms, the frozen "vae" collection of LatentVDM, training
+"""Tests for vdm_jax.nets.vae: VAE shapes and terms, the frozen "vae" collection of LatentVDM,
+training
 the latent VDM on a small fixed digits set, and sampling latents then decoding them."""
 
 import functools
@@ -12,8 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import data, latent, model, networks, sampling
-from vdm_jax import vae as vae_lib
+from vdm_jax.datasets import data
+from vdm_jax.maths import latent, sampling
+from vdm_jax.nets import model, networks
+from vdm_jax.nets import vae as vae_lib
 
 K = 17
 

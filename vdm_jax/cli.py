@@ -93,7 +93,7 @@ def _need(command: str, *names: str) -> None:
 def _train(argv):
   del argv
   _need("train", "config", "workdir")
-  from vdm_jax import train   # imported late: keeps `--help` fast
+  from vdm_jax.training import train
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if "exit_status" in result:   # stopped by SIGTERM / SIGINT
     if result.get("abandoned_compilation"):
@@ -108,7 +108,7 @@ def _train(argv):
 def _eval(argv):
   del argv
   _need("eval", "workdir")
-  from vdm_jax import evaluation
+  from vdm_jax.apps import evaluation
   evaluation.run_eval(FLAGS.workdir, checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
                       t_samples=FLAGS.t_samples, max_examples=FLAGS.max_examples,
                       split=FLAGS.split, batch_size=FLAGS.batch_size, out=FLAGS.out,
@@ -119,7 +119,7 @@ def _eval(argv):
 def _sample(argv):
   del argv
   _need("sample", "workdir")
-  from vdm_jax import evaluation
+  from vdm_jax.apps import evaluation
   evaluation.run_sample(FLAGS.workdir, sampler=FLAGS.sampler,
                         steps=1000 if FLAGS.steps is None else FLAGS.steps, num=FLAGS.num,
                         out=FLAGS.out, label=FLAGS.label, guidance=FLAGS.guidance,
@@ -132,7 +132,7 @@ def _sample(argv):
 def _bench(argv):
   del argv
   _need("bench", "config")
-  from vdm_jax import bench
+  from vdm_jax.apps import bench
   bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=10 if FLAGS.steps is None else FLAGS.steps,
              out_path=FLAGS.out)
 
@@ -140,7 +140,7 @@ def _bench(argv):
 def _import_official(argv):
   del argv
   _need("import-official", "official_checkpoint", "config", "workdir")
-  from vdm_jax import official_import
+  from vdm_jax.official import official_import
   out = official_import.import_official(FLAGS.official_checkpoint, FLAGS.config, FLAGS.workdir)
   print(f"imported step {out['step']} ({out['num_params']:,} parameters) into {out['workdir']}; "
         f"next: vdm-jax eval --workdir {out['workdir']}", flush=True)
@@ -150,7 +150,7 @@ def _compress(argv):
   if len(argv) > 1:
     raise app.UsageError(f"compress takes no positional arguments, got {argv[1:]}")
   _need("compress", "workdir", "input", "out")
-  from vdm_jax import compress_app
+  from vdm_jax.compression import compress_app
   compress_app.compress_run(FLAGS.workdir, source=FLAGS.input, out=FLAGS.out,
                             checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
                             grid_bits=FLAGS.grid_bits, window=FLAGS.window,
@@ -162,8 +162,26 @@ def _decompress(argv):
     raise app.UsageError("decompress takes one file: vdm-jax decompress --workdir RUN FILE --out "
                          "DIR")
   _need("decompress", "workdir", "out")
-  from vdm_jax import compress_app
+  from vdm_jax.compression import compress_app
   compress_app.decompress_run(FLAGS.workdir, argv[1], out=FLAGS.out, checkpoint=FLAGS.checkpoint)
+
+
+def _shipped_config(argv: list[str]) -> list[str]:
+  """`--config NAME` (no such file, but a config shipped in `vdm_jax.configs`, e.g. "cifar10")
+  -> that config's file, so a machine without the source tree can name it."""
+  from vdm_jax import configs   # pylint: disable=import-outside-toplevel
+  from vdm_jax.storage import rundir   # pylint: disable=import-outside-toplevel
+  out = list(argv)
+  for i, arg in enumerate(out):
+    value = arg[len("--config="):] if arg.startswith("--config=") else (
+        out[i + 1] if arg == "--config" and i + 1 < len(out) else None)
+    if value is None or rundir.exists(value) or value.split(".py")[0] not in configs.names():
+      continue
+    if arg == "--config":
+      out[i + 1] = configs.path(value)
+    else:
+      out[i] = "--config=" + configs.path(value)
+  return out
 
 
 def _official_checkpoint_flag(argv: list[str]) -> list[str]:
@@ -191,7 +209,7 @@ def _friendly(fn):
     for name in STORAGE_CLIENT_LOGGERS:
       std_logging.getLogger(name).setLevel(
           std_logging.NOTSET if FLAGS.library_logs else std_logging.CRITICAL)
-    from vdm_jax import rundir   # pylint: disable=import-outside-toplevel
+    from vdm_jax.storage import rundir
     try:
       fn(argv)
     except ValueError as e:
@@ -205,9 +223,9 @@ def _friendly(fn):
 
 def _launch(argv: list[str]) -> None:
   """`vdm-jax launch TARGET --config C --workdir W [--config.FIELD=VALUE ...] [settings]`:
-  prints the commands that start the config on TARGET (`vdm_jax.launch`)."""
+  prints the commands that start the config on TARGET (`vdm_jax.apps.launch`)."""
   import argparse  # pylint: disable=import-outside-toplevel
-  from vdm_jax import launch
+  from vdm_jax.apps import launch
   parser = argparse.ArgumentParser(prog="vdm-jax launch", description=launch.__doc__.split(
       "\n\n")[0])
   parser.add_argument("target", choices=launch.TARGETS)
@@ -246,6 +264,7 @@ def main(argv=None) -> None:
   command = argv.pop(1)
   if command == "import-official":
     argv = _official_checkpoint_flag(argv)
+  argv = _shipped_config(argv)
   logging.set_verbosity(logging.INFO)
   commands = {"train": _train, "eval": _eval, "sample": _sample, "bench": _bench,
               "import-official": _import_official, "compress": _compress,
