@@ -17,6 +17,8 @@ import pytest
 from vdm_jax import bench, bench_report, data, networks, parallel, sampling, state as state_lib
 from vdm_jax import steps as steps_lib, tasks
 
+import tiny_net
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL_ROOF = dict(conv_batch=2, size=8, channels=8, matmul_size=64, repeats=1)
 NUMERIC_KEYS = (
@@ -35,20 +37,21 @@ def smoke_config():
 
 @pytest.fixture(scope="module")
 def smoke_run():
-  """(result, stderr, sampled) of the benchmark on the smoke config with the default sampling
-  settings: its result, what it printed on stderr, and the num_steps of every ancestral_sample
-  call it made."""
+  """(result, stderr, sampled) of the benchmark on the smoke config, with a tiny network (the
+  harness does not depend on it) and the default sampling settings: its result, what it printed
+  on stderr, and the num_steps of every ancestral_sample call it made."""
   sampled, real = [], sampling.ancestral_sample
 
   def spy(*args, num_steps, **kwargs):
     sampled.append(num_steps)
     return real(*args, num_steps=num_steps, **kwargs)
 
-  err = io.StringIO()
-  with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+  err, config = io.StringIO(), smoke_config()
+  with (pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err),
+        tiny_net.registered() as config.model.network):
     mp.setattr(sampling, "ancestral_sample", spy)
-    result = bench.run_benchmark(smoke_config(), batch_size=8, steps=2, warmup=1,
-                                 eval_images=16, sample_images=4, roofline_kwargs=SMALL_ROOF)
+    result = bench.run_benchmark(config, batch_size=8, steps=2, warmup=1, eval_images=16,
+                                 sample_images=4, roofline_kwargs=SMALL_ROOF)
   return result, err.getvalue(), sampled
 
 
@@ -197,11 +200,14 @@ def test_markdown_and_json(tmp_path, smoke_result, capsys, monkeypatch):
 
 
 def test_train_steps_make_no_implicit_host_transfers():
-  """Jitted steps on pre-sharded device batches, under transfer_guard("disallow")."""
+  """Jitted steps on pre-sharded device batches, under transfer_guard("disallow"). The network
+  is the tiny one of the benchmark above (its compiled step is reused): what crosses to the
+  device is the step's arguments, whatever the network."""
   config = smoke_config()
   mesh = parallel.make_mesh()
   info = data.get_info("digits")
-  task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
+  with tiny_net.registered() as config.model.network:
+    task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
   state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=0),
                   out_shardings=parallel.replicated(mesh))()
   step = steps_lib.jit_train_step(config, task, optimizer, mesh)
