@@ -233,16 +233,16 @@ def _distance(a, b) -> float:
   return float(optax.global_norm(jax.tree.map(jnp.subtract, a, b)))
 
 
-def _grads(config, params, batch, key, mesh=None):
-  """The gradient of the task's loss (mean bpd), sharded over `mesh` as the trainer's step."""
-  task = tasks.build_task(config, INFO)
-  fn = jax.grad(lambda p: task.loss(p, {}, batch, key)[0])
+def _grads(configs, params, batch, key, mesh=None):
+  """[the gradient of the task's loss (mean bpd) for each config], sharded over `mesh` as the
+  trainer's step; one compiled program for all (they share the forward pass)."""
+  losses = [tasks.build_task(config, INFO).loss for config in configs]
+  fn = lambda p, b: [jax.grad(lambda q, loss=loss: loss(q, {}, b, key)[0])(p) for loss in losses]
   if mesh is None:
-    return jax.jit(fn)(params)
+    return jax.jit(fn)(params, batch)
   rep = parallel.replicated(mesh)
   return jax.device_get(parallel.jit(
-      lambda p, b: jax.grad(lambda q: task.loss(q, {}, b, key)[0])(p),
-      in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=rep)(
+      fn, in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=rep)(
           params, parallel.shard_batch(batch, mesh)))
 
 
@@ -260,7 +260,7 @@ def test_model_routes_the_gradient_network_and_endpoints_unchanged(smoke_config)
   loss_var = task.loss(params, {}, batch, key)[0]
   loss_elbo = tasks.build_task(elbo_config, INFO).loss(params, {}, batch, key)[0]
   assert float(loss_var) == float(loss_elbo)
-  g_var, g_elbo = _grads(var_config, params, batch, key), _grads(elbo_config, params, batch, key)
+  g_var, g_elbo = _grads([var_config, elbo_config], params, batch, key)
   chex.assert_trees_all_close(g_var["score_net"], g_elbo["score_net"], rtol=1e-5, atol=1e-7)
   for name in ("gamma_min", "delta"):
     chex.assert_trees_all_close(g_var[SK][name], g_elbo[SK][name], rtol=1e-3, atol=1e-5)
@@ -363,16 +363,15 @@ def test_scan_bfloat16_and_a_four_device_mesh(smoke_config):
   initial = _init_state(config, mesh)   # its parameters are task.init's at PRNGKey(0)
   params = jax.device_get(initial.params)
   batch, key = _batch(), jax.random.PRNGKey(3)
-  g_var = _grads(config, params, batch, key, mesh)
   elbo_config = ml_collections.ConfigDict(config.to_dict())
   elbo_config.model.schedule_objective = "elbo"
-  g_elbo = _grads(elbo_config, params, batch, key, mesh)
+  g_var, g_elbo = _grads([config, elbo_config], params, batch, key, mesh)
   chex.assert_trees_all_close(g_var["score_net"], g_elbo["score_net"], rtol=1e-5, atol=1e-7)
   assert float(jnp.max(jnp.abs(g_var[SK]["net"]["l3"]["kernel"]
                                - g_elbo[SK]["net"]["l3"]["kernel"]))) > 0.0
   # 1 device: bfloat16 convolutions round differently with another batch split (~3% on single
   # leaves), so whole vectors are compared.
-  g_one = _grads(config, params, batch, key, parallel.make_mesh(1))
+  g_one, = _grads([config], params, batch, key, parallel.make_mesh(1))
   for part in ("score_net", SK):
     assert _distance(g_one[part], g_var[part]) < 0.02 * float(optax.global_norm(g_var[part]))
   task, state, out, _ = _train(config, 3, mesh, state=initial)
