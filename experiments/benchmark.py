@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import runpy
 import statistics
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
+
 PRESETS = {
     "digits": dict(batch_size=64, steps=10, warmup=2, data_steps=20, eval_images=300,
                    eval_batch_size=100, sample_images=64, sample_steps=200),
@@ -36,19 +37,6 @@ PRESETS = {
     "cifar10": dict(batch_size=8, steps=3, warmup=1, eval_images=16, eval_batch_size=8,
                     sample_images=8, sample_steps=5, parts=("train", "eval", "sample", "roofline")),
 }
-
-
-def load_config(name: str, overrides: list[str]):
-  config = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = type(old)(value) if not isinstance(old, bool) else value.lower() in ("1", "true")
-  return config
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -72,13 +60,13 @@ def run_one(args) -> None:
     kwargs["steps"] = args.steps
   if args.parts:
     kwargs["parts"] = tuple(args.parts)
-  result = bench.run_benchmark(load_config(args.configs[0], args.set), **kwargs)
+  result = bench.run_benchmark(common.load_config(args.configs[0], args.set), **kwargs)
   result["name"] = args.name or args.configs[0]
   pathlib.Path(args.child_out).write_text(json.dumps(result, default=str))
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--configs", nargs="+", default=["digits", "smoke", "cifar10"])
   p.add_argument("--batch", type=int, default=0)
   p.add_argument("--steps", type=int, default=0)

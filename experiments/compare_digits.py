@@ -1,5 +1,4 @@
-"""Pixel-space VDM vs DDPM (L_simple) vs latent diffusion on digits: bpd, training and sampling
-time.
+"""Pixel-space VDM vs DDPM (L_simple) vs latent diffusion on digits: bpd, training and sampling time.
 
 Trains nothing itself; it reads the runs made by (each config's docstring has the details):
 
@@ -9,18 +8,15 @@ Trains nothing itself; it reads the runs made by (each config's docstring has th
   vdm-jax train --config configs/digits_latent.py --workdir runs/digits_latent
   python experiments/compare_digits.py
 
-For each run: the test bound in bpd (continuous time, and with T = 1000 steps, or the model's own T)
-from `vdm-jax eval` machinery, training throughput (median images/s over the logged intervals of
-metrics.jsonl, as trained, on a shared machine), and sampling time for `--num` images with `--steps`
-steps (median of `--repeats` timed runs after one compile, all measured here in one process so they
-compare as
+For each run: the test bound in bpd (continuous time, and with T = 1000 steps, or the model's own T) from `vdm-jax eval`
+machinery, training throughput (median images/s over the logged intervals of metrics.jsonl, as
+trained, on a shared machine), and sampling time for `--num` images with `--steps` steps (median
+of `--repeats` timed runs after one compile, all measured here in one process so they compare as
 ratios). Writes experiments/out/compare_digits.csv and .png and prints a markdown table.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import time
@@ -29,7 +25,9 @@ import jax
 import numpy as np
 
 from vdm_jax.apps import evaluation
-from vdm_jax.training import runs, steps as steps_lib
+from vdm_jax.training import steps as steps_lib
+
+import common
 
 RUNS = (("pixel VDM (ELBO, continuous)", "runs/digits", "ancestral"),
         ("DDPM (L_simple, 1000 levels)", "runs/digits_ddpm", "ddpm"),
@@ -62,7 +60,7 @@ def _sample_seconds(run, sampler: str, num: int, steps: int, repeats: int) -> fl
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.parser(__doc__)
   parser.add_argument("--num", type=int, default=64)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--repeats", type=int, default=3)
@@ -74,7 +72,7 @@ def main() -> None:
     if not os.path.isdir(workdir):
       print(f"skipping {name}: {workdir} does not exist (train it first)")
       continue
-    run = runs.load_run(workdir)
+    run = common.load_run(workdir)
     kw = dict(max_examples=None, t_samples=args.t_samples, frozen=run.frozen)
     cont = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh, num_steps=0,
                               **kw)
@@ -89,25 +87,20 @@ def main() -> None:
                  "sample_seconds": _sample_seconds(run, sampler, args.num, args.steps,
                                                    args.repeats)})
     print(rows[-1], flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "compare_digits.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(os.path.join(args.out, "compare_digits.csv"), rows)
   _plot(rows, os.path.join(args.out, "compare_digits.png"))
-  print(f"\n| model | steps | test bpd (continuous) | test bpd (T steps) | train images/s | "
-        f"{args.num} samples x {args.steps} steps (s) |\n|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['model']} | {r['train_steps']} | {r['bpd_continuous']:.3f} ± "
-          f"{r['bpd_continuous_se']:.3f} | {r['bpd_T1000']:.3f} ± {r['bpd_T1000_se']:.3f} (T={r['T']}) | "
-          f"{r['train_images_per_s']:.0f} | {r['sample_seconds']:.2f} ({r['sampler']}) |")
+  print()
+  print(common.table(
+      ["model", "steps", "test bpd (continuous)", "test bpd (T steps)", "train images/s",
+       f"{args.num} samples x {args.steps} steps (s)"],
+      [[r["model"], r["train_steps"], f"{r['bpd_continuous']:.3f} ± {r['bpd_continuous_se']:.3f}",
+        f"{r['bpd_T1000']:.3f} ± {r['bpd_T1000_se']:.3f} (T={r['T']})",
+        f"{r['train_images_per_s']:.0f}", f"{r['sample_seconds']:.2f} ({r['sampler']})"]
+       for r in rows]))
 
 
 def _plot(rows, path: str) -> None:
-  import matplotlib   # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+  fig, ax = common.pyplot().subplots(1, 2, figsize=(10, 3.5))
   names = [r["model"].split(" (")[0] for r in rows]
   ax[0].bar(names, [r["bpd_continuous"] for r in rows],
             yerr=[r["bpd_continuous_se"] for r in rows])
@@ -116,8 +109,7 @@ def _plot(rows, path: str) -> None:
   ax[1].set_ylabel("sampling time (s)")
   for a in ax:
     a.tick_params(axis="x", rotation=20)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,18 @@ from vdm_jax.training import config_checks, runs as runs_lib, train
 from vdm_jax.datasets import data
 from vdm_jax.apps import evaluation
 
+import tiny_net
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(task, **vae):
+  """The smoke config for `task`, with a tiny VAE and, for the latent VDM, a tiny score network
+  (tests/tiny_net.py; registered while the module's tests run): the subject here is the tasks'
+  composition, not the networks."""
   c = runpy.run_path(str(ROOT / "configs" / "smoke.py"))["get_config"]()
   c.task = task
+  c.model.network = "test_tasks_tiny_net"
   c.vae.channels = 8
   c.vae.latent_channels = 2
   c.vae.num_blocks = 0
@@ -32,6 +38,12 @@ def _config(task, **vae):
   c.sample.num_steps = 4
   c.sample.num_images = 4
   return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_score_net():
+  with tiny_net.registered("test_tasks_tiny_net"):
+    yield
 
 
 @pytest.fixture(scope="module")

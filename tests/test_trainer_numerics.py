@@ -35,6 +35,8 @@ from vdm_jax.core import parallel
 from vdm_jax.training import state as state_lib
 from vdm_jax.training import steps, tasks
 
+import tiny_net
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INFO = data.static_info("digits")
 
@@ -179,13 +181,16 @@ def test_train_step_ema_of_the_updated_parameters(smoke_config, warmup):
   """ema_new = d * ema_old + (1 - d) * params_new, params_new the parameters *after* the step,
   d = min(decay, (1 + step) / (10 + step)) with the warm-up (0.4 at step 5) or decay without
   (0.9), in float64 from the trainer's compiled step's own input and output. Catches the EMA fed
-  the pre-update parameters, and a warm-up flag that does not reach the step."""
+  the pre-update parameters, and a warm-up flag that does not reach the step. The network is a
+  tiny one (tests/tiny_net.py): the EMA rule does not depend on it."""
   config = smoke_config
   config.optim.warmup_steps = 0          # a constant rate: the first Adam step moves by ~lr
   config.optim.learning_rate = 1e-2
   config.optim.ema_decay = 0.9
   config.optim.ema_warmup = warmup
-  task, optimizer = tasks.build_task(config, INFO), state_lib.build_optimizer(config)
+  with tiny_net.registered() as network:
+    config.model.network = network
+    task, optimizer = tasks.build_task(config, INFO), state_lib.build_optimizer(config)
   mesh = parallel.make_mesh(1)
   state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=0),
                   out_shardings=parallel.replicated(mesh))()
@@ -223,10 +228,14 @@ def test_train_step_ema_of_the_updated_parameters(smoke_config, warmup):
 
 
 def _cond_task(p_uncond):
+  """A class-conditional task on the smoke config with a tiny network that reads its labels
+  (tests/tiny_net.py): what is tested here is the task's label handling, not the network."""
   config = load_config("smoke")
   config.model.conditional = True
   config.model.p_uncond = p_uncond
-  task = tasks.build_task(config, INFO)
+  with tiny_net.registered() as network:
+    config.model.network = network
+    task = tasks.build_task(config, INFO)
   assert task.num_classes == 10
   return config, task
 
@@ -274,7 +283,7 @@ def test_training_loss_uses_the_dropped_labels():
   keep_task = dataclasses.replace(task, p_uncond=0.0)
   keep = jax.jit(lambda b: keep_task.loss(params, {}, b, key)[0])
   np.testing.assert_allclose(drop(batch), keep(null_batch), rtol=1e-5)
-  assert abs(float(keep(batch)) - float(keep(null_batch))) > 1e-3   # measured 7e-3
+  assert abs(float(keep(batch)) - float(keep(null_batch))) > 1e-3   # measured 0.39
 
 
 def test_conditional_eval_reports_the_unconditional_bound():

@@ -5,7 +5,7 @@ parsing and a call, nothing else::
   vdm-jax eval --workdir runs/digits [--checkpoint 3000] [--num_steps 1000] [--t_samples 4]
   vdm-jax sample --workdir runs/digits --sampler ddim --steps 100 --num 64 [--out DIR]
       [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
-  vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
+  vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10] [--sample_steps 2]
   vdm-jax import-official --checkpoint PATH --config configs/cifar10.py --workdir DIR
   vdm-jax compress --workdir runs/digits [--checkpoint S] [--num_steps T] --input test --out F
   vdm-jax decompress --workdir runs/digits F --out DIR
@@ -61,6 +61,8 @@ flags.DEFINE_enum("ddpm_variance", "beta", ["beta", "posterior"],
 flags.DEFINE_string("classifier_workdir", None, "sample: a classifier run for classifier guidance.")
 # bench
 flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's).")
+flags.DEFINE_integer("sample_steps", None, "bench: ancestral sampling steps timed, then scaled "
+                     "to 1000 (default: bench.SAMPLE_STEPS, a few).")
 # compress
 flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any split name), a "
                     ".npy / .npz of integer images, or a folder of PNGs.")
@@ -133,8 +135,9 @@ def _bench(argv):
   del argv
   _need("bench", "config")
   from vdm_jax.apps import bench
+  sample = {} if FLAGS.sample_steps is None else {"sample_steps": FLAGS.sample_steps}
   bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=10 if FLAGS.steps is None else FLAGS.steps,
-             out_path=FLAGS.out)
+             out_path=FLAGS.out, **sample)
 
 
 def _import_official(argv):

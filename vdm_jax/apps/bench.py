@@ -2,6 +2,9 @@
 
     vdm-jax bench --config configs/digits.py [--batch 64] [--steps 10]
 
+It prints a line as each part starts and ends, and a progress bar over its timed calls, on
+stderr; the table on stdout.
+
 For one config it times exactly what the trainer runs (`runs.training_task`,
 `state.init_state`, `steps.jit_train_step` / `steps.jit_eval_step`: jitted with NamedShardings
 over the mesh, state donated):
@@ -14,7 +17,11 @@ over the mesh, state donated):
 - data: steps/s of the trainer's loop shape fed by the input pipeline vs by a constant batch, and
   with vs without fetching each step's metrics;
 - eval: images/s of the bound; sample: images/s of ancestral sampling (one `lax.scan`), timed at
-  `sample_steps` and scaled to 1000 (every step runs the same body, so time is linear in steps);
+  `sample_steps` (default SAMPLE_STEPS, a few) and scaled to 1000 (every step runs the same body,
+  so time is linear in steps: 1000 steps of the paper's CIFAR-10 net would take hours on a CPU).
+  The timed call also holds the sampler's fixed costs (initial noise, decoding, dispatch): on a
+  small net, where a step takes milliseconds, a few steps overstate the 1000-step time, and a
+  larger `sample_steps` (`--sample_steps`) measures it;
 - roofline: this machine's FLOP/s on a large float32 convolution, its gradient and a large
   matmul; the train step's FLOP/s as a fraction of each.
 
@@ -43,46 +50,22 @@ from vdm_jax.training import config_checks, runs
 from vdm_jax.datasets import data, pipeline
 from vdm_jax.core import parallel
 from vdm_jax.maths import sampling
+from vdm_jax.apps.bench_report import say
 from vdm_jax.training import state as state_lib
 from vdm_jax.core.checks import check_number
 from vdm_jax.training import steps as steps_lib, tasks
 
 PARTS = ("train", "data", "eval", "sample", "roofline")
+# Defaults that keep `vdm-jax bench` within minutes on a CPU for the paper's CIFAR-10 net (a
+# forward pass of 64 images takes seconds there; 1000 sampling steps would take hours).
+SAMPLE_STEPS = 2      # ancestral steps timed (the result is scaled to 1000 steps)
+EVAL_BATCHES = 1      # eval batches timed, after one untimed
 # Dense peak FLOP/s per chip, from the vendors' data sheets: (float32 matmuls, bfloat16).
 # float32 on NVIDIA is the TF32 tensor-core peak (XLA's default precision for f32 dots there).
 PEAK_FLOPS = {
     "H100": (494.7e12, 989.4e12), "H200": (494.7e12, 989.4e12), "A100": (156e12, 312e12),
     "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5": (459e12, 459e12),
 }
-
-
-def _cost_flops(compiled: Any) -> float | None:
-  """FLOPs from XLA's cost analysis (a dict, or a list of dicts in some jax versions)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops is not None and flops > 0 else None
-
-
-def _memory(compiled: Any) -> dict[str, float | None]:
-  """The compiled program's footprint (MiB) and the process / device peaks seen so far."""
-  out: dict[str, float | None] = {"step_memory_mib": None, "step_temp_mib": None}
-  try:
-    m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-    out.update(step_memory_mib=total / 2**20, step_temp_mib=m.temp_size_in_bytes / 2**20)
-  except Exception:  # pylint: disable=broad-except
-    pass
-  out["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  stats = jax.local_devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  out["device_peak_mib"] = None if peak is None else peak / 2**20
-  return out
 
 
 def _compile(jitted: Any, *args) -> tuple[Any, float, float]:
@@ -147,6 +130,7 @@ def roofline(*, conv_batch: int = 32, size: int = 32, channels: int = 128, matmu
   for name, (fn, args, n_convs) in fns.items():
     flops = 2.0 * matmul_size**3 if n_convs is None else n_convs * conv_flops
     for variant, options in variants.items():
+      say(f"roofline: {name} ({variant}), {repeats} timed calls")
       jitted = jax.jit(fn, compiler_options=options)
       jax.block_until_ready(jitted(*args))   # compile and warm up
       seconds = _median_time(functools.partial(jitted, *args), repeats)
@@ -196,24 +180,29 @@ def _check_batch(name: str, batch_size: int, num_devices: int) -> int:
 def bench_train(setup: dict, *, steps: int, warmup: int) -> dict[str, Any]:
   """Compile time, FLOPs, memory and the median step time of the trainer's step."""
   state, batch = setup["state"], setup["batch"]
+  say(f"train: compiling the train step (batch {setup['batch_size']})")
   compiled, lower_s, compile_s = _compile(setup["step"], state, batch)
   setup["compiled_step"] = compiled
-  times = []
+  say(f"train: compiled in {lower_s + compile_s:.1f} s; {warmup} warm-up + {steps} timed steps")
+  times, bar = [], bench_report.progress_bar(warmup + steps)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")   # "donated buffers were not usable" on CPU
     for i in range(warmup + steps):
       start = time.perf_counter()
       state, _ = jax.block_until_ready(compiled(state, batch))
       times += [time.perf_counter() - start] if i >= warmup else []
+      bar.update(i + 1)
+  bar.close()
   setup["state"] = state
   step_s = statistics.median(times)
-  flops = _cost_flops(compiled)
+  say(f"train: {1e3 * step_s:,.1f} ms per step (median)")
+  flops = bench_report.compiled_flops(compiled)
   out = {"lower_s": lower_s, "compile_s": lower_s + compile_s, "step_s": step_s,
          "step_s_all": times, "train_images_per_s": setup["batch_size"] / step_s,
          "flops_per_step": flops, "flops_per_s": None if flops is None else flops / step_s}
   peak = peak_flops(setup["config"].model.dtype)
   out["mfu"] = None if (peak is None or flops is None) else flops / step_s / peak
-  out.update(_memory(compiled))
+  out.update(bench_report.compiled_memory(compiled))
   return out
 
 
@@ -243,11 +232,14 @@ def bench_data(setup: dict, *, steps: int, rounds: int = 3) -> dict[str, Any]:
   """
   config, compiled, state, mesh = (setup[k] for k in ("config", "compiled_step", "state", "mesh"))
   if not setup["prepared"]:
+    say(f"data: skipped ({config.data.name} is not prepared)")
     return {"data_source": "not prepared: skipped"}
+  say(f"data: {rounds} rounds of 3 loops of {steps} steps (constant batch, pipeline, no fetch)")
   host = random_batch(setup["info"], setup["batch_size"])
   batches = pipeline.train_iterator(config.data.name, global_batch_size=setup["batch_size"],
                                     seed=config.seed, data_dir=config.data.data_dir or None)
   const, fed, no_fetch = [], [], []
+  bar = bench_report.progress_bar(3 * rounds)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     for _ in range(rounds):
@@ -255,6 +247,8 @@ def bench_data(setup: dict, *, steps: int, rounds: int = 3) -> dict[str, Any]:
                                       (no_fetch, itertools.repeat(host), False)):
         rate, state = _loop_steps_per_s(compiled, state, source_it, steps, mesh, fetch=fetch)
         rates.append(rate)
+        bar.update(len(const) + len(fed) + len(no_fetch))
+  bar.close()
   setup["state"] = state
   for _ in range(16):   # drain what was prefetched while the loop ran
     next(batches)
@@ -279,13 +273,20 @@ def bench_eval(setup: dict, *, eval_images: int, eval_batch_size: int) -> dict[s
   batch = parallel.shard_batch(random_batch(info, eval_batch_size, mask=True), mesh)
   state, key = setup["state"], jax.random.PRNGKey(1)
   args = (state.params, state.frozen)
+  say(f"eval: compiling the eval step (batch {eval_batch_size})")
   compiled, lower_s, compile_s = _compile(fn, *args, batch, key)
-  jax.block_until_ready(compiled(*args, batch, key))
   n = math.ceil(eval_images / eval_batch_size)
+  say(f"eval: compiled in {lower_s + compile_s:.1f} s; 1 warm-up + {n} timed batches")
+  bar = bench_report.progress_bar(1 + n)
+  jax.block_until_ready(compiled(*args, batch, key))
+  bar.update(1)
   start = time.perf_counter()
   outs = [compiled(*args, batch, jax.random.fold_in(key, i)) for i in range(n)]
-  jax.block_until_ready(outs)
+  for i, out in enumerate(outs):   # all dispatched at once; the bar follows their completion
+    jax.block_until_ready(out)
+    bar.update(i + 2)
   elapsed = time.perf_counter() - start
+  bar.close()
   return {"eval_compile_s": lower_s + compile_s, "eval_batch_size": eval_batch_size,
           "eval_images": n * eval_batch_size, "eval_images_per_s": n * eval_batch_size / elapsed}
 
@@ -305,8 +306,11 @@ def bench_sample(setup: dict, *, sample_images: int, sample_steps: int) -> dict[
 
   run = parallel.jit(run)
   key = jax.random.PRNGKey(2)
+  say(f"sample: compiling ancestral sampling, {sample_images} images x {sample_steps} steps")
   compiled, lower_s, compile_s = _compile(run, key)
+  say(f"sample: compiled in {lower_s + compile_s:.1f} s; one timed call")
   seconds = _median_time(lambda: compiled(key), 1)
+  say(f"sample: {seconds:.2f} s; scaled to 1000 steps {seconds * 1000 / sample_steps:,.0f} s")
   return {"sample_compile_s": lower_s + compile_s, "sample_images": sample_images,
           "sample_steps": sample_steps, "sample_s": seconds,
           "sample_images_per_s": sample_images / seconds,
@@ -320,6 +324,7 @@ def bench_sample(setup: dict, *, sample_images: int, sample_steps: int) -> dict[
 def _setup(config, batch_size: int | None, mesh) -> dict[str, Any]:
   mesh = parallel.make_mesh() if mesh is None else mesh
   batch_size = _check_batch("batch_size", batch_size or config.training.batch_size, mesh.size)
+  say(f"setup: {config.data.name}: the data set's description, the model, its initial state")
   info, prepared = load_info(config)
   task, optimizer = runs.training_task(config, info), state_lib.build_optimizer(config)
   state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=config.seed),
@@ -334,7 +339,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
                   steps: int = 10, warmup: int = 2, data_steps: int | None = None,
                   eval_images: int | None = None,
                   eval_batch_size: int | None = None, sample_images: int | None = None,
-                  sample_steps: int = 1000, parts: Sequence[str] = PARTS,
+                  sample_steps: int = SAMPLE_STEPS, parts: Sequence[str] = PARTS,
                   roofline_kwargs: dict | None = None, mesh=None) -> dict[str, Any]:
   """Benchmarks one config; see the module docstring for what each part measures.
 
@@ -344,10 +349,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
       number of devices.
     steps, warmup: timed and untimed train steps.
     data_steps: loop length of each "data" measurement (default `steps`).
-    eval_images: images in the timed evaluation (default 4 eval batches).
+    eval_images: images in the timed evaluation (default EVAL_BATCHES eval batches).
     eval_batch_size: default min(config.eval.batch_size, eval_images).
     sample_images: images sampled at once (default config.sample.num_images).
-    sample_steps: ancestral steps timed (the result is also scaled to 1000 steps).
+    sample_steps: ancestral steps timed (default SAMPLE_STEPS; the result is also scaled to
+      1000 steps, the time being linear in the steps).
     parts: a subset of PARTS; "data" needs "train".
     roofline_kwargs: keyword arguments of `roofline` (e.g. smaller shapes in tests).
     mesh: the device mesh (default all devices).
@@ -358,9 +364,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
   unknown = set(parts) - set(PARTS)
   if unknown or ("data" in parts and "train" not in parts):
     raise ValueError(f"parts must be a subset of {PARTS} ('data' needs 'train'), got {parts!r}")
-  if steps < 1 or warmup < 0:
-    raise ValueError(f"expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+  if steps < 1 or warmup < 0 or sample_steps < 1:
+    raise ValueError(f"expected steps >= 1, warmup >= 0 and sample_steps >= 1, got steps={steps}"
+                     f", warmup={warmup}, sample_steps={sample_steps}")
   with parallel.cpu_ynn_fusions(config.xla.cpu_ynn_fusion_type):   # as the trainer compiles
+    start = time.perf_counter()
     setup = _setup(config, batch_size, mesh)
     n_dev = setup["mesh"].size
     leaves = jax.tree.leaves(setup["state"].params)
@@ -371,12 +379,14 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int | None =
         "remat": bool(config.model.remat), "num_blocks": config.model.num_blocks,
         "channels": config.model.channels, "params": int(sum(x.size for x in leaves)),
         "compiler_options": parallel.compiler_options()}
+    say(f"setup: {result['params']:,} parameters, batch {setup['batch_size']} over {n_dev} "
+        f"{result['backend']} device(s) ({time.perf_counter() - start:.1f} s)")
     if "train" in parts:
       result.update(bench_train(setup, steps=steps, warmup=warmup))
     if "data" in parts:
       result.update(bench_data(setup, steps=data_steps or steps))
     if "eval" in parts:
-      eval_images = eval_images or 4 * config.eval.batch_size
+      eval_images = eval_images or EVAL_BATCHES * config.eval.batch_size
       eb = eval_batch_size or min(config.eval.batch_size, eval_images)
       eb = _check_batch("eval_batch_size", max(n_dev, eb - eb % n_dev), n_dev)
       result.update(bench_eval(setup, eval_images=eval_images, eval_batch_size=eb))
@@ -406,7 +416,9 @@ def main(config: ml_collections.ConfigDict, *, batch_size: int | None = None, st
   config_checks.check_config(config)
   if batch_size is not None:
     check_number("batch", batch_size, integer=True, low=1)
+  start = time.perf_counter()
   result = run_benchmark(config, batch_size=batch_size, steps=steps, **kwargs)
+  say(f"done in {time.perf_counter() - start:.0f} s")
   result["name"] = name or config.data.name
   print(bench_report.format_markdown(result), flush=True)
   if out_path:
