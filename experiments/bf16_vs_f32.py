@@ -67,7 +67,7 @@ def train_once(config, *, steps: int, mesh) -> dict:
       state, out = step(state, parallel.shard_batch(next(batches), mesh))
     train_bpd = float(jax.device_get(out["bpd"]))
   seconds = time.perf_counter() - start
-  result = steps_lib.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen,
+  result = steps_lib.evaluate(task, state.ema_params, config, mesh, frozen=state.frozen,
                               seed=0)
   return {"test_bpd": result["bpd"], "test_bpd_se": result["bpd_se"], "train_bpd": train_bpd,
           "train_seconds": seconds, "steps_per_s": steps / seconds, **precision}

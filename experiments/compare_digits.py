@@ -74,10 +74,10 @@ def main() -> None:
       continue
     run = common.load_run(workdir)
     kw = dict(max_examples=None, t_samples=args.t_samples, frozen=run.frozen)
-    cont = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh, num_steps=0,
+    cont = steps_lib.evaluate(run.task, run.params, run.config, run.mesh, num_steps=0,
                               **kw)
     steps_t = run.config.model.num_steps or 1000   # DDPM: its own 999 steps (levels 1..1000)
-    t1000 = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh,
+    t1000 = steps_lib.evaluate(run.task, run.params, run.config, run.mesh,
                                num_steps=steps_t, **kw) if run.task.name != "vae" else cont
     speed, steps = _train_speed(workdir)
     rows.append({"model": name, "workdir": workdir, "train_steps": steps,

@@ -110,7 +110,7 @@ def test_classifier_eval_values_against_numpy(num_devices):
                                           gamma_min=-8.0, gamma_max=6.0)
   task = tasks.ClassifierTask(model, info, num_classes=10)
   params, _ = task.init(jax.random.key(0))
-  result = steps.evaluate(task, params, config, info, parallel.make_mesh(num_devices))
+  result = steps.evaluate(task, params, config, parallel.make_mesh(num_devices))
 
   labels = data.get_source("digits", split="test").labels
   n = len(labels)

@@ -43,10 +43,10 @@ def smoke_config(**training):
 
 def _final_state(config, workdir):
   info = data.get_info(config.data.name)
-  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
   mesh = parallel.make_mesh()
   abstract = state_lib.abstract_state(
-      lambda: state_lib.init_state(model, tx, seed=config.seed, info=info), mesh)
+      lambda: state_lib.init_state(task, tx, seed=config.seed), mesh)
   with checkpointing.CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
     step, state, meta = ckpt.restore(abstract)
   return step, jax.device_get(state), meta
@@ -96,11 +96,11 @@ def test_nan_skips_then_stops_after_k_in_a_row(tmp_path, monkeypatch):
 def test_skipped_update_leaves_state_unchanged(monkeypatch):
   config = smoke_config()
   info = data.get_info("digits")
-  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
-  state = state_lib.init_state(model, tx, seed=0, info=info)
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
+  state = state_lib.init_state(task, tx, seed=0)
   batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
   _nan_loss(monkeypatch)
-  new, out = jax.jit(steps_lib.make_train_step(model, tx, info=info, ema_decay=0.9))(state, batch)
+  new, out = jax.jit(steps_lib.make_train_step(task, tx, ema_decay=0.9))(state, batch)
   assert float(out["finite"]) == 0.0 and int(new.nonfinite_count) == 1 and int(new.step) == 1
   chex.assert_trees_all_equal(new.params, state.params)
   chex.assert_tree_all_finite(new.params)

@@ -88,11 +88,11 @@ def test_mock_cifar10_end_to_end(tmp_path):
 def _one_step(num_devices):
   config = load_config("smoke")
   info = data.get_info("digits")
-  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
   mesh = parallel.make_mesh(num_devices)
   rep = parallel.replicated(mesh)
-  state = jax.jit(lambda: state_lib.init_state(model, tx, seed=0, info=info), out_shardings=rep)()
-  step = jax.jit(steps_lib.make_train_step(model, tx, info=info, ema_decay=0.9),
+  state = jax.jit(lambda: state_lib.init_state(task, tx, seed=0), out_shardings=rep)()
+  step = jax.jit(steps_lib.make_train_step(task, tx, ema_decay=0.9),
                  in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep))
   batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
   for _ in range(2):

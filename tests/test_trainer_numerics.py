@@ -103,7 +103,7 @@ def test_evaluate_golden_values_on_a_padded_split(num_devices):
   rng = np.random.default_rng(0)
   w, c = rng.standard_normal(64) * 0.5, 0.5
   params = {"w": jnp.asarray(w, jnp.float32), "c": jnp.float32(c)}
-  result = steps.evaluate(_KnownValuesTask(), params, _digits_eval_config(), INFO,
+  result = steps.evaluate(_KnownValuesTask(), params, _digits_eval_config(),
                           parallel.make_mesh(num_devices), num_steps=0)
 
   x = images.reshape(n, -1).astype(np.float64) / 16.0
@@ -123,7 +123,7 @@ def test_evaluate_averages_independent_t_samples():
   is ~4%). A sum over t-samples gives 2.0; a single draw (or one key for all four) doubles the
   SE."""
   n, t = 297, 4
-  result = steps.evaluate(_UniformDrawTask(), {}, _digits_eval_config(), INFO,
+  result = steps.evaluate(_UniformDrawTask(), {}, _digits_eval_config(),
                           parallel.make_mesh(1), num_steps=0)
   assert result["num_examples"] == n and result["t_samples"] == t
   se = math.sqrt(1 / (12 * t * n))
@@ -325,8 +325,8 @@ def test_conditional_run_evaluates_like_the_null_label_run():
   config, task = _cond_task(0.1)
   config.eval.max_examples = 48
   params, mesh = _cond_params(task), parallel.make_mesh(1)
-  reported = steps.evaluate(task, params, config, INFO, mesh)
-  null = steps.evaluate(_NullLabels(task), params, config, INFO, mesh)
+  reported = steps.evaluate(task, params, config, mesh)
+  null = steps.evaluate(_NullLabels(task), params, config, mesh)
   assert reported["num_examples"] == 48
   for k, v in null.items():
     np.testing.assert_allclose(reported[k], v, rtol=1e-6, err_msg=k)

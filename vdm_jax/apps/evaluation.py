@@ -60,7 +60,7 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
   if run.config.eval.batch_size % run.mesh.size:
     raise ValueError(f"eval batch size {run.config.eval.batch_size} is not a multiple of the "
                      f"{run.mesh.size} devices; pass --batch_size")
-  result = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh,
+  result = steps_lib.evaluate(run.task, run.params, run.config, run.mesh,
                               num_steps=num_steps, t_samples=t_samples,
                               max_examples=max_examples, split=split, frozen=run.frozen,
                               seed=seed)

@@ -46,7 +46,7 @@ def _data_rules(c: ml_collections.ConfigDict) -> list[tuple[str, Any, bool, str]
   """Rules for the task, the data and the latent model's VAE."""
   known = data.DATASETS.names()
   return [
-      ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS}"),
+      ("task", c.task, c.task in tasks.TASKS, f"one of {tasks.TASKS.names()}"),
       ("vae.channels", c.vae.channels, _int_at_least(c.vae.channels, 1), "an integer > 0"),
       ("vae.latent_channels", c.vae.latent_channels, _int_at_least(c.vae.latent_channels, 1),
        "an integer > 0"),

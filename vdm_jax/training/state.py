@@ -66,13 +66,9 @@ def build_optimizer(config: ml_collections.ConfigDict) -> Optimizer:
   return Optimizer(tx, learning_rate)
 
 
-def init_state(task, tx: optax.GradientTransformation, *, seed: int,
-               info: data.DatasetInfo | None = None) -> TrainState:
-  """A fresh train state (call under jit with replicated out_shardings).
-
-  `task` is a task (`tasks.build_task`) or a bare VDM module (then `info` is needed).
-  """
-  task = tasks.as_task(task, info=info)
+def init_state(task: tasks.Task, tx: optax.GradientTransformation, *, seed: int) -> TrainState:
+  """A fresh train state of a task (`tasks.build_task`); call under jit with replicated
+  out_shardings."""
   key = jax.random.PRNGKey(seed)
   params, frozen = task.init(key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,

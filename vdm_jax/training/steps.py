@@ -33,9 +33,9 @@ PyTree = Any
 STOP_KEY = "stop"
 
 
-def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
-                    ema_warmup: bool = True, lr_schedule: optax.Schedule | None = None,
-                    info: data.DatasetInfo | None = None, p_uncond: float = 0.0) -> Callable:
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, *, ema_decay: float,
+                    ema_warmup: bool = True, lr_schedule: optax.Schedule | None = None
+                    ) -> Callable:
   """(state, batch) -> (state, metrics): one optimiser step on the task's loss, plus EMA.
 
   A batch column `STOP_KEY` (the processes' stop requests, not training data) is taken out of
@@ -46,10 +46,8 @@ def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
 
   A non-finite loss or gradient norm leaves the state unchanged (the update is skipped) and sets
   metrics["finite"] = 0, so a non-finite state can never be produced, let alone saved; the host
-  decides whether to stop (`max_nonfinite_steps`). `info` and `p_uncond` are only used when
-  `task` is a bare VDM module.
+  decides whether to stop (`max_nonfinite_steps`).
   """
-  task = tasks.as_task(task, info=info, p_uncond=p_uncond)
 
   def step_fn(state: state_lib.TrainState, batch: dict[str, jax.Array]):
     batch = dict(batch)
@@ -79,15 +77,12 @@ def make_train_step(task, tx: optax.GradientTransformation, *, ema_decay: float,
   return step_fn
 
 
-def make_eval_step(task, *, num_steps: int, t_samples: int,
-                   info: data.DatasetInfo | None = None) -> Callable:
+def make_eval_step(task: tasks.Task, *, num_steps: int, t_samples: int) -> Callable:
   """(params, frozen, batch, key) -> masked sums of the task's per-example eval values.
 
   Each example's values are averaged over `t_samples` independent draws (t, eps); returns
   {"sum": {name: scalar}, "sum_sq": scalar (of the headline value), "count": scalar}.
   """
-  task = tasks.as_task(task, info=info)
-
   def eval_fn(params, frozen, batch, key):
     mask = batch["mask"].astype(jnp.float32)
     one = lambda k: task.eval_terms(params, frozen, batch, k, num_steps=num_steps)
@@ -128,13 +123,12 @@ def eval_num_steps(config: ml_collections.ConfigDict) -> int:
   return int(config.model.num_steps) if n < 0 else n
 
 
-def evaluate(task, params, config, info, mesh, *, num_steps: int | None = None,
+def evaluate(task: tasks.Task, params, config, mesh, *, num_steps: int | None = None,
              t_samples: int | None = None, max_examples: int | None = None,
              split: str | None = None, frozen: PyTree = None, seed: int | None = None
              ) -> dict[str, float]:
   """The task's eval values on a data split with `params`: their means, and the standard error
   of the headline value (e.g. "bpd" and "bpd_se", with the bound's three terms)."""
-  task = tasks.as_task(task, info=info)
   frozen = {} if frozen is None else frozen
   split = split or data.default_eval_split(config.data.name)   # None: test, or validation
   num_steps = eval_num_steps(config) if num_steps is None else num_steps
@@ -187,14 +181,13 @@ def draw_samples(fns, *, sampler: str, key: jax.Array, num_images: int, num_step
   return np.asarray(jax.device_get(out))
 
 
-def sample_images(task, params, *, key, info, num_images: int, num_steps: int,
+def sample_images(task: tasks.Task, params, *, key, num_images: int, num_steps: int,
                   labels=None, sampler: str = "ancestral", frozen: PyTree = None,
                   **sampler_kwargs) -> np.ndarray:
-  """Integer samples [N, H, W, C] from a task's (or bare VDM's) reverse process."""
-  task = tasks.as_task(task, info=info)
+  """Integer samples [N, H, W, C] from a task's reverse process."""
   fns = task.sampler_fns(params, {} if frozen is None else frozen, labels)
   return draw_samples(fns, sampler=sampler, key=key, num_images=num_images,
-                      num_steps=num_steps, info=info, **sampler_kwargs)
+                      num_steps=num_steps, info=task.info, **sampler_kwargs)
 
 
 def summary_line(result: dict, headline: str) -> str:

@@ -1,18 +1,12 @@
 """What the one trainer optimises: a task turns a config into a module and pure closures.
 
 `train.py` runs every task through the same jitted step, checkpointing, evaluation loop and
-metrics. A task provides (all pure, traced under jit)::
-
-  init(key)                          -> (params, frozen)   frozen: {} or parameters kept fixed
-  loss(params, frozen, batch, key)   -> (scalar loss, metrics dict)      (train mode)
-  eval_terms(params, frozen, batch, key, *, num_steps) -> {name: [B] per-example values}
-  param_metrics(params)              -> {name: scalar} logged every step (e.g. gamma endpoints)
-  sampler_fns(params, frozen, labels) -> (eps_fn, gamma_fn, latent_shape, decode) or raises
-
-`headline` names the eval value whose standard error is reported (bpd for generative tasks).
-Tasks: "vdm" (the VDM bound or another objective, optionally class-conditional),
-"classifier" (a noise-conditional classifier for classifier guidance), "vae" (a discrete-decoder
-VAE) and "latent_vdm" (a VDM on the latents of a trained, frozen VAE; its bound is on -log p(x)).
+metrics. The contract is the `Task` protocol. Tasks are registered by name in `TASKS` (as
+schedules, networks, samplers and data sets are), each with a builder
+`(config, info, *, vae_params) -> Task`; `config.task` names one: "vdm" (the VDM bound or another
+objective, optionally class-conditional), "classifier" (a noise-conditional classifier for
+classifier guidance), "vae" (a discrete-decoder VAE) and "latent_vdm" (a VDM on the latents of a
+trained, frozen VAE; its bound is on -log p(x)).
 Tasks never read run directories: the latent VDM's trained VAE parameters are passed in
 (`build_task(..., vae_params=)`, read by `runs.load_vae_params`).
 """
@@ -20,20 +14,55 @@ Tasks never read run directories: the latent VDM's trained VAE parameters are pa
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdm_jax.core import registry
 from vdm_jax.nets import classifier as classifier_lib
 from vdm_jax.datasets import data
 from vdm_jax.maths import elbo, latent, schedules
 from vdm_jax.nets import model as model_lib, networks, vae as vae_lib
 
 PyTree = Any
-TASKS = ("vdm", "classifier", "vae", "latent_vdm")
+SamplerFns = tuple[Callable, Callable, tuple[int, ...], Callable | None]
+
+
+@runtime_checkable
+class Task(Protocol):
+  """What the trainer, the evaluation and the samplers need of a task (methods pure, traced
+  under jit).
+
+  Attributes:
+    name: the registered name (config.task).
+    headline: the eval value whose standard error is reported ("bpd" for generative tasks).
+    info: the data set the task models.
+  """
+  name: str
+  headline: str
+  info: data.DatasetInfo
+
+  def init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
+    """(params, frozen): the trained parameters, and {} or parameters kept fixed."""
+
+  def loss(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array], key: jax.Array
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss, {name: scalar} metrics) of a batch, in train mode."""
+
+  def eval_terms(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array],
+                 key: jax.Array, *, num_steps: int) -> dict[str, jax.Array]:
+    """{name: [B] per-example values} (the headline among them); T = num_steps (0: continuous)."""
+
+  def param_metrics(self, params: PyTree) -> dict[str, jax.Array]:
+    """{name: scalar} logged every step (e.g. the schedule's endpoints)."""
+
+  def sampler_fns(self, params: PyTree, frozen: PyTree, labels: jax.Array | None = None
+                  ) -> SamplerFns:
+    """(eps_fn, gamma_fn, shape of one sample, decode or None) for the samplers; raises where
+    the task does not sample."""
 
 
 def _dummy_images(info: data.DatasetInfo, batch: int = 1) -> jax.Array:
@@ -334,30 +363,40 @@ def build_latent_vdm(config: ml_collections.ConfigDict,
                            cond_gamma_min=m.gamma_min, cond_gamma_max=m.gamma_max)
 
 
+TaskBuilder = Callable[..., Task]   # (config, info, *, vae_params) -> Task
+TASKS: registry.Registry[TaskBuilder] = registry.Registry("task")
+
+
+def register_task(name: str, builder: TaskBuilder, *, replace: bool = False) -> TaskBuilder:
+  """Registers `builder(config, info, *, vae_params) -> Task` as the task `name`."""
+  return TASKS.register(name, builder, replace=replace)
+
+
 def build_task(config: ml_collections.ConfigDict, info: data.DatasetInfo, *,
-               vae_params: PyTree = None):
-  """The task named by config.task.
+               vae_params: PyTree = None) -> Task:
+  """The task named by config.task (`TASKS`).
 
   Args:
     vae_params: task "latent_vdm" only: the trained VAE's parameters, frozen into a fresh state
       (`runs.load_vae_params` reads them from latent.vae_workdir); None when the state comes
       from the run's own checkpoint (only their shapes are needed then).
+
+  Raises:
+    ValueError: an unknown task (the message lists the registered ones), or a builder that does
+      not return a `Task`.
   """
-  if config.task == "vae":
-    return VAETask(build_vae(config, info), info)
-  if config.task == "latent_vdm":
-    return LatentVDMTask(build_latent_vdm(config, info), info, vae_params=vae_params)
-  if config.task == "vdm":
-    return VDMTask(build_vdm(config, info), info, p_uncond=config.model.p_uncond)
-  if config.task == "classifier":
-    return ClassifierTask(build_classifier(config, info), info, num_classes=info.num_classes)
-  raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
+  task = TASKS.get(config.task)(config, info, vae_params=vae_params)
+  if not isinstance(task, Task):
+    raise ValueError(f"the builder of task {config.task!r} returned {type(task).__name__}, "
+                     f"which lacks part of the Task protocol (name, headline, info, init, loss, "
+                     f"eval_terms, param_metrics, sampler_fns)")
+  return task
 
 
-def as_task(model_or_task, *, info: data.DatasetInfo | None = None, p_uncond: float = 0.0):
-  """A task for a bare VDM module (the older VDM-only API of train.py), else the task itself."""
-  if isinstance(model_or_task, model_lib.VDM):
-    if info is None:
-      raise ValueError("a bare VDM module needs `info` to become a task")
-    return VDMTask(model_or_task, info, p_uncond=p_uncond)
-  return model_or_task
+register_task("vdm", lambda config, info, vae_params=None: VDMTask(
+    build_vdm(config, info), info, p_uncond=config.model.p_uncond))
+register_task("classifier", lambda config, info, vae_params=None: ClassifierTask(
+    build_classifier(config, info), info, num_classes=info.num_classes))
+register_task("vae", lambda config, info, vae_params=None: VAETask(build_vae(config, info), info))
+register_task("latent_vdm", lambda config, info, vae_params=None: LatentVDMTask(
+    build_latent_vdm(config, info), info, vae_params=vae_params))

@@ -305,7 +305,7 @@ def _loop(config, workdir, info, mesh, p: _Prepared, stop: run_control.StopReque
         pending, tick, tick_step = None, time.perf_counter(), step
       if step % t.eval_every == 0 and step < t.num_steps and agreed == _STOP_NONE:
         writer.write_scalars(step, _prefix(steps.evaluate(
-            p.task, state.ema_params, config, info, mesh, frozen=state.frozen), "eval/"))
+            p.task, state.ema_params, config, mesh, frozen=state.frozen), "eval/"))
       if step % t.sample_every == 0 and step < t.num_steps and agreed == _STOP_NONE:
         _write_samples(p.task, state, config, info, workdir, step, is_chief)
       _save(p, config_saved, writer, config, step, state)
@@ -344,7 +344,7 @@ def _close_quietly(ckpt, bar) -> None:
 
 def _final(config, workdir, info, mesh, task, state, step, writer, is_chief) -> dict[str, Any]:
   """The final evaluation and samples; eval.json."""
-  result = steps.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen)
+  result = steps.evaluate(task, state.ema_params, config, mesh, frozen=state.frozen)
   writer.write_scalars(step, _prefix(result, "eval/"))
   _write_samples(task, state, config, info, workdir, step, is_chief)
   num_params = sum(int(leaf.size) for leaf in jax.tree.leaves(state.ema_params))
@@ -386,7 +386,7 @@ def _write_samples(task, state, config, info, workdir, step, is_chief) -> None:
   n = config.sample.num_images
   labels = (jnp.arange(n) % info.num_classes) if getattr(task, "num_classes", 0) else None
   images = steps.sample_images(task, state.ema_params, key=jax.random.PRNGKey(config.seed + 2),
-                               info=info, num_images=n, num_steps=config.sample.num_steps,
+                               num_images=n, num_steps=config.sample.num_steps,
                                labels=labels, frozen=state.frozen, sampler=config.sample.sampler,
                                **_sampler_options(config))
   if is_chief:
