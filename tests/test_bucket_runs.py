@@ -155,7 +155,12 @@ def test_the_lease_of_a_killed_trainer_expires_and_is_taken_over(gcs, gs_dir):
   finally:
     if first.poll() is None:
       first.kill()
-  assert len(rundir.list_names(run + "/train.lock")) == 1   # its lease stays behind
+  left = rundir.list_names(run + "/train.lock")
+  assert len(left) == 1   # its lease stays behind
+  # The lease expires 4 s after its last heartbeat (the emulator's clock is this machine's); a
+  # trainer starting sooner is refused, which test_run_lock shows without timing a start-up.
+  while time.time() - rundir.mtime(run + "/train.lock/" + left[0]) <= 4.5:
+    time.sleep(0.2)
   second = _ok(_cli(*args, "--config.training.num_steps=4", env=env))
   taken = [line for line in second.stderr.splitlines() if "taking over the lock" in line]
   assert len(taken) == 1 and held["holder"] in taken[0], second.stderr[-3000:]

@@ -218,12 +218,17 @@ def test_cli_eval_and_sample(runs, tmp_path):
                          "--out", str(out)], capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "bpd" in proc.stdout and json.loads(out.read_text())["num_steps"] == 5
+  # What it does, while it does it (stderr): a line, then one per batch.
+  assert "eval: checkpoint 2, test: 16 examples in 1 batches of" in proc.stderr
+  assert re.search(r"batch 1/1 \(100.0%\) \| bpd \d", proc.stderr), proc.stderr[-2000:]
   proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", "sample", "--workdir",
                          runs["cond"], "--sampler", "ddim", "--steps", "3", "--num", "4",
                          "--label", "7", "--guidance", "1", "--out", str(tmp_path / "s")],
                         capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(list((tmp_path / "s").glob("*.npz"))) == 1
+  assert "sample: 4 images, ddim, 3 steps, checkpoint" in proc.stderr
+  assert "batch 1/1 (100.0%)" in proc.stderr
 
 
 def test_eval_prints_the_bound_before_a_failed_write(runs, tmp_path, capsys):

@@ -79,8 +79,10 @@ flags.DEFINE_bool("library_logs", False, "Show the INFO logs of the libraries (o
 LIBRARY_LOGGERS = ("absl", "jax")
 # Object-storage clients log each request they give up on, with a traceback, at ERROR level; the
 # command reports the failure itself in one line (`rundir.StorageError`), so theirs are hidden
-# unless --library_logs.
-STORAGE_CLIENT_LOGGERS = ("gcsfs", "fsspec", "s3fs", "aiohttp")
+# unless --library_logs. google.auth warns of each credential source it does not find (no
+# metadata server off Google Cloud) before gcsfs goes on anonymously; a request that then needs
+# credentials fails with its own error.
+STORAGE_CLIENT_LOGGERS = ("gcsfs", "fsspec", "s3fs", "aiohttp", "google.auth")
 
 COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress",
             "launch")

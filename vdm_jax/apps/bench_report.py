@@ -63,7 +63,7 @@ def compiled_memory(compiled: Any) -> dict[str, float | None]:
 
 def say(message: str) -> None:
   """One progress line, `bench: <message>`, on stderr (stdout is left to the table)."""
-  print(f"bench: {message}", file=sys.stderr, flush=True)
+  metrics.say("bench", message)
 
 
 def progress_bar(total: int) -> metrics.ProgressBar:

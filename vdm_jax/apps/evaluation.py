@@ -60,10 +60,16 @@ def run_eval(workdir: str, *, checkpoint: int | None = None, num_steps: int | No
   if run.config.eval.batch_size % run.mesh.size:
     raise ValueError(f"eval batch size {run.config.eval.batch_size} is not a multiple of the "
                      f"{run.mesh.size} devices; pass --batch_size")
+  n, batches = steps_lib.eval_batches(run.task, run.config, split=split,
+                                      max_examples=max_examples)
+  t = steps_lib.eval_num_steps(run.config) if num_steps is None else num_steps
+  metrics.say("eval", f"checkpoint {run.step}, {split}: {n} examples in {batches} batches of "
+                      f"{run.config.eval.batch_size}, T={t or 'continuous'}; the first batch "
+                      f"compiles the evaluation")
   result = steps_lib.evaluate(run.task, run.params, run.config, run.mesh,
                               num_steps=num_steps, t_samples=t_samples,
                               max_examples=max_examples, split=split, frozen=run.frozen,
-                              seed=seed)
+                              seed=seed, progress=_bar(batches or 0, "batch"))
   result = {"workdir": workdir, "checkpoint": run.step, "split": split, "task": run.task.name,
             **result}
   if ode:
@@ -101,10 +107,17 @@ def ode_eval(run: Run, *, method: str = "rk45", num_steps: int = 100, max_exampl
       run.config.data.name, split=split, global_batch_size=run.config.eval.batch_size,
       data_dir=run.config.data.data_dir or None, max_examples=max_examples)
   values, nfe, key = [], [], jax.random.PRNGKey(seed + 7)
+  batches = math.ceil(min(max_examples, run.info.num_examples.get(split, max_examples))
+                      / run.config.eval.batch_size)
+  metrics.say("eval", f"the probability-flow ODE bound ({method}) of {batches} batches; each "
+                      f"solve takes hundreds of network evaluations")
+  bar = _bar(batches, "batch")
   for i, batch in enumerate(it):
     out = jax.device_get(bound(jax.random.fold_in(key, i), batch["image"]))
     values.append(np.asarray(out["bpd"], np.float64)[np.asarray(batch["mask"], bool)])
     nfe.append(float(out["nfe"]))
+    bar.update(i + 1, ode_bpd=float(np.concatenate(values).mean()), nfe=nfe[-1])
+  bar.close()
   values = np.concatenate(values)
   if not np.all(np.isfinite(values)):
     raise FloatingPointError(f"the ODE solver did not reach t = 1 for "
@@ -115,6 +128,12 @@ def ode_eval(run: Run, *, method: str = "rk45", num_steps: int = 100, max_exampl
                          if len(values) > 1 else float("nan")),
           "ode_num_examples": int(len(values)), "ode_method": method,
           "ode_nfe_mean": float(np.mean(nfe))}
+
+
+def _bar(total: int, unit: str) -> metrics.ProgressBar:
+  """A progress bar on stderr over `total` units, about 20 lines at most in a log."""
+  return metrics.ProgressBar(total=total, enabled=True, unit=unit,
+                             log_every=max(1, total // 20))
 
 
 def _labels(run: Run, label: int | None, num: int, classifier: Run | None) -> jax.Array | None:
@@ -196,13 +215,20 @@ def run_sample(workdir: str, *, sampler: str = "ancestral", steps: int = 1000, n
   classifier = None if classifier_workdir is None else load_run(classifier_workdir)
   labels = _labels(run, label, num, classifier)
   key, chunks = jax.random.PRNGKey(seed), []
-  for i, start in enumerate(range(0, num, batch_size)):
+  starts = range(0, num, batch_size)
+  metrics.say("sample", f"{num} images, {sampler}, {steps} steps, checkpoint {run.step}, in "
+                        f"{len(starts)} batch(es) of up to {batch_size}: each batch is one compiled "
+                        f"loop over the steps (the first batch compiles it)")
+  bar = _bar(len(starts), "batch")
+  for i, start in enumerate(starts):
     n = min(batch_size, num - start)
     fns = guided_fns(run, labels=None if labels is None else labels[start:start + n],
                      guidance=float(guidance), classifier=classifier)
     chunks.append(steps_lib.draw_samples(fns, sampler=sampler, key=jax.random.fold_in(key, i),
                                          num_images=n, num_steps=steps, info=run.info,
                                          **sampler_kwargs))
+    bar.update(i + 1)
+  bar.close()
   samples = np.concatenate(chunks)
   stem = f"{sampler}_steps{steps}_n{num}_ckpt{run.step}"
   if label is not None:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vdm_jax.storage import checkpointing, rundir
+from vdm_jax.storage import checkpointing, metrics, rundir
 from vdm_jax.official import convert, official_checkpoint
 from vdm_jax.datasets import data
 from vdm_jax.core import parallel
@@ -59,14 +59,18 @@ def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir:
   ckpt_dir = rundir.join(workdir, rundir.CHECKPOINTS)
   if rundir.list_names(ckpt_dir):
     raise ValueError(f"{workdir!r} already holds checkpoints; import into a new --workdir")
+  metrics.say("import-official", f"reading {checkpoint}")
   official = official_checkpoint.read_official_checkpoint(checkpoint)
   # The stored layout of the blocks (unrolled / scanned) is fixed now, so that the run restores
   # on any backend ("auto" would pick another layout on an accelerator than on CPU).
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.block_impl = tasks.block_impl(config)
+  metrics.say("import-official", f"step {official['step']}: converting the parameters and the "
+                                 f"EMA parameters to {config.model.block_impl} blocks")
   params = convert.convert_params(official["params"], config)
   ema_params = convert.convert_params(official["ema_params"], config)
 
+  metrics.say("import-official", "initialising the train state (a fresh optimiser state)")
   task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
   rep = parallel.replicated(mesh)
   fresh = jax.jit(lambda: state_lib.init_state(task, tx, seed=config.seed), out_shardings=rep)()
@@ -75,6 +79,7 @@ def import_official(checkpoint: str, config: ml_collections.ConfigDict, workdir:
                         ema_params=jax.device_put(ema_params, rep),
                         step=jax.device_put(jax.numpy.asarray(official["step"], jax.numpy.int32),
                                             rep))
+  metrics.say("import-official", f"writing the run directory {workdir}")
   rundir.make_dirs(workdir)
   check_workdir_config(config, workdir, write=True)
   with checkpointing.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False) as manager:

@@ -201,6 +201,11 @@ class MetricWriter:
     self.close()
 
 
+def say(command: str, message: str) -> None:
+  """One progress line of a command, `command: message`, on stderr (stdout keeps the results)."""
+  print(f"{command}: {message}", file=sys.stderr, flush=True)
+
+
 def _format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -214,19 +219,20 @@ class ProgressBar:
   """Training progress: step, scalars (e.g. bpd), steps/s and ETA.
 
   The rate is measured from the first `update` (so the compilation of step 1 does not count):
-  steps/s = (step - first_step) / (now - first_time), ETA = (total - step) / rate.
+  steps/s = (step - first_step) / (now - first_time), shown as seconds per step below one a
+  second; ETA = (total - step) / rate. `unit` names what is counted ("step", "batch", ...).
   Interactive streams (a terminal) get one line redrawn with `\\r` (at most 10 times a second,
   and always at the last step); other streams get one line per `log_every` steps.
   """
 
   def __init__(self, *, total: int, initial: int = 0, enabled: bool | None = None,
                interactive: bool | None = None, log_every: int = 100,
-               stream: TextIO = sys.stderr):
+               stream: TextIO = sys.stderr, unit: str = "step"):
     if total < 0 or initial < 0:
       raise ValueError(f"total and initial must be >= 0, got total={total}, initial={initial}.")
     if log_every < 1:
       raise ValueError(f"log_every must be >= 1, got {log_every}.")
-    self.total, self.log_every, self.stream = total, log_every, stream
+    self.total, self.log_every, self.stream, self.unit = total, log_every, stream, unit
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
     if interactive is None:
       interactive = bool(getattr(stream, "isatty", lambda: False)())
@@ -243,9 +249,14 @@ class ProgressBar:
     rate = (step - first_step) / elapsed if step > first_step and elapsed > 0 else float("nan")
     eta = (self.total - step) / rate if rate > 0 else float("nan")
     percent = 100.0 * step / self.total if self.total else 100.0
-    parts = [f"step {step}/{self.total} ({percent:.1f}%)"]
+    parts = [f"{self.unit} {step}/{self.total} ({percent:.1f}%)"]
     parts += [f"{name} {float(value):.4f}" for name, value in scalars.items()]
-    parts.append(f"{rate:.2f} steps/s" if math.isfinite(rate) else "- steps/s")
+    if not math.isfinite(rate):
+      parts.append(f"- {self.unit}s/s")
+    elif rate >= 1.0 or rate == 0.0:
+      parts.append(f"{rate:.2f} {self.unit}s/s")
+    else:   # slow units (a long evaluation batch): seconds each reads better than 0.00/s
+      parts.append(f"{1.0 / rate:.1f} s/{self.unit}")
     parts.append(f"ETA {_format_duration(eta)}")
     return " | ".join(parts)
 

@@ -23,6 +23,7 @@ import optax
 from vdm_jax.datasets import data, pipeline
 from vdm_jax.training import optim, state as state_lib, tasks
 from vdm_jax.core import parallel
+from vdm_jax.storage import metrics
 from vdm_jax.maths import sampling
 
 PyTree = Any
@@ -125,10 +126,11 @@ def eval_num_steps(config: ml_collections.ConfigDict) -> int:
 
 def evaluate(task: tasks.Task, params, config, mesh, *, num_steps: int | None = None,
              t_samples: int | None = None, max_examples: int | None = None,
-             split: str | None = None, frozen: PyTree = None, seed: int | None = None
-             ) -> dict[str, float]:
+             split: str | None = None, frozen: PyTree = None, seed: int | None = None,
+             progress: metrics.ProgressBar | None = None) -> dict[str, float]:
   """The task's eval values on a data split with `params`: their means, and the standard error
-  of the headline value (e.g. "bpd" and "bpd_se", with the bound's three terms)."""
+  of the headline value (e.g. "bpd" and "bpd_se", with the bound's three terms). `progress`
+  (`eval_progress`): updated after each batch with the running headline value."""
   frozen = {} if frozen is None else frozen
   split = split or data.default_eval_split(config.data.name)   # None: test, or validation
   num_steps = eval_num_steps(config) if num_steps is None else num_steps
@@ -147,6 +149,10 @@ def evaluate(task: tasks.Task, params, config, mesh, *, num_steps: int | None = 
     totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
     sum_sq += float(out["sum_sq"])
     count += float(out["count"])
+    if progress is not None and count:
+      progress.update(i + 1, **{task.headline: totals[task.headline] / count})
+  if progress is not None:
+    progress.close()
   if count == 0:
     raise ValueError(f"the {split!r} split of {config.data.name!r} is empty")
   result = {k: v / count for k, v in totals.items()}
@@ -154,6 +160,18 @@ def evaluate(task: tasks.Task, params, config, mesh, *, num_steps: int | None = 
   result[task.headline + "_se"] = math.sqrt(var / max(count - 1, 1))
   result.update(num_examples=int(count), num_steps=num_steps, t_samples=t_samples)
   return result
+
+
+def eval_batches(task: tasks.Task, config, *, split: str | None = None,
+                 max_examples: int | None = None) -> tuple[int | None, int | None]:
+  """(examples, batches) that `evaluate` reads of `split` (None if the data set does not say)."""
+  split = split or data.default_eval_split(config.data.name)
+  n = task.info.num_examples.get(split)
+  max_examples = (config.eval.max_examples or None) if max_examples is None else max_examples
+  if n is None:
+    return None, None
+  n = min(n, max_examples) if max_examples else n
+  return n, math.ceil(n / config.eval.batch_size)
 
 
 def draw_samples(fns, *, sampler: str, key: jax.Array, num_images: int, num_steps: int,
