@@ -141,7 +141,7 @@ def test_preemption_saves_and_resumes(tmp_path, sig):
   assert logged and min(logged) > saved and logged[-1] == saved + 2, (saved, logged)
 
 
-# --- Signals before the first step (issue 15, items 5 and 11) ---------------------------------
+# --- Signals before the first step ----------------------------------------------------------
 
 def _env_without_compile_cache():
   """The test environment minus the shared compilation cache, so that the subprocess really

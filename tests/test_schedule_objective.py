@@ -1,9 +1,9 @@
-"""The schedule's interior trained on the variance of the bound's estimate (issue 14):
+"""The schedule's interior trained on the variance of the bound's estimate:
 `objectives.variance_elbo_terms` against autodiff references on a small case, then through the
 model, the trainer's step (scan, bfloat16, a 4-device mesh) and the config checks.
 
 The maths runs in float32 (the bound's terms are computed in float32 whatever the input), hence
-the tolerances; each test's mutation (see the report of issue 14) fails it by orders of magnitude.
+the tolerances; each test fails by orders of magnitude when the code it guards is broken.
 """
 
 import chex

@@ -1,7 +1,7 @@
 """The trainer's and the evaluation's numbers against values computed another way.
 
-Each test here was written against a deliberate bug that the rest of the suite let through
-(issue 15, "Tests that can fail"); the docstrings name it.
+Each test here guards against a deliberate bug that the rest of the suite let through; the
+docstrings name it.
 
 - `steps.evaluate` on the digits test split (297 images, eval batches of 100: the last one is
   padded with 3 masked rows), t_samples = 4, with a task whose per-example values are a known
