@@ -3,7 +3,7 @@
 The paper's regime on real pixels: 8-bit RGB, the discrete decoder over 256 levels, the paper's
 network family (the official ScoreUNet with Fourier features 2^6, 2^7, attention in the middle)
 and its learned linear schedule from -13.3 / 5.0, scaled down to train on 2 CPU cores. Data: the
-"photos" data set (vdm_jax/photos.py: 4,622 training patches of astronaut, ihc and the
+"photos" data set (vdm_jax/datasets/photos.py: 4,622 training patches of astronaut, ihc and the
 motorcycle pair; 342 test tiles of chelsea and coffee).
 
 Launch:

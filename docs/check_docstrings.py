@@ -1,7 +1,7 @@
 """Checks that docstrings read as the API pages will read them, in a second, without a build.
 
     python docs/check_docstrings.py                   # every module of vdm_jax/
-    python docs/check_docstrings.py vdm_jax/elbo.py   # some files
+    python docs/check_docstrings.py vdm_jax/maths/elbo.py   # some files
 
 The API pages parse each public docstring as Google style (napoleon, with docs/conf.py's settings)
 and then as reStructuredText, where an indented display needs a blank line (or `::`) before it, a

@@ -89,7 +89,7 @@ _BUILTINS = (
     r"|Any|Callable|Optional|Union|Sequence|Mapping|Iterator|Iterable|Collection|NamedTuple"
     r"|TypeVar|Generic|TextIO|ArrayLike|Array|PRNGKey|PyTree|Self)"
 )
-# Type variables (one capital letter, e.g. vdm_jax.registry.T): not objects to document.
+# Type variables (one capital letter, e.g. vdm_jax.core.registry.T): not objects to document.
 _TYPEVARS = r"(vdm_jax(\.\w+)*\.)?[A-Z]"
 nitpick_ignore_regex = [
     (r"py:(class|obj|data|exc|func|meth|mod|attr)", _EXTERNAL),

@@ -1,4 +1,5 @@
-"""Compile time and step time of the VDM ScoreUNet: unrolled vs nn.scan blocks, with and without remat.
+"""Compile time and step time of the VDM ScoreUNet: unrolled vs nn.scan blocks, with and without
+remat.
 
 For each (num_blocks, block_impl, remat) it builds parallel.jit(jax.grad(loss)) (the library's
 XLA options; VDM_JAX_XLA_CPU_YNN_FUSION_TYPE=default for XLA's own) with
@@ -17,7 +18,6 @@ It prints a markdown table and writes the rows as JSON to --out
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -31,7 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import networks, parallel
+from vdm_jax.nets import networks
+from vdm_jax.core import parallel
+
+import common
 
 
 def _random_params(model: networks.ScoreUNet, z: jax.Array, t: jax.Array) -> dict:
@@ -83,17 +86,15 @@ def bench_one(*, num_blocks: int, block_impl: str, remat: bool, channels: int, s
 
 
 def markdown(rows: list[dict]) -> str:
-  head = "| num_blocks | block_impl | remat | params | lower (s) | compile (s) | step (s) | temp (MiB) |"
-  lines = [head, "|" + "---|" * 8]
-  for r in rows:
-    lines.append(f"| {r['num_blocks']} | {r['block_impl']} | {r['remat']} | {r['params']:,} | "
-                 f"{r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['step_s']:.3f} | "
-                 f"{r['temp_mib']} |")
-  return "\n".join(lines)
+  return common.table(
+      ["num_blocks", "block_impl", "remat", "params", "lower (s)", "compile (s)", "step (s)",
+       "temp (MiB)"],
+      [[r["num_blocks"], r["block_impl"], r["remat"], f"{r['params']:,}", f"{r['lower_s']:.2f}",
+        f"{r['compile_s']:.2f}", f"{r['step_s']:.3f}", r["temp_mib"]] for r in rows])
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--num_blocks", type=int, nargs="+", default=[8, 32])
   p.add_argument("--block_impl", nargs="+", default=list(networks.BLOCK_IMPLS),
                  choices=networks.BLOCK_IMPLS)
@@ -120,8 +121,7 @@ def main() -> None:
               compiler_options=parallel.compiler_options())
   print(markdown(rows))
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+  common.write_json(out, dict(meta=meta, rows=rows), indent=1)
   print(f"wrote {out}")
 
 

@@ -1,4 +1,5 @@
-"""The benchmark table (docs/performance.md): `vdm_jax.bench` over configs, one fresh process each.
+"""The benchmark table (docs/performance.md): `vdm_jax.apps.bench` over configs, one fresh process
+each.
 
   python experiments/benchmark.py                        # digits, smoke, cifar10 (batch 8)
   python experiments/benchmark.py --configs cifar10 --repeats 3
@@ -21,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import runpy
 import statistics
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
+
 PRESETS = {
     "digits": dict(batch_size=64, steps=10, warmup=2, data_steps=20, eval_images=300,
                    eval_batch_size=100, sample_images=64, sample_steps=200),
@@ -35,19 +37,6 @@ PRESETS = {
     "cifar10": dict(batch_size=8, steps=3, warmup=1, eval_images=16, eval_batch_size=8,
                     sample_images=8, sample_steps=5, parts=("train", "eval", "sample", "roofline")),
 }
-
-
-def load_config(name: str, overrides: list[str]):
-  config = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = type(old)(value) if not isinstance(old, bool) else value.lower() in ("1", "true")
-  return config
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -63,7 +52,7 @@ def median_row(rows: list[dict]) -> dict:
 
 def run_one(args) -> None:
   """Child process: one benchmark of one config, JSON to args.child_out."""
-  from vdm_jax import bench   # pylint: disable=g-import-not-at-top
+  from vdm_jax.apps import bench
   kwargs = dict(PRESETS.get(args.configs[0], {}))
   if args.batch:
     kwargs["batch_size"] = args.batch
@@ -71,13 +60,13 @@ def run_one(args) -> None:
     kwargs["steps"] = args.steps
   if args.parts:
     kwargs["parts"] = tuple(args.parts)
-  result = bench.run_benchmark(load_config(args.configs[0], args.set), **kwargs)
+  result = bench.run_benchmark(common.load_config(args.configs[0], args.set), **kwargs)
   result["name"] = args.name or args.configs[0]
   pathlib.Path(args.child_out).write_text(json.dumps(result, default=str))
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--configs", nargs="+", default=["digits", "smoke", "cifar10"])
   p.add_argument("--batch", type=int, default=0)
   p.add_argument("--steps", type=int, default=0)
@@ -90,7 +79,7 @@ def main() -> None:
   args = p.parse_args()
   if args.child_out:
     return run_one(args)
-  from vdm_jax import bench_report   # pylint: disable=g-import-not-at-top
+  from vdm_jax.apps import bench_report
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   medians = []

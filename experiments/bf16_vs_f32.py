@@ -15,12 +15,9 @@ Writes experiments/out/bf16_vs_f32.csv / .png / .json and prints a markdown summ
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import math
 import pathlib
-import runpy
 import statistics
 import time
 import warnings
@@ -28,10 +25,15 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import bench, bench_report, data, parallel, pipeline, state as state_lib
-from vdm_jax import steps as steps_lib, tasks
+from vdm_jax.apps import bench, bench_report
+from vdm_jax.datasets import data, pipeline
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib
+from vdm_jax.training import steps as steps_lib, tasks
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -65,7 +67,7 @@ def train_once(config, *, steps: int, mesh) -> dict:
       state, out = step(state, parallel.shard_batch(next(batches), mesh))
     train_bpd = float(jax.device_get(out["bpd"]))
   seconds = time.perf_counter() - start
-  result = steps_lib.evaluate(task, state.ema_params, config, info, mesh, frozen=state.frozen,
+  result = steps_lib.evaluate(task, state.ema_params, config, mesh, frozen=state.frozen,
                               seed=0)
   return {"test_bpd": result["bpd"], "test_bpd_se": result["bpd_se"], "train_bpd": train_bpd,
           "train_seconds": seconds, "steps_per_s": steps / seconds, **precision}
@@ -88,10 +90,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
-  import matplotlib   # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = common.pyplot().subplots(figsize=(5, 3.5))
   for i, d in enumerate(DTYPES):
     v = [r["test_bpd"] for r in rows if r["dtype"] == d]
     ax.scatter([i] * len(v), v, alpha=0.7, label=f"{d} (seeds)")
@@ -101,12 +100,11 @@ def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
   ax.set_ylabel("test bpd (EMA params)")
   ax.set_title(f"bf16 - f32 = {summary['difference']:+.4f} bpd; "
                f"seed std {summary['run_to_run_std']:.4f}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path)
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--config", default="digits")
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -116,26 +114,23 @@ def main() -> None:
   rows = []
   for seed in args.seeds:
     for dtype in DTYPES:
-      config = runpy.run_path(str(ROOT / "configs" / f"{args.config}.py"))["get_config"]()
+      config = common.load_config(args.config)
       config.seed, config.model.dtype = seed, dtype
       rows.append({"dtype": dtype, "seed": seed, **train_once(config, steps=args.steps,
                                                                mesh=mesh)})
       print(json.dumps(rows[-1]), flush=True)
   summary = summarise(rows)
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  keys = ["dtype", "seed", "test_bpd", "test_bpd_se", "train_bpd", "steps_per_s"]
-  with open(out.with_suffix(".csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+  common.write_csv(out.with_suffix(".csv"), rows, extrasaction="ignore",
+                   fieldnames=["dtype", "seed", "test_bpd", "test_bpd_se", "train_bpd",
+                               "steps_per_s"])
   plot(rows, summary, out.with_suffix(".png"))
   bench_report.write_json(out.with_suffix(".json"), rows, summary=summary, config=args.config,
                           steps=args.steps)
-  print(f"| {args.config}, {args.steps} steps, seeds {args.seeds} | test bpd mean | std over "
-        f"seeds |\n|---|---|---|")
-  for d in DTYPES:
-    print(f"| {d} | {summary['mean'][d]:.4f} | {summary['std'][d]:.4f} |")
+  print(common.table([f"{args.config}, {args.steps} steps, seeds {args.seeds}", "test bpd mean",
+                      "std over seeds"],
+                     [[d, f"{summary['mean'][d]:.4f}", f"{summary['std'][d]:.4f}"]
+                      for d in DTYPES]))
   print(f"difference bf16 - f32: {summary['difference']:+.4f} bpd (run-to-run std "
         f"{summary['run_to_run_std']:.4f}; within noise: {summary['within_noise']}); bf16 / f32 "
         f"steps/s: {summary['speed_ratio_bf16_over_f32']:.2f}")

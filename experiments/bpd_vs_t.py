@@ -2,7 +2,7 @@
 
 Two columns of bounds, for T = 10, 100, 250, 500, 1000 and continuous time (T = 0 here):
 
-- oracle: the Bayes-optimal denoiser of a finite data set (`vdm_jax.elbo.oracle_eps_fn`), the
+- oracle: the Bayes-optimal denoiser of a finite data set (`vdm_jax.maths.elbo.oracle_eps_fn`), the
   first N training digits as the data set, the bound evaluated on those same N points, with the
   fixed log-SNR-linear schedule (-13.3, 5): it approaches log2(N) / D bpd as T grows.
 - model: the digits VDM (runs/digits, trained in continuous time) evaluated with the T-step bound
@@ -22,16 +22,15 @@ Writes <out>.csv and <out>.png and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
 import time
 
 import jax
 import numpy as np
 
-from vdm_jax import data, elbo, runs, schedules
+from vdm_jax.maths import elbo, schedules
+
+import common
 
 STEPS = (10, 100, 250, 500, 1000, 0)
 # VDM paper, CIFAR-10 test bpd, one model trained and evaluated per T; continuous-time model.
@@ -71,7 +70,7 @@ def _paired_stats(est: dict[int, np.ndarray], axis: int) -> dict[str, float]:
 
 def oracle_row(n: int, *, vocab_size: int, t_samples: int, seed: int) -> dict:
   """Oracle bound on the first n distinct training digits (SE over Monte-Carlo repeats)."""
-  images = np.asarray(data.get_source("digits", split="train").images, np.int32)
+  images = common.split_images("digits", split="train")
   flat = images.reshape(len(images), -1)
   _, first = np.unique(flat, axis=0, return_index=True)
   points = images[np.sort(first)[:n]]
@@ -88,10 +87,9 @@ def oracle_row(n: int, *, vocab_size: int, t_samples: int, seed: int) -> dict:
 
 def model_row(workdir: str, *, t_samples: int, seed: int, max_examples: int | None) -> dict:
   """The run's bound on the test split at every T (SE over test images)."""
-  run = runs.load_run(workdir)
-  eps_fn, gamma_fn, _, _ = run.task.sampler_fns(run.params, run.frozen, None)
-  images = np.asarray(data.get_source(run.info.name, split="test").images, np.int32)
-  images = images[:max_examples] if max_examples else images
+  run = common.load_run(workdir)
+  eps_fn, gamma_fn = common.denoiser(run)
+  images = common.split_images(run.info.name, max_examples=max_examples)
   est = {s: per_example_bpd(images, eps_fn=eps_fn, gamma_fn=gamma_fn,
                             vocab_size=run.info.vocab_size, num_steps=s, t_samples=t_samples,
                             seed=seed) for s in STEPS}
@@ -103,8 +101,7 @@ def model_row(workdir: str, *, t_samples: int, seed: int, max_examples: int | No
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/digits")
+  parser = common.add_run_args(common.parser(__doc__))
   parser.add_argument("--model_t10_workdir", default=None,
                       help="optional run trained with --config.model.num_steps=10 "
                       "--config.model.schedule_objective=elbo")
@@ -130,30 +127,22 @@ def main(argv=None) -> list[dict]:
 
 
 def _write(rows: list[dict], out: str) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   paper = {"denoiser": "VDM paper, CIFAR-10 (one model per T)", "N": float("nan"),
            "log2(N)/D": float("nan"), **{_name(s): v for s, v in PAPER.items()},
            **{_name(s) + " gap": v - PAPER[0] for s, v in PAPER.items()}}
-  fields = list(rows[0])
-  with open(out + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows(rows + [paper])
+  common.write_csv(out + ".csv", rows + [paper], fieldnames=list(rows[0]), restval="")
   cols = [_name(s) for s in STEPS]
-  print("Bound in bpd (± standard error); below each, the paired gap bpd(T) - bpd(continuous).")
-  print("| denoiser | log2(N)/D | " + " | ".join(cols) + " |")
-  print("|---|---|" + "---|" * len(cols))
+  table = []
   for r in rows + [paper]:
     target = "" if math.isnan(r["log2(N)/D"]) else f"{r['log2(N)/D']:.4f}"
     cells = [f"{r[c]:.3f}" + (f" ± {r[c + ' se']:.3f}" if c + " se" in r else "") for c in cols]
-    print(f"| {r['denoiser']} | {target} | " + " | ".join(cells) + " |")
+    table.append([r["denoiser"], target, *cells])
     gaps = [f"{r[c + ' gap']:+.3f}" + (f" ± {r[c + ' gap se']:.3f}" if c + " gap se" in r
                                        else "") for c in cols[:-1]]
-    print("| &nbsp;&nbsp;gap to continuous | | " + " | ".join(gaps) + " | 0 |")
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+    table.append(["&nbsp;&nbsp;gap to continuous", "", *gaps, "0"])
+  print("Bound in bpd (± standard error); below each, the paired gap bpd(T) - bpd(continuous).")
+  print(common.table(["denoiser", "log2(N)/D", *cols], table))
+  fig, (ax0, ax1) = common.pyplot().subplots(1, 2, figsize=(10, 4))
   xs = [s for s in STEPS if s]
   for r in rows + [paper]:
     gaps = [r[_name(s) + " gap"] for s in xs]
@@ -175,8 +164,7 @@ def _write(rows: list[dict], out: str) -> None:
   ax1.set_xscale("log")
   ax1.set_xlabel("T (dotted: continuous time)")
   ax1.set_ylabel("bound (bpd)")
-  fig.tight_layout()
-  fig.savefig(out + ".png", dpi=120)
+  common.save_figure(fig, out + ".png")
   print(f"wrote {out}.csv and {out}.png")
 
 

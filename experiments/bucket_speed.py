@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from vdm_jax import rundir
+from vdm_jax.storage import rundir
 from vdm_jax.testing import gcs_emulator
 
 

@@ -17,8 +17,6 @@ ratios). Writes experiments/out/compare_digits.csv and .png and prints a markdow
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import time
@@ -26,7 +24,10 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import evaluation, runs, steps as steps_lib
+from vdm_jax.apps import evaluation
+from vdm_jax.training import steps as steps_lib
+
+import common
 
 RUNS = (("pixel VDM (ELBO, continuous)", "runs/digits", "ancestral"),
         ("DDPM (L_simple, 1000 levels)", "runs/digits_ddpm", "ddpm"),
@@ -59,7 +60,7 @@ def _sample_seconds(run, sampler: str, num: int, steps: int, repeats: int) -> fl
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.parser(__doc__)
   parser.add_argument("--num", type=int, default=64)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--repeats", type=int, default=3)
@@ -71,12 +72,12 @@ def main() -> None:
     if not os.path.isdir(workdir):
       print(f"skipping {name}: {workdir} does not exist (train it first)")
       continue
-    run = runs.load_run(workdir)
+    run = common.load_run(workdir)
     kw = dict(max_examples=None, t_samples=args.t_samples, frozen=run.frozen)
-    cont = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh, num_steps=0,
+    cont = steps_lib.evaluate(run.task, run.params, run.config, run.mesh, num_steps=0,
                               **kw)
     steps_t = run.config.model.num_steps or 1000   # DDPM: its own 999 steps (levels 1..1000)
-    t1000 = steps_lib.evaluate(run.task, run.params, run.config, run.info, run.mesh,
+    t1000 = steps_lib.evaluate(run.task, run.params, run.config, run.mesh,
                                num_steps=steps_t, **kw) if run.task.name != "vae" else cont
     speed, steps = _train_speed(workdir)
     rows.append({"model": name, "workdir": workdir, "train_steps": steps,
@@ -86,25 +87,20 @@ def main() -> None:
                  "sample_seconds": _sample_seconds(run, sampler, args.num, args.steps,
                                                    args.repeats)})
     print(rows[-1], flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "compare_digits.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(os.path.join(args.out, "compare_digits.csv"), rows)
   _plot(rows, os.path.join(args.out, "compare_digits.png"))
-  print(f"\n| model | steps | test bpd (continuous) | test bpd (T steps) | train images/s | "
-        f"{args.num} samples x {args.steps} steps (s) |\n|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['model']} | {r['train_steps']} | {r['bpd_continuous']:.3f} ± "
-          f"{r['bpd_continuous_se']:.3f} | {r['bpd_T1000']:.3f} ± {r['bpd_T1000_se']:.3f} (T={r['T']}) | "
-          f"{r['train_images_per_s']:.0f} | {r['sample_seconds']:.2f} ({r['sampler']}) |")
+  print()
+  print(common.table(
+      ["model", "steps", "test bpd (continuous)", "test bpd (T steps)", "train images/s",
+       f"{args.num} samples x {args.steps} steps (s)"],
+      [[r["model"], r["train_steps"], f"{r['bpd_continuous']:.3f} ± {r['bpd_continuous_se']:.3f}",
+        f"{r['bpd_T1000']:.3f} ± {r['bpd_T1000_se']:.3f} (T={r['T']})",
+        f"{r['train_images_per_s']:.0f}", f"{r['sample_seconds']:.2f} ({r['sampler']})"]
+       for r in rows]))
 
 
 def _plot(rows, path: str) -> None:
-  import matplotlib   # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+  fig, ax = common.pyplot().subplots(1, 2, figsize=(10, 3.5))
   names = [r["model"].split(" (")[0] for r in rows]
   ax[0].bar(names, [r["bpd_continuous"] for r in rows],
             yerr=[r["bpd_continuous_se"] for r in rows])
@@ -113,8 +109,7 @@ def _plot(rows, path: str) -> None:
   ax[1].set_ylabel("sampling time (s)")
   for a in ax:
     a.tick_params(axis="x", rotation=20)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ experiments/out/conv_libraries.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import pathlib
 import statistics
 import time
 
@@ -23,9 +21,11 @@ import jax
 import numpy as np
 from jax import lax
 
-from vdm_jax import bench_report, parallel
+from vdm_jax.apps import bench_report
+from vdm_jax.core import parallel
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
 
 
 def _conv(x, w):
@@ -50,7 +50,7 @@ def _median_s(fn, args, repeats: int) -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--size", type=int, default=32)
   p.add_argument("--repeats", type=int, default=9)
@@ -71,12 +71,9 @@ def main() -> None:
         row[name] = flops / seconds / 1e9
       rows.append(row)
       print(json.dumps(row), flush=True)
-  lines = ["| layer | piece | " + " | ".join(f"{v} (GFLOP/s)" for v in variants) + " |",
-           "|---|---|" + "---|" * len(variants)]
-  for r in rows:
-    lines.append(f"| 3x3, {r['c_in']} -> {r['c_out']} | {r['piece']} | "
-                 + " | ".join(f"{r[v]:.0f}" for v in variants) + " |")
-  print("\n".join(lines))
+  print(common.table(["layer", "piece"] + [f"{v} (GFLOP/s)" for v in variants],
+                     [[f"3x3, {r['c_in']} -> {r['c_out']}", r["piece"]]
+                      + [f"{r[v]:.0f}" for v in variants] for r in rows]))
   bench_report.write_json(args.out, rows, compiler_options=variants["library options"],
                           batch=args.batch, size=args.size, repeats=args.repeats)
   print(f"wrote {args.out}")

@@ -26,18 +26,21 @@ requested digit), <out>_samples.npz (all samples) and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import classifier as classifier_lib, data, diffusion, elbo, evaluation, runs
-from vdm_jax import steps as steps_lib
+from vdm_jax.nets import classifier as classifier_lib
+from vdm_jax.datasets import data
+from vdm_jax.maths import diffusion, elbo
+from vdm_jax.apps import evaluation
+from vdm_jax.training import runs
+from vdm_jax.training import steps as steps_lib
+
+import common
 
 
 def noisy_classifier_predict(clf: runs.Run, images: np.ndarray, *, seed: int = 0):
@@ -72,7 +75,7 @@ def draw(run, classifier, *, labels, w: float, steps: int, seed: int) -> np.ndar
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = common.parser(__doc__)
   parser.add_argument("--cond_workdir", default="runs/digits_cond")
   parser.add_argument("--uncond_workdir", default="runs/digits")
   parser.add_argument("--classifier_workdir", default="runs/digits_classifier")
@@ -83,7 +86,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default="experiments/out/guidance_digits")
   args = parser.parse_args(argv)
   weights = [float(w) for w in args.weights.split(",")]
-  clf = runs.load_run(args.classifier_workdir)
+  clf = common.load_run(args.classifier_workdir)
   pixel_predict, pixel_acc = pixel_classifier(clf.info.name)
   test = data.get_source(clf.info.name, split="test")
   test_images = np.asarray(test.images, np.int32)
@@ -97,7 +100,7 @@ def main(argv=None) -> list[dict]:
   labels = np.arange(args.num, dtype=np.int32) % clf.info.num_classes
   grids = {}
   for kind, workdir, classifier in kinds:
-    run = runs.load_run(workdir)
+    run = common.load_run(workdir)
     for w in weights:
       start = time.perf_counter()
       samples = draw(run, classifier, labels=labels, w=w, steps=args.steps, seed=args.seed)
@@ -121,23 +124,16 @@ def _se(p: float, n: int) -> float:
 
 
 def _write(rows, grids, weights, out: str, *, vocab_size: int) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(out + ".csv", rows)
   a, b = "agreement (noisy classifier)", "agreement (pixel logistic regression)"
   print("Agreement with the requested label (± binomial standard error).")
-  print("| guidance | w | samples | noise-conditional classifier at gamma_min | "
-        "pixel logistic regression |")
-  print("|---|---|---|---|---|")
-  for r in rows:
-    w = "" if math.isnan(r["w"]) else f"{r['w']:g}"
-    print(f"| {r['guidance']} | {w} | {r['num']} | {r[a]:.3f} ± {_se(r[a], r['num']):.3f} | "
-          f"{r[b]:.3f} ± {_se(r[b], r['num']):.3f} |")
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  print(common.table(
+      ["guidance", "w", "samples", "noise-conditional classifier at gamma_min",
+       "pixel logistic regression"],
+      [[r["guidance"], "" if math.isnan(r["w"]) else f"{r['w']:g}", r["num"],
+        f"{r[a]:.3f} ± {_se(r[a], r['num']):.3f}", f"{r[b]:.3f} ± {_se(r[b], r['num']):.3f}"]
+       for r in rows]))
+  plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.8))
   for kind, marker, color in (("classifier-free", "o", "C0"), ("classifier", "s", "C3")):
     rs = [r for r in rows if r["guidance"] == kind]
@@ -150,9 +146,7 @@ def _write(rows, grids, weights, out: str, *, vocab_size: int) -> None:
   ax.set_ylabel("agreement with requested label")
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out + ".png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, out + ".png", close=True)
   np.savez(out + "_samples.npz", **{f"{k}_w{w:g}": v for (k, w), v in grids.items()})
   for w in weights:
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
@@ -160,9 +154,7 @@ def _write(rows, grids, weights, out: str, *, vocab_size: int) -> None:
       ax.imshow(_grid(grids[(kind, w)][:100], vocab_size=vocab_size), cmap="gray_r")
       ax.set_title(f"{kind} guidance, w = {w:g}\n(column j: requested digit j)", fontsize=9)
       ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(f"{out}_w{w:g}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, f"{out}_w{w:g}.png", close=True)
   print(f"wrote {out}.csv, {out}.png and {out}_w*.png")
 
 

@@ -1,7 +1,7 @@
 """Lossless compression with a trained VDM: file sizes against the bound, beside general codecs.
 
 For each T in --steps (default 20, 100, 1000), the run's test split is compressed into one file
-with the bits-back coder (`vdm_jax.compress_app.compress_images`, the `vdm-jax compress` code
+with the bits-back coder (`vdm_jax.compression.compress_app.compress_images`, the `vdm-jax compress` code
 path), decompressed and checked pixel for pixel. Reported per T:
 
 - bound: the T-step negative ELBO of the same model on the same images (`elbo.elbo_terms`,
@@ -33,13 +33,11 @@ that name would shadow the `compression` package that jax imports.)
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import io
 import json
 import lzma
 import math
-import os
 import time
 
 import numpy as np
@@ -47,7 +45,10 @@ from PIL import Image, features
 
 import jax
 
-from vdm_jax import compress, compress_app, elbo, runs
+from vdm_jax.compression import compress, compress_app
+from vdm_jax.maths import elbo
+
+import common
 
 
 def mosaic(images: np.ndarray) -> np.ndarray:
@@ -172,44 +173,36 @@ def _f(x, digits=4):
 
 
 def markdown(rows: list[dict], codecs: list[dict], info: dict) -> str:
-  lines = [
+  coder = [[f"VDM bits-back (exact: {r['exact']})", r["T"],
+            f"{r['bound']:.4f} ± {r['bound_se']:.4f}", f"{r['file_bpd']:.4f}",
+            f"{r['net_file_bpd']:.4f}", f"{r['stream_bpd']:.4f}",
+            f"{100 * r['vs_bound_all']:+.2f}% / {100 * r['vs_bound']:+.2f}% / "
+            f"{100 * r['vs_bound_stream']:+.2f}% ± {100 * r['vs_bound_stream_se']:.2f}%",
+            f"{r['initial_bits']} / {r['initial_per_image']:.1f}", f"{r['compress_img_s']:.2f}",
+            f"{r['decompress_img_s']:.2f}"] for r in rows]
+  general = [[c["name"], "-", "-", _f(c["bpd"]) if c["bpd"] is not None else c["note"]]
+             + ["-"] * 6 for c in codecs]
+  bits = [[r["T"], f"{r['bound']:.4f}", f"{r['realised_bpd']:.4f} ± {r['realised_se']:.4f}",
+           f"{r['grid_bpd']:+.5f}", f"{r['models_bpd']:+.5f}", f"{r['ans_bpd']:+.5f}",
+           f"{r['header_bits'] / r['dims']:.4f}", f"{r['initial_bits'] / r['dims']:.4f}",
+           r["escapes"], r["batches"], f"{r['rho']:.3f}"] for r in rows]
+  return "\n".join([
       f"Run {info['workdir']} (checkpoint {info['step']}), {info['num_images']} test images, "
       f"D = {info['dims_per_image']}, K = {info['vocab_size']}; grid_bits {info['grid_bits']}, "
       f"window {info['window']}, max_batch {info['max_batch']}; {info['backend']}.", "",
-      "| method | T | bound (bpd) | file, all included (bpd) | file without initial bits "
-      "(bpd) | stream alone (bpd) | vs bound: all / without initial / stream | initial bits: "
-      "total / per image | compress (img/s) | decompress (img/s) |",
-      "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| VDM bits-back (exact: {r['exact']}) | {r['T']} | {r['bound']:.4f} ± "
-        f"{r['bound_se']:.4f} | {r['file_bpd']:.4f} | {r['net_file_bpd']:.4f} | "
-        f"{r['stream_bpd']:.4f} | {100 * r['vs_bound_all']:+.2f}% / "
-        f"{100 * r['vs_bound']:+.2f}% / {100 * r['vs_bound_stream']:+.2f}% ± "
-        f"{100 * r['vs_bound_stream_se']:.2f}% | {r['initial_bits']} / "
-        f"{r['initial_per_image']:.1f} | {r['compress_img_s']:.2f} | "
-        f"{r['decompress_img_s']:.2f} |")
-  for c in codecs:
-    size = _f(c["bpd"]) if c["bpd"] is not None else c["note"]
-    lines.append(f"| {c['name']} | - | - | {size} | - | - | - | - | - | - |")
-  lines += ["", "Where the bits of each file go (bits per dimension; realised bound: the "
-            "consistency form on the coder's own latents, ± its standard error over images):", "",
-            "| T | bound | realised bound | grid | 24-bit models | ANS | header | "
-            "initial | escapes | batches | rho |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    dims = r["dims"]
-    lines.append(
-        f"| {r['T']} | {r['bound']:.4f} | {r['realised_bpd']:.4f} ± {r['realised_se']:.4f} | "
-        f"{r['grid_bpd']:+.5f} | {r['models_bpd']:+.5f} | {r['ans_bpd']:+.5f} | "
-        f"{r['header_bits'] / dims:.4f} | {r['initial_bits'] / dims:.4f} | {r['escapes']} | "
-        f"{r['batches']} | {r['rho']:.3f} |")
-  return "\n".join(lines) + "\n"
+      common.table(["method", "T", "bound (bpd)", "file, all included (bpd)",
+                    "file without initial bits (bpd)", "stream alone (bpd)",
+                    "vs bound: all / without initial / stream",
+                    "initial bits: total / per image", "compress (img/s)",
+                    "decompress (img/s)"], coder + general), "",
+      "Where the bits of each file go (bits per dimension; realised bound: the consistency form "
+      "on the coder's own latents, ± its standard error over images):", "",
+      common.table(["T", "bound", "realised bound", "grid", "24-bit models", "ANS", "header",
+                    "initial", "escapes", "batches", "rho"], bits)]) + "\n"
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--checkpoint", type=int, default=None)
+  parser = common.add_run_args(common.parser(__doc__), workdir=None, checkpoint=True)
   parser.add_argument("--steps", type=int, nargs="+", default=[20, 100, 1000])
   parser.add_argument("--t_samples", type=int, default=128)
   parser.add_argument("--grid_bits", type=int, default=4)
@@ -217,7 +210,7 @@ def main() -> None:
   parser.add_argument("--max_batch", type=int, default=256)
   parser.add_argument("--out", default="experiments/out/lossless_compression")
   args = parser.parse_args()
-  run = runs.load_run(args.workdir, step=args.checkpoint)
+  run = common.load_run(args.workdir, checkpoint=args.checkpoint)
   model = compress_app.run_model(run)
   images = compress_app.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
   settings = {"grid_bits": args.grid_bits, "window": args.window, "max_batch": args.max_batch}
@@ -230,11 +223,8 @@ def main() -> None:
           "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})", **settings}
   table = markdown(rows, codec_rows(images, run.info.vocab_size), info)
   print(table)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".md", "w") as f:
-    f.write(table)
-  with open(args.out + ".json", "w") as f:
-    json.dump({"info": info, "rows": rows}, f, indent=2)
+  common.write_text(args.out + ".md", table)
+  common.write_json(args.out + ".json", {"info": info, "rows": rows}, indent=2)
   print(f"-> {args.out}.md, {args.out}.json")
 
 

@@ -14,7 +14,6 @@ generates itself, not the YNNPACK kernels its dots and reductions run in (capped
 digits train step slowed by 3% on an AVX-512 Xeon), so a time is a time on the CPU named.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -24,7 +23,8 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
 
 
 def cpu_name() -> str:
@@ -67,7 +67,7 @@ def run_seed(seed: int, out: pathlib.Path, *, extra: list[str], env: dict) -> di
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = common.parser(__doc__, paragraph=True)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--out", default="/tmp/vdm_main_job")
   args, overrides = parser.parse_known_args()   # the rest: --config.a.b=v flags for the run
@@ -80,12 +80,11 @@ def main() -> None:
          else "neither AVX2 nor AVX-512")
   print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {isa}; "
         f"parameters: {results[0]['params']}")
-  print("| seed | wall (s) | " + " | ".join(f"bpd @ {s}" for s in steps) + " |")
-  print("|---|---|" + "---|" * len(steps))
-  for r in results:
-    print(f"| {r['seed']} | {r['wall_s']:.0f} | "
-          + " | ".join(f"{r['curve'].get(s, float('nan')):.3f}" for s in steps) + " |")
-  (out / "main_job.json").write_text(json.dumps(results, indent=1))
+  print(common.table(["seed", "wall (s)"] + [f"bpd @ {s}" for s in steps],
+                     [[r["seed"], f"{r['wall_s']:.0f}"]
+                      + [f"{r['curve'].get(s, float('nan')):.3f}" for s in steps]
+                      for r in results]))
+  common.write_json(out / "main_job.json", results, indent=1)
 
 
 if __name__ == "__main__":

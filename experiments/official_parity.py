@@ -7,13 +7,14 @@ Needs a checkout of google-research/vdm (not part of this project; nothing of it
 
 Builds the official `model_vdm.ScoreUNet`, perturbs every parameter (so zero-initialised layers
 matter), evaluates it on random z, gamma and conditioning, ports the parameters with
-`vdm_jax.convert.from_official` and prints the parameter count and the largest difference of
-eps_hat. Measured 2026-11-30 (official dc27b98, jax 0.10.2, CPU): 30,578,179 parameters at the
+`vdm_jax.official.convert.from_official` and prints the parameter count and the largest difference
+of eps_hat. Measured 2026-11-30 (official dc27b98, jax 0.10.2, CPU): 30,578,179 parameters at the
 CIFAR-10 size, max |difference| 9.5e-7 (max |eps_hat - z| 1.61); 4 blocks x 64 channels with
 attention everywhere: 1,482,627 parameters, difference 0.
 """
 
-import argparse
+import importlib.util
+import os
 import sys
 
 import jax
@@ -21,19 +22,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vdm_jax import convert
+from vdm_jax.official import convert
+
+import common
+
+
+def import_official(official_dir: str):
+  """The official `model_vdm` module, loaded from its file in a checkout (not from sys.path: its
+  name is not this project's, and the checkout is not a package)."""
+  spec = importlib.util.spec_from_file_location("model_vdm",
+                                                os.path.join(official_dir, "model_vdm.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # what `import model_vdm` would hold (dataclasses look it up)
+  spec.loader.exec_module(module)
+  return module
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = common.parser(__doc__, whole=True)
   p.add_argument("--official_dir", required=True, help="a checkout of google-research/vdm")
   p.add_argument("--channels", type=int, default=128)
   p.add_argument("--num_blocks", type=int, default=32)
   p.add_argument("--attention", action="store_true", help="attention in every block")
   p.add_argument("--batch", type=int, default=2)
   args = p.parse_args()
-  sys.path.insert(0, args.official_dir)
-  import model_vdm   # pylint: disable=g-import-not-at-top  (the official module, not ours)
+  model_vdm = import_official(args.official_dir)
 
   official_config = dict(
       vocab_size=256, sample_softmax=False, antithetic_time_sampling=True,

@@ -23,12 +23,10 @@ Writes experiments/out/official_style_<config>.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
 import statistics
-import sys
 import time
 import warnings
 
@@ -37,11 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import bench, bench_report, parallel, state as state_lib, steps as steps_lib, tasks
+from vdm_jax.apps import bench, bench_report
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib, steps as steps_lib, tasks
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import common
+from common import ROOT
 
 
 def official_step_fn(task, tx, *, ema_rate: float):
@@ -124,7 +123,7 @@ def bench_ours(config, task, optimizer, info, *, batch_size: int, calls: int) ->
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--config", default="digits")
   p.add_argument("--batch", type=int, default=0, help="default: the config's batch size")
   p.add_argument("--substeps", type=int, nargs="+", default=[0, 1, 4],
@@ -135,7 +134,7 @@ def main() -> None:
   p.add_argument("--name", default="", help="output name (default: the config name)")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  config = benchmark.load_config(args.config, args.set)
+  config = common.load_config(args.config, args.set)
   config.model.dtype = "float32"   # the official code trains in float32
   info, _ = bench.load_info(config)
   task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
@@ -169,11 +168,10 @@ def markdown(rows: list[dict], name: str, batch: int) -> str:
     by_impl.setdefault(r["impl"], []).append(r["step_s"])
   med = {k: statistics.median(v) for k, v in by_impl.items()}
   ours = med["ours jit + NamedSharding"]
-  lines = [f"| {name}, batch {batch}, {jax.local_device_count()} device(s) | step (s) | "
-           "images/s | ours is faster by |", "|---|---|---|---|"]
-  for impl, s in med.items():
-    lines.append(f"| {impl} | {s:.4g} | {batch / s:.4g} | {s / ours:.2f}x |")
-  return "\n".join(lines)
+  return common.table(
+      [f"{name}, batch {batch}, {jax.local_device_count()} device(s)", "step (s)", "images/s",
+       "ours is faster by"],
+      [[impl, f"{s:.4g}", f"{batch / s:.4g}", f"{s / ours:.2f}x"] for impl, s in med.items()])
 
 
 if __name__ == "__main__":

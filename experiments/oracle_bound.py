@@ -1,9 +1,10 @@
 """The oracle bound: the VDM bound with the Bayes-optimal denoiser of a finite data set.
 
 For N distinct points of dimension D (uniform distribution), the exact denoiser E[x | z_t] is a
-softmax over the points (`vdm_jax.elbo.oracle_eps_fn`), and the bound on a training point tends to
-log N nats, i.e. log2(N) / D bits per dimension, when gamma_min is low and gamma_max high enough.
-The T-step bound falls as T grows and approaches the continuous-time one (VDM paper, section 4).
+softmax over the points (`vdm_jax.maths.elbo.oracle_eps_fn`), and the bound on a training point
+tends to log N nats, i.e. log2(N) / D bits per dimension, when gamma_min is low and gamma_max high
+enough. The T-step bound falls as T grows and approaches the continuous-time one (VDM paper, section
+4).
 
 Usage:
   python experiments/oracle_bound.py [--samples 1000] [--out experiments/out/oracle_bound]
@@ -13,16 +14,15 @@ Writes <out>.csv and <out>.png and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
 import time
 
 import jax
 import numpy as np
 
-from vdm_jax import elbo, schedules
+from vdm_jax.maths import elbo, schedules
+
+import common
 
 CASES = ((16, 8), (32, 16), (64, 16), (256, 16), (64, 64), (1024, 64))
 STEPS = (10, 100, 1000, 0)
@@ -49,7 +49,7 @@ def oracle_bpd(data: np.ndarray, *, vocab_size: int, num_steps: int, num_samples
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = common.parser(__doc__)
   parser.add_argument("--samples", type=int, default=1000)
   parser.add_argument("--vocab_size", type=int, default=17)
   parser.add_argument("--cases", type=str, default=None, help="e.g. '32x16,64x16' (N x D)")
@@ -74,21 +74,12 @@ def main(argv=None) -> list[dict]:
 
 
 def _write(rows: list[dict], out: str) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(out + ".csv", rows)
   cols = ["log2(N)/D", "T=10", "T=100", "T=1000", "continuous"]
-  print("| N | D | " + " | ".join(cols) + " |")
-  print("|---|---|" + "---|" * len(cols))
-  for r in rows:
-    cells = [f"{r[c]:.4f}" + (f" ± {r[c + ' se']:.4f}" if c + " se" in r else "") for c in cols]
-    print(f"| {r['N']} | {r['D']} | " + " | ".join(cells) + " |")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 4))
+  print(common.table(["N", "D", *cols], [
+      [r["N"], r["D"]] + [f"{r[c]:.4f}" + (f" ± {r[c + ' se']:.4f}" if c + " se" in r else "")
+                          for c in cols] for r in rows]))
+  fig, ax = common.pyplot().subplots(figsize=(5, 4))
   target = [r["log2(N)/D"] for r in rows]
   for c, marker in zip(cols[1:], "v^so"):
     ax.errorbar(target, [r[c] for r in rows], yerr=[2 * r[c + " se"] for r in rows], fmt=marker,
@@ -99,8 +90,7 @@ def _write(rows: list[dict], out: str) -> None:
   ax.set_ylabel("oracle bound (bpd)")
   ax.set_yscale("symlog", linthresh=0.1)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out + ".png", dpi=120)
+  common.save_figure(fig, out + ".png")
   print(f"wrote {out}.csv and {out}.png")
 
 

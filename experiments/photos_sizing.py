@@ -3,8 +3,8 @@
   python experiments/photos_sizing.py --grid 32x4x32 64x2x32 64x4x32
 
 Each item is CHANNELSxBLOCKSxBATCH; prints parameters, the median train step (ms), images/s and
-the steps a 30-minute budget buys. Runs `vdm_jax.bench.run_benchmark(parts=("train",))`, the same
-compiled step as the trainer (`vdm-jax bench --config configs/photos.py` also times evaluation,
+the steps a 30-minute budget buys. Runs `vdm_jax.apps.bench.run_benchmark(parts=("train",))`, the
+same compiled step as the trainer (`vdm-jax bench --config configs/photos.py` also times evaluation,
 sampling and the roofline).
 """
 
@@ -14,7 +14,7 @@ import argparse
 import pathlib
 import runpy
 
-from vdm_jax import bench
+from vdm_jax.apps import bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

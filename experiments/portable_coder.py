@@ -2,7 +2,7 @@
 
 On a trained run's test split, for each T in --steps (default 100, 1000): the model's T-step
 bound (`elbo.elbo_terms`, --t_samples draws per image), then each coder ("float": the float
-network, machine-bound; "portable": the integer network of `vdm_jax.portable`, decodes
+network, machine-bound; "portable": the integer network of `vdm_jax.compression.portable`, decodes
 anywhere) compresses the split into one file (`compress_app.compress_images`, the
 `vdm-jax compress` code path), decompresses it and checks it pixel for pixel. Both coders are
 compiled for every batch size before the clock starts and run in the same process,
@@ -30,7 +30,9 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax import compress, compress_app, compress_portable, elbo, portable, runs
+from vdm_jax.compression import compress, compress_app, compress_portable, portable
+from vdm_jax.maths import elbo
+from vdm_jax.training import runs
 
 
 def per_image_bound(model, images, steps: int, *, t_samples: int) -> np.ndarray:

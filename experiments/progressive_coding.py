@@ -22,19 +22,15 @@ Writes <out>.png (the curve and the first image's reconstructions) and <out>.jso
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+from vdm_jax.compression import compress, compress_app
+from vdm_jax.maths import diffusion, elbo
 
-from vdm_jax import compress, compress_app, diffusion, elbo, runs  # noqa: E402
+import common
 
 
 def psnr(levels: np.ndarray, x_hat: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -45,14 +41,12 @@ def psnr(levels: np.ndarray, x_hat: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--checkpoint", type=int, default=None)
+  parser = common.add_run_args(common.parser(__doc__), workdir=None, checkpoint=True)
   parser.add_argument("--num_images", type=int, default=8)
   parser.add_argument("--num_steps", type=int, default=1000)
   parser.add_argument("--out", default="experiments/out/progressive_coding")
   args = parser.parse_args()
-  run = runs.load_run(args.workdir, step=args.checkpoint)
+  run = common.load_run(args.workdir, checkpoint=args.checkpoint)
   model = compress_app.run_model(run)
   images = compress_app.read_images("test", run.info)[:args.num_images]
   n, dims, vocab = len(images), int(images[0].size), model.vocab_size
@@ -83,7 +77,7 @@ def main() -> None:
                                             np.zeros((1, n))])) / (dims * math.log(2.0))
   total = stats["ideal_continuous"] / dims
   steps = np.arange(1, args.num_steps + 1)
-  fig, (ax, strip) = plt.subplots(2, 1, figsize=(7, 6.5), gridspec_kw={"height_ratios": [4, 1]})
+  fig, (ax, strip) = common.pyplot().subplots(2, 1, figsize=(7, 6.5), gridspec_kw={"height_ratios": [4, 1]})
   for m in range(n):
     ax.plot(received[steps, m], quality[steps, m], lw=0.6, alpha=0.5)
   ax.plot(received[steps].mean(1), quality[steps].mean(1), "k", lw=2, label=f"mean of {n} images")
@@ -105,12 +99,11 @@ def main() -> None:
   strip.set_axis_off()
   strip.set_title("image 0: x_hat at " + ", ".join(f"{received[i, 0]:.2f}" for i in shown)
                   + " bpd; the image", fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  fig.savefig(args.out + ".png", dpi=130)
-  with open(args.out + ".json", "w") as f:
-    json.dump({"received_bpd": received.tolist(), "psnr_db": quality.tolist(),
-               "code_length_bpd": total.tolist(), "num_steps": args.num_steps}, f)
+  common.save_figure(fig, args.out + ".png", dpi=130)
+  common.write_json(args.out + ".json", {"received_bpd": received.tolist(),
+                                         "psnr_db": quality.tolist(),
+                                         "code_length_bpd": total.tolist(),
+                                         "num_steps": args.num_steps})
   curve = received[steps].mean(1)[::-1], quality[steps].mean(1)[::-1]
   print("mean PSNR at 25/50/75% of the mean code length: " + ", ".join(
       f"{np.interp(f * total.mean(), *curve):.1f} dB" for f in (0.25, 0.5, 0.75)))

@@ -34,19 +34,19 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import ast
 import json
 import math
 import os
-import runpy
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import data, model as model_lib, runs, train
+from vdm_jax.nets import model as model_lib
+from vdm_jax.training import train
+
+import common
 
 VARIANTS = {
     "fixed_linear": {"model.schedule": "fixed_linear", "model.schedule_objective": "elbo"},
@@ -61,27 +61,9 @@ LABELS = {"fixed_linear": "log-SNR-linear (fixed)", "learned_linear": "learned e
 PAPER = {"fixed_linear": 6.35, "monotone_variance": 0.53}   # VDM paper, CIFAR-10, bpd^2
 
 
-def _set(config, dotted: str, value) -> None:
-  *sections, field = dotted.split(".")
-  target = config
-  for s in sections:
-    target = target[s]
-  target[field] = value
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-  key, _, raw = text.partition("=")
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  return key, value
-
-
 def make_config(args, variant: str, seed: int):
-  config = runpy.run_path(args.config)["get_config"]()
-  for key, value in [_parse_override(s) for s in args.set] + list(VARIANTS[variant].items()):
-    _set(config, key, value)
+  config = common.load_config(args.config, args.set)
+  config.update_from_flattened_dict(VARIANTS[variant])
   config.seed = seed
   if args.steps:
     config.training.num_steps = args.steps
@@ -134,8 +116,8 @@ def _within_image_variance(est: np.ndarray) -> tuple[float, float]:
 
 
 def measure(workdir: str, *, t_samples: int, seed: int) -> dict:
-  run = runs.load_run(workdir)
-  images = np.asarray(data.get_source(run.info.name, split="test").images, np.int32)
+  run = common.load_run(workdir)
+  images = common.split_images(run.info.name)
   est = bound_estimates(run, images, t_samples=t_samples, seed=seed)
   variance, variance_se = _within_image_variance(est["bpd"])
   diff_var, diff_var_se = _within_image_variance(est["diffusion_bpd"])
@@ -186,12 +168,10 @@ def summarise(results: list[dict], out: str) -> list[dict]:
   for r in results:
     by_variant.setdefault(r["variant"], []).append(r)
   steps = sorted({c["step"] for r in results for c in r["curve"]})
-  rows = []
+  rows, table = [], []
   header = (["schedule", "seeds"] + [f"bpd @ {s}" for s in steps]
             + ["variance (bpd^2)", "diffusion-term variance (bpd^2)", "gamma_0 .. gamma_1",
                "VDM paper, CIFAR-10"])
-  print("| " + " | ".join(header) + " |")
-  print("|" + "---|" * len(header))
   for variant in VARIANTS:
     rs = by_variant.get(variant)
     if not rs:
@@ -204,22 +184,19 @@ def summarise(results: list[dict], out: str) -> list[dict]:
            "diffusion_variance": [r["diffusion_variance"] for r in rs],
            "gamma_0": [r["gamma_0"] for r in rs], "gamma_1": [r["gamma_1"] for r in rs]}
     rows.append(row)
-    cells = ([LABELS[variant], ",".join(str(s) for s in row["seeds"])]
-             + [_pm(curve[s]) if curve[s] else "" for s in steps]
-             + [_pm(row["variance"]), _pm(row["diffusion_variance"]),
-                f"{np.mean(row['gamma_0']):.2f} .. {np.mean(row['gamma_1']):.2f}",
-                str(PAPER.get(variant, ""))])
-    print("| " + " | ".join(cells) + " |")
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+    table.append([LABELS[variant], ",".join(str(s) for s in row["seeds"])]
+                 + [_pm(curve[s]) if curve[s] else "" for s in steps]
+                 + [_pm(row["variance"]), _pm(row["diffusion_variance"]),
+                    f"{np.mean(row['gamma_0']):.2f} .. {np.mean(row['gamma_1']):.2f}",
+                    str(PAPER.get(variant, ""))])
+  print(common.table(header, table))
+  common.write_json(os.path.join(out, "summary.json"), rows, indent=1)
   _plot(by_variant, os.path.join(out, "schedules.png"))
   return rows
 
 
 def _plot(by_variant: dict[str, list[dict]], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = common.pyplot()
   fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
   colours = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for variant, rs in by_variant.items():
@@ -242,14 +219,12 @@ def _plot(by_variant: dict[str, list[dict]], path: str) -> None:
   axes[3].set_yscale("log")
   axes[3].tick_params(axis="x", labelsize=8)
   axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path, close=True)
   print(f"wrote {path}")
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = common.parser(__doc__)
   parser.add_argument("--config", default="configs/digits.py")
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps of every run (0: the config's training.num_steps)")

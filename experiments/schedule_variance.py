@@ -28,10 +28,7 @@ Writes <out>.csv and <out>.png and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
 import time
 
 import jax
@@ -39,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import data, elbo, model as model_lib, runs, schedules
+from vdm_jax.maths import elbo, schedules
+from vdm_jax.nets import model as model_lib
+
+import common
 
 PAPER = {"learned": 0.53, "log-SNR-linear": 6.35, "beta-linear": 31.6, "cosine": 31.1}
 
@@ -67,7 +67,7 @@ def fit_learned(run, bound_fn, *, gamma_min: float, gamma_max: float, steps: int
   net = params["net"]
   tx = optax.adam(learning_rate)
   opt_state = tx.init(net)
-  images = np.asarray(data.get_source(run.info.name, split="train").images, np.int32)
+  images = common.split_images(run.info.name, split="train")
 
   def objective(net, key, batch, net_params):
     gamma_fn = lambda t: schedules.monotone_gamma(t, dict(fixed, net=net))
@@ -99,8 +99,7 @@ def per_example(bound_fn, net_params, gamma_fn, images, *, t_samples: int, seed:
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/digits")
+  parser = common.add_run_args(common.parser(__doc__))
   parser.add_argument("--t_samples", type=int, default=64, help="estimates per test image")
   parser.add_argument("--max_examples", type=int, default=0, help="0 = the whole test split")
   parser.add_argument("--fit_steps", type=int, default=300)
@@ -111,8 +110,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", default="experiments/out/schedule_variance")
   args = parser.parse_args(argv)
 
-  run = runs.load_run(args.workdir)
-  gamma_fn = run.task.sampler_fns(run.params, run.frozen, None)[1]
+  run = common.load_run(args.workdir)
+  gamma_fn = common.denoiser(run)[1]
   gmin, gmax = (float(gamma_fn(jnp.float32(t))) for t in (0.0, 1.0))
   print(f"{args.workdir} step {run.step}: learned endpoints gamma_min {gmin:.3f}, "
         f"gamma_max {gmax:.3f}", flush=True)
@@ -128,8 +127,7 @@ def main(argv=None) -> list[dict]:
       "beta-linear": schedules.BetaLinear(gamma_min=gmin, gamma_max=gmax),
       "cosine": schedules.Cosine(gamma_min=gmin, gamma_max=gmax),
   }
-  images = np.asarray(data.get_source(run.info.name, split="test").images, np.int32)
-  images = images[:args.max_examples] if args.max_examples else images
+  images = common.split_images(run.info.name, max_examples=args.max_examples)
   rows = []
   for name, fn in scheds.items():
     est = per_example(bound_fn, run.params, fn, images, t_samples=args.t_samples,
@@ -148,23 +146,15 @@ def main(argv=None) -> list[dict]:
 
 
 def _write(rows, scheds, history, out: str) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(out + ".csv", rows)
   print(f"Digits VDM ({rows[0]['num_images']} test images x {rows[0]['t_samples']} one-sample "
         f"estimates), endpoints {rows[0]['gamma_min']:.2f} .. {rows[0]['gamma_max']:.2f}")
-  print("| schedule | bound (bpd) | variance of per-example estimate (bpd^2) | "
-        "VDM paper, CIFAR-10 |")
-  print("|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['schedule']} | {r['bpd']:.4f} ± {r['bpd se']:.4f} | "
-          f"{r['variance']:.4f} ± {r['variance se']:.4f} | {r['paper variance']} |")
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(13, 3.8))
+  print(common.table(
+      ["schedule", "bound (bpd)", "variance of per-example estimate (bpd^2)",
+       "VDM paper, CIFAR-10"],
+      [[r["schedule"], f"{r['bpd']:.4f} ± {r['bpd se']:.4f}",
+        f"{r['variance']:.4f} ± {r['variance se']:.4f}", r["paper variance"]] for r in rows]))
+  fig, (ax0, ax1, ax2) = common.pyplot().subplots(1, 3, figsize=(13, 3.8))
   t = jnp.linspace(0.0, 1.0, 201)
   for name, fn in scheds.items():
     ax0.plot(t, fn(t), label=name)
@@ -180,8 +170,7 @@ def _write(rows, scheds, history, out: str) -> None:
   ax2.set_xlabel("fit step")
   ax2.set_ylabel("E[L^2] on a train batch (bpd^2)")
   ax2.set_yscale("log")
-  fig.tight_layout()
-  fig.savefig(out + ".png", dpi=120)
+  common.save_figure(fig, out + ".png")
   print(f"wrote {out}.csv and {out}.png")
 
 

@@ -56,7 +56,9 @@ def smoke_config():
 def fresh_run(config, workdir):
   """(task, replicated sharding, initial TrainState) of `config` on digits, and `workdir` made a
   run directory of it (config.json written), for tests that write checkpoints into a run."""
-  from vdm_jax import data, parallel, state as state_lib, stored_config, tasks
+  from vdm_jax.datasets import data
+  from vdm_jax.core import parallel
+  from vdm_jax.training import state as state_lib, stored_config, tasks
   task = tasks.build_task(config, data.get_info("digits"))
   optimizer = state_lib.build_optimizer(config)
   rep = parallel.replicated(parallel.make_mesh())

@@ -12,7 +12,7 @@ workdir, num_steps, local_devices = sys.argv[1], int(sys.argv[2]), int(sys.argv[
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-from vdm_jax import train  # noqa: E402
+from vdm_jax.training import train
 
 root = pathlib.Path(__file__).resolve().parents[1]
 config = runpy.run_path(str(root / "configs" / "smoke.py"))["get_config"]()

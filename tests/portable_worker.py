@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from vdm_jax import compress, compress_app, compress_portable, portable_net as pn
-from vdm_jax import portable_unet as pu
+from vdm_jax.compression import compress, compress_app, compress_portable, portable_net as pn
+from vdm_jax.compression import portable_unet as pu
 
 STEPS = 3
 

@@ -1,5 +1,5 @@
-"""Run directories in a GCS bucket (the emulator on loopback, `vdm_jax.testing.gcs_emulator`): the same
-commands as on a local disk, unchanged, with `--workdir gs://...`.
+"""Run directories in a GCS bucket (the emulator on loopback, `vdm_jax.testing.gcs_emulator`): the
+same commands as on a local disk, unchanged, with `--workdir gs://...`.
 
 - `vdm-jax train / eval / sample / compress / decompress` on a bucket, the trainer under strace:
   every connection it opens goes to loopback (no credential or metadata look-up leaves);
@@ -31,7 +31,9 @@ from conftest import patience
 from test_metrics import tb_scalars
 from vdm_jax.testing import gcs_emulator
 
-from vdm_jax import checkpointing, data, rundir, run_control, train
+from vdm_jax.storage import checkpointing, rundir
+from vdm_jax.datasets import data
+from vdm_jax.training import run_control, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -153,7 +155,12 @@ def test_the_lease_of_a_killed_trainer_expires_and_is_taken_over(gcs, gs_dir):
   finally:
     if first.poll() is None:
       first.kill()
-  assert len(rundir.list_names(run + "/train.lock")) == 1   # its lease stays behind
+  left = rundir.list_names(run + "/train.lock")
+  assert len(left) == 1   # its lease stays behind
+  # The lease expires 4 s after its last heartbeat (the emulator's clock is this machine's); a
+  # trainer starting sooner is refused, which test_run_lock shows without timing a start-up.
+  while time.time() - rundir.mtime(run + "/train.lock/" + left[0]) <= 4.5:
+    time.sleep(0.2)
   second = _ok(_cli(*args, "--config.training.num_steps=4", env=env))
   taken = [line for line in second.stderr.splitlines() if "taking over the lock" in line]
   assert len(taken) == 1 and held["holder"] in taken[0], second.stderr[-3000:]

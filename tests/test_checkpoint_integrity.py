@@ -24,8 +24,9 @@ import optax
 import pytest
 
 from conftest import fresh_run
-from vdm_jax import checkpointing, runs
-from vdm_jax.checkpointing import CheckpointManager
+from vdm_jax.storage import checkpointing
+from vdm_jax.training import runs
+from vdm_jax.storage.checkpointing import CheckpointManager
 
 # orbax can leave an asyncio callback behind after a failed read; it is harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -153,7 +154,7 @@ def test_damaged_data_file_falls_back_to_the_previous_step(tmp_path, damage):
 
 def test_silent_corruption_is_caught_by_the_digest(tmp_path):
   """Bytes changed inside the compressed stream: orbax decodes them into other numbers (the
-  issue's `bpd nan` and all-zero samples); the digest refuses them."""
+  reported `bpd nan` and all-zero samples); the digest refuses them."""
   directory = _saved(tmp_path, [1, 2])
   _corrupt_silently(directory / "2", _probe_step(directory, 2))
   with CheckpointManager(directory, async_save=False) as mgr:
@@ -268,7 +269,7 @@ def test_confirmed_damage_is_replaced_by_the_next_save(tmp_path):
 
 def test_damaged_step_is_not_kept_while_intact_ones_are_rotated_away(tmp_path):
   """Resumed from step 2 past a damaged step 4 with max_to_keep=2: orbax would keep the damaged
-  4 beside the new 3 and rotate the intact 2 away (the issue's lost checkpoints); the save
+  4 beside the new 3 and rotate the intact 2 away (checkpoints lost that way before); the save
   deletes the confirmed-damaged 4 first, so 2 and 3 are kept."""
   directory = _saved(tmp_path, [2, 4])
   _truncate(_largest_data_file(directory / "4"))
@@ -502,7 +503,7 @@ def _smoke_run(tmp_path, smoke_config, steps, ema_offset=0.0):
 
 def test_load_run_skips_a_newest_checkpoint_whose_arrays_decode_to_nan(tmp_path, smoke_config,
                                                                        monkeypatch):
-  """The issue's case: the arrays of step 7 read back without an error but as other numbers
+  """The reported case: the arrays of step 7 read back without an error but as other numbers
   (here NaN: step 7's array files replaced by those of a NaN state of the same structure, its
   metadata kept), so `vdm-jax eval` printed `bpd nan`. load_run must return step 3, finite."""
   workdir, emas = _smoke_run(tmp_path, smoke_config, [3, 7])
@@ -536,7 +537,7 @@ def test_load_run_reports_a_damaged_requested_step_as_a_run_error(tmp_path, smok
 
 def _walk(folder):
   """Every object under `folder` (local or gs://), recursively."""
-  from vdm_jax import rundir
+  from vdm_jax.storage import rundir
   for name in rundir.list_names(folder):
     path = rundir.join(folder, name)
     if rundir.is_dir(path):
@@ -549,7 +550,7 @@ def test_silent_corruption_in_a_bucket_is_refused_by_the_digest_and_skipped(gs_d
   """Bytes changed inside an array data object of the newest checkpoint in a bucket, where the
   compressed stream still decodes: the digest refuses it, the restore falls back to the step
   before and keeps the damaged one."""
-  from vdm_jax import rundir
+  from vdm_jax.storage import rundir
   directory = gs_dir + "/ckpt"
   with CheckpointManager(directory, async_save=False, max_to_keep=None) as mgr:
     for step in (1, 2):

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.checkpointing: exact round trips, retention, NaN refusal, damage, crashes,
+"""Tests for vdm_jax.storage.checkpointing: exact round trips, retention, NaN refusal, damage,
+crashes,
 the integrity record (its damage cases are in test_checkpoint_integrity.py)."""
 
 import glob
@@ -22,8 +23,8 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import checkpointing
-from vdm_jax.checkpointing import CheckpointManager
+from vdm_jax.storage import checkpointing
+from vdm_jax.storage.checkpointing import CheckpointManager
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,7 +254,7 @@ def test_bad_constructor_arguments(tmp_path):
 _CRASHING_CHILD = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp
-    from vdm_jax.checkpointing import CheckpointManager
+    from vdm_jax.storage.checkpointing import CheckpointManager
     mgr = CheckpointManager(sys.argv[1], async_save=False)
     mgr.save(1, {"w": jnp.arange(4.0)}, metadata={"data_step": 1})
     big = {"w": jax.random.normal(jax.random.key(0), (50_000_000,))}  # 200 MB
@@ -372,7 +373,7 @@ def test_killed_during_a_save_to_a_bucket_leaves_the_previous_checkpoint_usable(
   """In GCS, Orbax writes step 2 in place and its commit marker last: a process killed while
   writing leaves objects of step 2 that no listing takes for a checkpoint; step 1 restores, and
   step 2 can be saved again."""
-  from vdm_jax import rundir
+  from vdm_jax.storage import rundir
   directory = gs_dir + "/ckpt"
   child = _CRASHING_CHILD.replace("(50_000_000,)", "(5_000_000,)")   # 20 MB through the emulator
   env = {**os.environ, **gcs.env, "PYTHONPATH": _REPO, "JAX_PLATFORMS": "cpu"}

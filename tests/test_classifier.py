@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.classifier: the noise-conditional classifier network and model, and the
+"""Tests for vdm_jax.nets.classifier: the noise-conditional classifier network and model, and the
 classifier task's evaluation against NumPy."""
 
 import pathlib
@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import classifier, data, parallel, steps, tasks
+from vdm_jax.nets import classifier
+from vdm_jax.datasets import data
+from vdm_jax.core import parallel
+from vdm_jax.training import steps, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -107,7 +110,7 @@ def test_classifier_eval_values_against_numpy(num_devices):
                                           gamma_min=-8.0, gamma_max=6.0)
   task = tasks.ClassifierTask(model, info, num_classes=10)
   params, _ = task.init(jax.random.key(0))
-  result = steps.evaluate(task, params, config, info, parallel.make_mesh(num_devices))
+  result = steps.evaluate(task, params, config, parallel.make_mesh(num_devices))
 
   labels = data.get_source("digits", split="test").labels
   n = len(labels)

@@ -1,5 +1,6 @@
-"""Lossless compression (vdm_jax.compress*): exact round trips (the digits test split; K = 256 with
-3 channels), code lengths against the consistency form of the bound, every damaged or foreign
+"""Lossless compression (vdm_jax.compression.compress*): exact round trips (the digits test split; K
+= 256 with 3 channels), code lengths against the consistency form of the bound, every damaged or
+foreign
 file named as such, and `vdm-jax compress` / `decompress` end to end."""
 
 import os
@@ -13,10 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import compress, compress_app, compress_format as fmt, compress_portable
-from vdm_jax import compress_stream
-from vdm_jax import checkpointing, data, elbo, model as model_lib, parallel, rundir, runs
-from vdm_jax import state as state_lib, stored_config, tasks
+from vdm_jax.compression import compress, compress_app, compress_format as fmt, compress_portable
+from vdm_jax.compression import compress_stream
+from vdm_jax.storage import checkpointing, rundir
+from vdm_jax.datasets import data
+from vdm_jax.maths import elbo
+from vdm_jax.nets import model as model_lib
+from vdm_jax.core import parallel
+from vdm_jax.training import runs
+from vdm_jax.training import state as state_lib, stored_config, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T = 4

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from vdm_jax import config_checks, model as model_lib, optim
+from vdm_jax.training import config_checks, optim
+from vdm_jax.nets import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -284,6 +285,6 @@ def test_config_check_accepts_good_new_fields(field, value):
 def test_trainer_feeds_the_augmentation_flag_to_the_conditioning_input(name, expected):
   """The trainer's pipeline options: cifar10_aug rotates and passes the "augmented" flag, which
   the network's conditioning input reads (batch["conditioning"], tasks.VDMTask.loss)."""
-  from vdm_jax import train
+  from vdm_jax.training import train
   config = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
   assert train.augmentation(config) == expected

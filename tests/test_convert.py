@@ -1,4 +1,4 @@
-"""vdm_jax.convert against the official google-research/vdm code's recorded outputs.
+"""vdm_jax.official.convert against the official google-research/vdm code's recorded outputs.
 
 tests/data/official_parity/ holds outputs of the official `model_vdm.py` (commit dc27b98, jax
 0.10.2, flax 0.12.8, float32, CPU) on fixed random weights and inputs (see its README.md): two
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vdm_jax import convert, elbo, model as model_lib, schedules
+from vdm_jax.official import convert
+from vdm_jax.maths import elbo, schedules
+from vdm_jax.nets import model as model_lib
 
 DATA = pathlib.Path(__file__).parent / "data" / "official_parity"
 SCORE_FILES = ("scoreunet_4x32", "scoreunet_2x64_attn")
@@ -160,7 +162,7 @@ def test_converted_config_is_a_full_trainable_config():
   d, params = _load("vdm_loss_4x32_learned_linear")
   config, _ = convert.from_official(params, json.loads(str(d["T0_config"])))
   assert isinstance(config, ml_collections.ConfigDict)
-  from vdm_jax.config_checks import check_config
+  from vdm_jax.training.config_checks import check_config
   check_config(config, num_devices=1)
   m = config.model
   assert (m.channels, m.num_blocks, m.dropout, m.fourier_exponents) == (32, 4, 0.1, (6, 7))

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.data: digits offline, TFDS through mock_data, validation, the registry."""
+"""Tests for vdm_jax.datasets.data: digits offline, TFDS through mock_data, validation, the
+registry."""
 
 import itertools
 import os
@@ -10,7 +11,8 @@ import chex
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, pipeline
+from vdm_jax.training import config_checks
+from vdm_jax.datasets import data, pipeline
 
 ONE = {"process_index": 0, "process_count": 1}
 
@@ -96,7 +98,7 @@ def test_a_registered_data_set_is_usable_by_name(registered, smoke_config):
 
 
 def test_import_is_light():
-  code = ("import sys; import vdm_jax.data as d; d.get_info('digits'); "
+  code = ("import sys; import vdm_jax.datasets.data as d; d.get_info('digits'); "
           "assert 'tensorflow_datasets' not in sys.modules and 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.diffusion: forward process, posterior, Tweedie conversions."""
+"""Tests for vdm_jax.maths.diffusion: forward process, posterior, Tweedie conversions."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from vdm_jax import diffusion
+from vdm_jax.maths import diffusion
 
 
 def _np_alpha2(g):
@@ -130,7 +130,8 @@ class ConversionTest(chex.TestCase):
 
   def test_tweedie_on_gaussian_data(self):
     # x ~ N(m, s^2): the marginal q(z) = N(alpha m, alpha^2 s^2 + sigma^2) has an exact score, and
-    # Tweedie gives E[x|z] = (z + sigma^2 score) / alpha, which must equal the Gaussian posterior mean.
+    # Tweedie gives E[x|z] = (z + sigma^2 score) / alpha, which must equal the Gaussian posterior
+    # mean.
     m, s2, g = 0.4, 0.25, 0.3
     alpha, sigma = (float(a) for a in diffusion.alpha_sigma(g))
     z = jnp.linspace(-2, 2, 9)

@@ -48,13 +48,13 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
       "page in docs/):\n" + result.stdout[-6000:] + result.stderr[-6000:])
   # Every module of the package has its API page, generated from the source tree.
   names = _gen_api().module_names()
-  assert "vdm_jax.elbo" in names and "vdm_jax.testing.gcs_emulator" in names
+  assert "vdm_jax.maths.elbo" in names and "vdm_jax.testing.gcs_emulator" in names
   missing = [n for n in names if not (out / "api" / f"{n}.html").is_file()]
   assert not missing, f"modules without an API page: {missing}"
   # The maths page links its equations to the functions that implement them.
   maths = (out / "maths.html").read_text()
-  assert 'href="api/vdm_jax.elbo.html#vdm_jax.elbo.elbo_terms"' in maths
-  assert 'href="api/vdm_jax.diffusion.html#vdm_jax.diffusion.transition"' in maths
+  assert 'href="api/vdm_jax.maths.elbo.html#vdm_jax.maths.elbo.elbo_terms"' in maths
+  assert 'href="api/vdm_jax.maths.diffusion.html#vdm_jax.maths.diffusion.transition"' in maths
 
 
 def test_broken_cross_reference_fails_the_build(tmp_path):
@@ -74,8 +74,8 @@ def test_broken_cross_reference_fails_the_build(tmp_path):
       elbo
       ```
 
-      Good: {py:func}`vdm_jax.elbo.elbo_terms`, [a heading](elbo.md#a-heading).
-      Broken: {py:func}`vdm_jax.elbo.no_such_function`, [no heading](elbo.md#no-such-heading).
+      Good: {py:func}`vdm_jax.maths.elbo.elbo_terms`, [a heading](elbo.md#a-heading).
+      Broken: {py:func}`vdm_jax.maths.elbo.no_such_function`, [no heading](elbo.md#no-such-heading).
       """))
   (src / "elbo.md").write_text(textwrap.dedent("""\
       # elbo
@@ -83,7 +83,7 @@ def test_broken_cross_reference_fails_the_build(tmp_path):
       ## A heading
 
       ```{eval-rst}
-      .. automodule:: vdm_jax.elbo
+      .. automodule:: vdm_jax.maths.elbo
          :members:
       ```
       """))
@@ -92,7 +92,7 @@ def test_broken_cross_reference_fails_the_build(tmp_path):
   assert result.returncode != 0, log
   warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
   assert len(warnings) == 2, log
-  assert any("vdm_jax.elbo.no_such_function" in w for w in warnings), log
+  assert any("vdm_jax.maths.elbo.no_such_function" in w for w in warnings), log
   assert any("no-such-heading" in w for w in warnings), log
 
 
@@ -114,7 +114,7 @@ def test_api_pages_follow_the_source_tree(tmp_path):
   names = gen_api.write_pages(api, ROOT / "vdm_jax")
   pages = sorted(p.name for p in api.glob("*.md"))
   assert pages == sorted(["index.md"] + [f"{n}.md" for n in names])
-  assert ".. automodule:: vdm_jax.elbo\n" in (api / "vdm_jax.elbo.md").read_text()
+  assert ".. automodule:: vdm_jax.maths.elbo\n" in (api / "vdm_jax.maths.elbo.md").read_text()
 
 
 def test_readme_is_short_and_its_test_command_is_what_ci_runs():

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.elbo: each term against float64 NumPy, the T-step / KL identity, the oracle
+"""Tests for vdm_jax.maths.elbo: each term against float64 NumPy, the T-step / KL identity, the
+oracle
 bound, the consistency estimator, and bad input."""
 
 import math
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from vdm_jax import diffusion, elbo, schedules
+from vdm_jax.maths import diffusion, elbo, schedules
 
 
 def _np_sigmoid(x):

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import config_checks, evaluation, runs as runs_lib, train
+from vdm_jax.training import config_checks, runs as runs_lib, train
+from vdm_jax.apps import evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,9 @@ def test_classifier_task_reports_accuracy(runs):
   noise draws, so the evaluation's own draw must give this accuracy too."""
   import jax
   import jax.numpy as jnp
-  from vdm_jax import classifier as classifier_lib, diffusion, elbo, pipeline
+  from vdm_jax.nets import classifier as classifier_lib
+  from vdm_jax.maths import diffusion, elbo
+  from vdm_jax.datasets import pipeline
   result = evaluation.run_eval(runs["classifier"], max_examples=16)
   assert result["task"] == "classifier" and np.isfinite(result["nll"])
   run = runs_lib.load_run(runs["classifier"])
@@ -123,7 +126,7 @@ def test_guided_eps_is_the_guidance_formula(runs):
   (classifier); checked against the task's own closures on random z."""
   import jax
   import jax.numpy as jnp
-  from vdm_jax import diffusion
+  from vdm_jax.maths import diffusion
   run, clf = runs_lib.load_run(runs["cond"]), runs_lib.load_run(runs["classifier"])
   z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
   g = jnp.full((4,), 1.0)
@@ -215,12 +218,17 @@ def test_cli_eval_and_sample(runs, tmp_path):
                          "--out", str(out)], capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "bpd" in proc.stdout and json.loads(out.read_text())["num_steps"] == 5
+  # What it does, while it does it (stderr): a line, then one per batch.
+  assert "eval: checkpoint 2, test: 16 examples in 1 batches of" in proc.stderr
+  assert re.search(r"batch 1/1 \(100.0%\) \| bpd \d", proc.stderr), proc.stderr[-2000:]
   proc = subprocess.run([sys.executable, "-m", "vdm_jax.cli", "sample", "--workdir",
                          runs["cond"], "--sampler", "ddim", "--steps", "3", "--num", "4",
                          "--label", "7", "--guidance", "1", "--out", str(tmp_path / "s")],
                         capture_output=True, text=True, timeout=patience(900))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(list((tmp_path / "s").glob("*.npz"))) == 1
+  assert "sample: 4 images, ddim, 3 steps, checkpoint" in proc.stderr
+  assert "batch 1/1 (100.0%)" in proc.stderr
 
 
 def test_eval_prints_the_bound_before_a_failed_write(runs, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.latent: each term against float64 NumPy, the continuous-latent VDM bound
+"""Tests for vdm_jax.maths.latent: each term against float64 NumPy, the continuous-latent VDM bound
 against its closed form for Gaussian data, the composed bound against an exactly known -log p(x)
 (1-D latent, quadrature), training the latent prior, and bad input."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from absl.testing import parameterized
 
-from vdm_jax import diffusion, elbo, latent, schedules
+from vdm_jax.maths import diffusion, elbo, latent, schedules
 
 SE = 4.0   # Monte-Carlo tolerance: this many standard errors
 

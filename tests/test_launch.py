@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vdm_jax import launch
+from vdm_jax.apps import launch
 
 SPEC = launch.LaunchSpec(config="configs/cifar10.py", workdir="gs://bucket/runs/cifar10",
                          overrides=("training.batch_size=256",), name="pod", zone="z",

@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.likelihood on cases with a known answer.
+"""Tests of vdm_jax.maths.likelihood on cases with a known answer.
 
 - Correlated Gaussian data x ~ N(MU, SIGMA) in D = 3 (float64). q(z_t) = N(alpha_t MU, C_t) with
   C_t = alpha_t^2 SIGMA + sigma_t^2 I, so eps = sigma_t C_t^{-1} (z - alpha_t MU) is exact, the
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import elbo, likelihood, schedules
+from vdm_jax.maths import elbo, likelihood, schedules
 
 # ----------------------------------------------------------------------------------------------
 # The Gaussian case.

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.metrics: JSONL + TensorBoard writer, progress bar, image grids, NaN guard."""
+"""Tests for vdm_jax.storage.metrics: JSONL + TensorBoard writer, progress bar, image grids, NaN
+guard."""
 
 import errno
 import glob
@@ -17,7 +18,7 @@ import pytest
 from conftest import patience
 from tensorboardX.proto import event_pb2
 
-from vdm_jax import metrics
+from vdm_jax.storage import metrics
 
 
 def tb_scalars(data: bytes, scalars: dict | None = None) -> dict:
@@ -209,7 +210,7 @@ def test_tensorboard_write_failure_is_one_warning_and_never_a_hang(tmp_path, mon
   """A full disk under tb/: the events are turned off with one warning, metrics.jsonl goes on,
   and no write ever blocks (events are written in the caller's thread: no writer thread whose
   death would leave a caller blocked on its queue)."""
-  caplog.set_level(logging.WARNING, logger="vdm_jax.metrics")
+  caplog.set_level(logging.WARNING, logger="vdm_jax.storage.metrics")
   writer = metrics.MetricWriter(tmp_path, enabled=True)
   monkeypatch.setattr(metrics._EventFile, "write_event", _no_space)
   done = threading.Event()

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.model: the schedule registry (a new schedule is usable by name through the
+"""Tests for vdm_jax.nets.model: the schedule registry (a new schedule is usable by name through the
 config) and the schedule's parameter key, the one the optimiser is given."""
 
 import jax
@@ -7,7 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, model as model_lib, optim, schedules, tasks
+from vdm_jax.training import config_checks, optim, tasks
+from vdm_jax.datasets import data
+from vdm_jax.nets import model as model_lib
+from vdm_jax.maths import schedules
 
 
 @pytest.fixture
@@ -95,7 +98,7 @@ def test_the_schedule_key_holds_exactly_the_schedule_parameters(name, model_conf
 
 
 def test_registered_schedules_match_their_maths():
-  """Each built-in name builds the function of `vdm_jax.schedules` it stands for."""
+  """Each built-in name builds the function of `vdm_jax.maths.schedules` it stands for."""
   t = jnp.linspace(0.0, 1.0, 7)
   expected = {"fixed_linear": schedules.FixedLinear(gamma_min=-9.0, gamma_max=9.0)(t),
               "beta_linear": schedules.BetaLinear(gamma_min=-9.0, gamma_max=9.0)(t),

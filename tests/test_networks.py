@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.networks: the VDM score U-Net, its blocks, and the registry of networks.
+"""Tests for vdm_jax.nets.networks: the VDM score U-Net, its blocks, and the registry of networks.
 
 Compilation dominates the run time on CPU, so: tiny nets, one cached jitted init / apply per
 configuration, scanned parameters built by stacking the unrolled ones (no second init), parameter
@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, networks, tasks
+from vdm_jax.training import config_checks, tasks
+from vdm_jax.datasets import data
+from vdm_jax.nets import networks
 
 _TINY = dict(channels=16, num_blocks=2)
 _LABELLED = dict(**_TINY, num_classes=3)

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.objectives: the weightings against NumPy, each objective as a reweighting
+"""Tests for vdm_jax.maths.objectives: the weightings against NumPy, each objective as a reweighting
 of the bound's terms at the same draw, L_simple's time grid, and bad arguments."""
 
 import math
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from vdm_jax import elbo, objectives, schedules
+from vdm_jax.maths import elbo, objectives, schedules
 
 
 def _np_sigmoid(x):

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.official_checkpoint: reading clu checkpoints of the official VDM trainer.
+"""Tests for vdm_jax.official.official_checkpoint: reading clu checkpoints of the official VDM
+trainer.
 
 Most tests write the files exactly as clu 0.0.12 does (`ckpt-N.flax` = flax.serialization.to_bytes
 of the train state, and TensorFlow's `checkpoint` state file), without TensorFlow; one test lets
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax.official_checkpoint import read_official_checkpoint
+from vdm_jax.official.official_checkpoint import read_official_checkpoint
 
 # Parameter leaves of the official model (4 blocks x 32 channels, learned linear schedule), saved
 # by the official code (tests/data/official_parity); a small tree with the same names stands in

@@ -1,4 +1,5 @@
-"""`vdm-jax import-official`: an official clu checkpoint -> a run directory that eval and sample use.
+"""`vdm-jax import-official`: an official clu checkpoint -> a run directory that eval and sample
+use.
 
 The checkpoint holds the official parity model (4 blocks x 32 channels, learned linear schedule;
 tests/data/official_parity): its EMA parameters are the official ones, so the imported run must
@@ -22,7 +23,11 @@ from conftest import patience
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
-from vdm_jax import convert, elbo, evaluation, model as model_lib, official_import, runs
+from vdm_jax.official import convert, official_import
+from vdm_jax.maths import elbo
+from vdm_jax.apps import evaluation
+from vdm_jax.nets import model as model_lib
+from vdm_jax.training import runs
 
 from test_official_checkpoint import _OfficialTrainState, _write_clu_save  # noqa: E402
 
@@ -137,7 +142,7 @@ def test_import_of_what_clu_writes(tmp_path):
 def test_import_from_a_bucket_into_a_bucket_without_tensorflow(gs_dir, tmp_path, monkeypatch):
   """The official checkpoint read straight from gs:// (as the released one is, at
   gs://gresearch/vdm/...), into a run directory in a bucket; no TensorFlow is imported."""
-  from vdm_jax import rundir
+  from vdm_jax.storage import rundir
   d, tree = _official()
   local = tmp_path / "official" / "checkpoints-0"
   _write_clu_save(str(local), 1, _state(tree))

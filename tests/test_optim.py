@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.optim: warm-up schedule, weight-decay mask, AdamW chain and EMA."""
+"""Tests for vdm_jax.training.optim: warm-up schedule, weight-decay mask, AdamW chain and EMA."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import optim
+from vdm_jax.training import optim
 
 KEY = "gamma"   # the top-level key of the schedule in these trees (optim takes it as an argument)
 

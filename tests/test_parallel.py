@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import parallel
+from vdm_jax.core import parallel
 
 ENV = parallel.CPU_OPTIONS_ENV
 

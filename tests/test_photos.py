@@ -1,4 +1,5 @@
-"""Tests for the photo-patch data sets (vdm_jax.photos, registered in vdm_jax.data)."""
+"""Tests for the photo-patch data sets (vdm_jax.datasets.photos, registered in
+vdm_jax.datasets.data)."""
 
 import itertools
 import pathlib
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vdm_jax import config_checks, data, photos, pipeline, sampling, tasks
+from vdm_jax.training import config_checks, tasks
+from vdm_jax.datasets import data, photos, pipeline
+from vdm_jax.maths import sampling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ONE = {"process_index": 0, "process_count": 1}
@@ -25,7 +28,7 @@ SHAPES = {"photos": (32, 32, 3), "photos_gray": (32, 32, 1)}
 
 
 def _pil_pixels(name):
-  """A photograph decoded independently of vdm_jax.photos: [H, W, C] uint8."""
+  """A photograph decoded independently of vdm_jax.datasets.photos: [H, W, C] uint8."""
   path = pathlib.Path(photos.photo_path(name))
   with Image.open(path) as im:
     pixels = np.asarray(im.convert("RGB" if im.mode == "RGB" else "L"))

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.pipeline: order, resumption, sharding, eval padding, augmentation."""
+"""Tests for vdm_jax.datasets.pipeline: order, resumption, sharding, eval padding, augmentation."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import chex
 import numpy as np
 import pytest
 
-from vdm_jax import data, pipeline
+from vdm_jax.datasets import data, pipeline
 
 ONE = {"process_index": 0, "process_count": 1}
 

@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import compress, compress_app, compress_format as fmt, compress_portable
-from vdm_jax import compress_stream, data, diffusion, model as model_lib, portable
-from vdm_jax import portable_levels, portable_net as pn, portable_quant, portable_store
-from vdm_jax import portable_unet as pu
+from vdm_jax.compression import compress, compress_app, compress_format as fmt, compress_portable
+from vdm_jax.compression import compress_stream, portable, portable_levels, portable_net as pn
+from vdm_jax.compression import portable_quant, portable_store, portable_unet as pu
+from vdm_jax.datasets import data
+from vdm_jax.maths import diffusion
+from vdm_jax.nets import model as model_lib
 
 from conftest import patience
 

@@ -1,8 +1,8 @@
-"""Tests for vdm_jax.registry: names in, objects out, and errors that list what is registered."""
+"""Tests for vdm_jax.core.registry: names in, objects out, errors that list what is registered."""
 
 import pytest
 
-from vdm_jax import registry
+from vdm_jax.core import registry
 
 
 def test_register_get_iterate_and_unregister():

@@ -22,9 +22,14 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import checkpointing, config_checks, data, elbo, metrics, parallel, pipeline, run_control
-from vdm_jax import rundir, runs
-from vdm_jax import state as state_lib, steps as steps_lib, tasks, train
+from vdm_jax.storage import checkpointing, metrics
+from vdm_jax.training import config_checks, run_control
+from vdm_jax.datasets import data, pipeline
+from vdm_jax.maths import elbo
+from vdm_jax.core import parallel
+from vdm_jax.storage import rundir
+from vdm_jax.training import runs
+from vdm_jax.training import state as state_lib, steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,10 +43,10 @@ def smoke_config(**training):
 
 def _final_state(config, workdir):
   info = data.get_info(config.data.name)
-  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
   mesh = parallel.make_mesh()
   abstract = state_lib.abstract_state(
-      lambda: state_lib.init_state(model, tx, seed=config.seed, info=info), mesh)
+      lambda: state_lib.init_state(task, tx, seed=config.seed), mesh)
   with checkpointing.CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
     step, state, meta = ckpt.restore(abstract)
   return step, jax.device_get(state), meta
@@ -91,11 +96,11 @@ def test_nan_skips_then_stops_after_k_in_a_row(tmp_path, monkeypatch):
 def test_skipped_update_leaves_state_unchanged(monkeypatch):
   config = smoke_config()
   info = data.get_info("digits")
-  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
-  state = state_lib.init_state(model, tx, seed=0, info=info)
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
+  state = state_lib.init_state(task, tx, seed=0)
   batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
   _nan_loss(monkeypatch)
-  new, out = jax.jit(steps_lib.make_train_step(model, tx, info=info, ema_decay=0.9))(state, batch)
+  new, out = jax.jit(steps_lib.make_train_step(task, tx, ema_decay=0.9))(state, batch)
   assert float(out["finite"]) == 0.0 and int(new.nonfinite_count) == 1 and int(new.step) == 1
   chex.assert_trees_all_equal(new.params, state.params)
   chex.assert_tree_all_finite(new.params)
@@ -136,7 +141,7 @@ def test_preemption_saves_and_resumes(tmp_path, sig):
   assert logged and min(logged) > saved and logged[-1] == saved + 2, (saved, logged)
 
 
-# --- Signals before the first step (issue 15, items 5 and 11) ---------------------------------
+# --- Signals before the first step ----------------------------------------------------------
 
 def _env_without_compile_cache():
   """The test environment minus the shared compilation cache, so that the subprocess really
@@ -347,7 +352,7 @@ def test_full_disk_under_tensorboard_neither_hangs_nor_stops_training(tmp_path, 
     write(self, event)
 
   monkeypatch.setattr(metrics._EventFile, "write_event", filling_disk)
-  caplog.set_level(logging.WARNING, logger="vdm_jax.metrics")
+  caplog.set_level(logging.WARNING, logger="vdm_jax.storage.metrics")
   workdir, box = tmp_path / "full", {}
 
   def run():

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from vdm_jax import rundir, run_control, runs
+from vdm_jax.storage import rundir
+from vdm_jax.training import run_control, runs
 
 
 def _lock(gs_dir, holder, expiry=2.0):

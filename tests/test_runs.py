@@ -1,11 +1,12 @@
-"""Tests for vdm_jax.runs: a run's EMA parameters are restored without its optimiser state."""
+"""Tests for vdm_jax.training.runs: a run's EMA parameters, restored without its optimiser state."""
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from conftest import fresh_run
-from vdm_jax import checkpointing, runs, state as state_lib
+from vdm_jax.storage import checkpointing
+from vdm_jax.training import runs, state as state_lib
 
 
 def test_load_run_restores_the_ema_parameters_and_nothing_else(tmp_path, monkeypatch,

@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.sampling on cases with a known answer.
+"""Tests of vdm_jax.maths.sampling on cases with a known answer.
 
 Test distributions:
 - a 1-D mixture of two Gaussians, x ~ 0.3 N(-1, 0.25^2) + 0.7 N(1, 0.25^2). Its noisy marginal
@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, diffusion, elbo, guidance, sampling, schedules, steps
+from vdm_jax.training import config_checks, steps
+from vdm_jax.datasets import data
+from vdm_jax.maths import diffusion, elbo, guidance, sampling, schedules
 
 GAMMA_FN = schedules.FixedLinear(gamma_min=-10.0, gamma_max=10.0)   # q(z_1) = N(0, 1) to 5e-5
 VOCAB = 8

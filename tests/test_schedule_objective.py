@@ -1,9 +1,9 @@
-"""The schedule's interior trained on the variance of the bound's estimate (issue 14):
+"""The schedule's interior trained on the variance of the bound's estimate:
 `objectives.variance_elbo_terms` against autodiff references on a small case, then through the
 model, the trainer's step (scan, bfloat16, a 4-device mesh) and the config checks.
 
 The maths runs in float32 (the bound's terms are computed in float32 whatever the input), hence
-the tolerances; each test's mutation (see the report of issue 14) fails it by orders of magnitude.
+the tolerances; each test fails by orders of magnitude when the code it guards is broken.
 """
 
 import chex
@@ -15,8 +15,14 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from vdm_jax import config_checks, data, elbo, model as model_lib, objectives, parallel
-from vdm_jax import pipeline, schedules, state as state_lib, steps, tasks
+from vdm_jax.training import config_checks
+from vdm_jax.datasets import data
+from vdm_jax.maths import elbo, objectives
+from vdm_jax.nets import model as model_lib
+from vdm_jax.core import parallel
+from vdm_jax.datasets import pipeline
+from vdm_jax.maths import schedules
+from vdm_jax.training import state as state_lib, steps, tasks
 
 SK = model_lib.SCHEDULE_KEY
 
@@ -233,16 +239,16 @@ def _distance(a, b) -> float:
   return float(optax.global_norm(jax.tree.map(jnp.subtract, a, b)))
 
 
-def _grads(config, params, batch, key, mesh=None):
-  """The gradient of the task's loss (mean bpd), sharded over `mesh` as the trainer's step."""
-  task = tasks.build_task(config, INFO)
-  fn = jax.grad(lambda p: task.loss(p, {}, batch, key)[0])
+def _grads(configs, params, batch, key, mesh=None):
+  """[the gradient of the task's loss (mean bpd) for each config], sharded over `mesh` as the
+  trainer's step; one compiled program for all (they share the forward pass)."""
+  losses = [tasks.build_task(config, INFO).loss for config in configs]
+  fn = lambda p, b: [jax.grad(lambda q, loss=loss: loss(q, {}, b, key)[0])(p) for loss in losses]
   if mesh is None:
-    return jax.jit(fn)(params)
+    return jax.jit(fn)(params, batch)
   rep = parallel.replicated(mesh)
   return jax.device_get(parallel.jit(
-      lambda p, b: jax.grad(lambda q: task.loss(q, {}, b, key)[0])(p),
-      in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=rep)(
+      fn, in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=rep)(
           params, parallel.shard_batch(batch, mesh)))
 
 
@@ -253,14 +259,14 @@ def test_model_routes_the_gradient_network_and_endpoints_unchanged(smoke_config)
   var_config = _config(smoke_config)
   elbo_config = _config(smoke_config, schedule_objective="elbo")
   task = tasks.build_task(var_config, INFO)
-  params, _ = task.init(jax.random.PRNGKey(0))
+  params, _ = jax.jit(task.init)(jax.random.PRNGKey(0))
   params = jax.tree.map(lambda p: p, params)
   params[SK]["net"]["l3"]["kernel"] = params[SK]["net"]["l3"]["kernel"] * 3000.0   # curved
   batch, key = _batch(), jax.random.PRNGKey(5)
   loss_var = task.loss(params, {}, batch, key)[0]
   loss_elbo = tasks.build_task(elbo_config, INFO).loss(params, {}, batch, key)[0]
   assert float(loss_var) == float(loss_elbo)
-  g_var, g_elbo = _grads(var_config, params, batch, key), _grads(elbo_config, params, batch, key)
+  g_var, g_elbo = _grads([var_config, elbo_config], params, batch, key)
   chex.assert_trees_all_close(g_var["score_net"], g_elbo["score_net"], rtol=1e-5, atol=1e-7)
   for name in ("gamma_min", "delta"):
     chex.assert_trees_all_close(g_var[SK][name], g_elbo[SK][name], rtol=1e-3, atol=1e-5)
@@ -281,17 +287,25 @@ def test_model_routes_the_gradient_network_and_endpoints_unchanged(smoke_config)
   assert _distance(g_elbo[SK]["net"], want[SK]["net"]) > 0.9 * size
 
 
-def _train(config, num_steps, mesh=None, keep=()):
-  """(task, state after num_steps, last step's output, {s: state after step s for s in keep})."""
+def _init_state(config, mesh):
+  """The trainer's initial state (seed 0) of `config`, replicated over `mesh`."""
+  task, tx = tasks.build_task(config, INFO), state_lib.build_optimizer(config).tx
+  return jax.jit(lambda: state_lib.init_state(task, tx, seed=0),
+                 out_shardings=parallel.replicated(mesh))()
+
+
+def _train(config, num_steps, mesh=None, keep=(), state=None):
+  """(task, state after num_steps, last step's output, {s: state after step s for s in keep},
+  s = 0 the initial state), from `state` (default: `_init_state`)."""
   mesh = mesh or parallel.make_mesh(1)
   task, tx = tasks.build_task(config, INFO), state_lib.build_optimizer(config).tx
   rep = parallel.replicated(mesh)
-  state = jax.jit(lambda: state_lib.init_state(task, tx, seed=0), out_shardings=rep)()
+  state = _init_state(config, mesh) if state is None else state
   step = parallel.jit(steps.make_train_step(task, tx, ema_decay=0.9),
                       in_shardings=(rep, parallel.batch_sharding(mesh)),
                       out_shardings=(rep, rep))
   it = pipeline.train_iterator("digits", global_batch_size=config.training.batch_size, seed=0)
-  kept = {}
+  kept = {0: jax.device_get(state)} if 0 in keep else {}
   for i in range(num_steps):
     state, out = step(state, parallel.shard_batch(next(it), mesh))
     if i + 1 in keep:
@@ -318,26 +332,28 @@ def test_training_moves_the_interior_and_keeps_the_schedule_monotone(smoke_confi
   variance objective every weight of the interior's last layer moves by one step (the gradient
   of E[L^2] reaches all of them; that it is that gradient is tested above). After 20 steps the
   schedule is still strictly increasing with exact endpoints."""
-  trained, first = {}, {}
+  trained, first, init = {}, {}, {}
   for objective in ("variance", "elbo"):
     config = _config(smoke_config, schedule_objective=objective)
     config.optim.schedule_lr_multiplier = 30.0
     config.optim.warmup_steps, config.optim.weight_decay, config.optim.eps = 0, 0.0, 1e-30
-    task, state, out, kept = _train(config, 20, keep=(1,))
+    task, state, out, kept = _train(config, 20, keep=(0, 1))
     assert float(out["finite"]) == 1.0
     _check_schedule(task, state.params)
     trained[objective], first[objective] = state.params[SK], kept[1].params[SK]
+    init[objective] = kept[0].params[SK]
   step = config.optim.learning_rate * config.optim.schedule_lr_multiplier
-  init = tasks.build_task(_config(smoke_config), INFO).init(jax.random.PRNGKey(0))[0][SK]
   moves = lambda a, b: np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
   for objective in ("variance", "elbo"):
     for leaf in ("gamma_min", "delta"):
-      np.testing.assert_allclose(moves(first[objective][leaf], init[leaf]), step, rtol=1e-4)
+      np.testing.assert_allclose(moves(first[objective][leaf], init[objective][leaf]), step,
+                                 rtol=1e-4)
   for leaf in ("gamma_min", "delta"):
     np.testing.assert_allclose(first["variance"][leaf], first["elbo"][leaf], rtol=0, atol=1e-6)
   kernel = lambda params: params["net"]["l3"]["kernel"]
   # float32 parameters of magnitude ~0.01: the move is exact to ~1e-9 absolute.
-  np.testing.assert_allclose(moves(kernel(first["variance"]), kernel(init)), step, atol=1e-6)
+  np.testing.assert_allclose(moves(kernel(first["variance"]), kernel(init["variance"])), step,
+                             atol=1e-6)
   assert np.all(moves(kernel(trained["variance"]), kernel(first["variance"])) > 0)
 
 
@@ -350,22 +366,21 @@ def test_scan_bfloat16_and_a_four_device_mesh(smoke_config):
   config = _config(smoke_config, block_impl="scan", dtype="bfloat16", num_blocks=2)
   config.optim.schedule_lr_multiplier = 30.0
   mesh = parallel.make_mesh(4)
-  task = tasks.build_task(config, INFO)
-  params, _ = task.init(jax.random.PRNGKey(0))
+  initial = _init_state(config, mesh)   # its parameters are task.init's at PRNGKey(0)
+  params = jax.device_get(initial.params)
   batch, key = _batch(), jax.random.PRNGKey(3)
-  g_var = _grads(config, params, batch, key, mesh)
   elbo_config = ml_collections.ConfigDict(config.to_dict())
   elbo_config.model.schedule_objective = "elbo"
-  g_elbo = _grads(elbo_config, params, batch, key, mesh)
+  g_var, g_elbo = _grads([config, elbo_config], params, batch, key, mesh)
   chex.assert_trees_all_close(g_var["score_net"], g_elbo["score_net"], rtol=1e-5, atol=1e-7)
   assert float(jnp.max(jnp.abs(g_var[SK]["net"]["l3"]["kernel"]
                                - g_elbo[SK]["net"]["l3"]["kernel"]))) > 0.0
   # 1 device: bfloat16 convolutions round differently with another batch split (~3% on single
   # leaves), so whole vectors are compared.
-  g_one = _grads(config, params, batch, key, parallel.make_mesh(1))
+  g_one, = _grads([config], params, batch, key, parallel.make_mesh(1))
   for part in ("score_net", SK):
     assert _distance(g_one[part], g_var[part]) < 0.02 * float(optax.global_norm(g_var[part]))
-  task, state, out, _ = _train(config, 3, mesh)
+  task, state, out, _ = _train(config, 3, mesh, state=initial)
   assert float(out["finite"]) == 1.0
   _check_schedule(task, state.params)
 

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.schedules: values against float64 NumPy, monotonicity, endpoints, stability."""
+"""Tests for vdm_jax.maths.schedules: values against float64 NumPy, monotonicity, endpoints,
+stability."""
 
 import math
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from vdm_jax import schedules
+from vdm_jax.maths import schedules
 
 T_GRID = np.linspace(0.0, 1.0, 101)
 

@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.state: the optimiser applies the learning-rate schedule it reports, the
+"""Tests for vdm_jax.training.state: the optimiser applies the learning-rate schedule it reports,
+the
 train state's shapes, and the part of it that evaluation restores."""
 
 import jax
@@ -7,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import data, parallel, state as state_lib, steps, tasks
+from vdm_jax.datasets import data
+from vdm_jax.core import parallel
+from vdm_jax.training import state as state_lib, steps, tasks
+
+import tiny_net
 
 
 @pytest.fixture
@@ -48,20 +53,23 @@ def test_a_cosine_decay_ends_at_the_configured_training_step(config):
 
 def test_the_train_step_logs_the_rate_it_applies(config):
   """The trainer's step logs `optimizer.learning_rate(step)`; at step 0 of the warm-up that rate
-  is 0 and the parameters do not move (the weight decay is scaled by it too)."""
+  is 0 and the parameters do not move (the weight decay is scaled by it too). The network is a
+  tiny one: neither depends on it."""
   info = data.static_info("digits")
-  task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
-  mesh = parallel.make_mesh(1)
-  state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=0),
-                  out_shardings=parallel.replicated(mesh))()
-  first = jax.device_get(state.params)
-  step = steps.jit_train_step(config, task, optimizer, mesh)
-  batch = {"image": np.full((8, 8, 8, 1), 5, np.int32), "label": np.zeros((8,), np.int32)}
-  for k in range(3):
-    state, out = step(state, parallel.shard_batch(batch, mesh))
-    np.testing.assert_allclose(out["learning_rate"], optimizer.learning_rate(k), rtol=1e-6)
-    if k == 0:
-      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), first)
+  with tiny_net.registered() as network:
+    config.model.network = network
+    task, optimizer = tasks.build_task(config, info), state_lib.build_optimizer(config)
+    mesh = parallel.make_mesh(1)
+    state = jax.jit(lambda: state_lib.init_state(task, optimizer.tx, seed=0),
+                    out_shardings=parallel.replicated(mesh))()
+    first = jax.device_get(state.params)
+    step = steps.jit_train_step(config, task, optimizer, mesh)
+    batch = {"image": np.full((8, 8, 8, 1), 5, np.int32), "label": np.zeros((8,), np.int32)}
+    for k in range(3):
+      state, out = step(state, parallel.shard_batch(batch, mesh))
+      np.testing.assert_allclose(out["learning_rate"], optimizer.learning_rate(k), rtol=1e-6)
+      if k == 0:
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), first)
 
 
 def test_eval_params_are_the_eval_fields_of_the_train_state(config):

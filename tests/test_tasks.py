@@ -1,6 +1,7 @@
 """The trainer's other tasks end to end on tiny configs: the VAE, latent diffusion on its frozen
 latents (composed bound in bpd of the data, sampling, frozen parameters), and their errors."""
 
+import dataclasses
 import json
 import pathlib
 import runpy
@@ -9,17 +10,26 @@ import shutil
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from vdm_jax import config_checks, data, evaluation, runs as runs_lib, train
+from vdm_jax.training import config_checks, runs as runs_lib, tasks, train
+from vdm_jax.datasets import data
+from vdm_jax.apps import evaluation
+
+import tiny_net
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(task, **vae):
+  """The smoke config for `task`, with a tiny VAE and, for the latent VDM, a tiny score network
+  (tests/tiny_net.py; registered while the module's tests run): the subject here is the tasks'
+  composition, not the networks."""
   c = runpy.run_path(str(ROOT / "configs" / "smoke.py"))["get_config"]()
   c.task = task
+  c.model.network = "test_tasks_tiny_net"
   c.vae.channels = 8
   c.vae.latent_channels = 2
   c.vae.num_blocks = 0
@@ -30,6 +40,12 @@ def _config(task, **vae):
   c.sample.num_steps = 4
   c.sample.num_images = 4
   return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_score_net():
+  with tiny_net.registered("test_tasks_tiny_net"):
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +137,34 @@ def test_latent_task_errors(runs, tmp_path):
   config.latent.vae_workdir = runs["vae"]
   with pytest.raises(ValueError, match="differs from the VAE run's"):
     train.train_and_evaluate(config, str(tmp_path / "bad2"))
+
+
+def test_tasks_are_registered_and_built_by_name(registered, smoke_config):
+  """config.task names a registered builder; the built task satisfies the Task protocol; an
+  unknown name lists the registered ones; a builder returning something else is refused."""
+  info = data.get_info("digits")
+  assert set(tasks.TASKS.names()) >= {"vdm", "classifier", "vae", "latent_vdm"}
+  for name in ("vdm", "classifier", "vae"):
+    config = ml_collections.ConfigDict(smoke_config.to_dict())
+    config.task = name
+    task = tasks.build_task(config, info)
+    assert isinstance(task, tasks.Task) and task.name == name and task.info == info
+
+  @dataclasses.dataclass(frozen=True)
+  class Echo(tasks.VDMTask):
+    name: str = "echo"
+
+  registered(tasks.TASKS, tasks.register_task, "echo",
+             lambda config, info, vae_params=None: Echo(tasks.build_vdm(config, info), info))
+  smoke_config.task = "echo"
+  config_checks.check_config(smoke_config)   # the rule knows the registered names
+  assert tasks.build_task(smoke_config, info).name == "echo"
+  smoke_config.task = "no_such_task"
+  with pytest.raises(ValueError, match=r"unknown task 'no_such_task'; expected one of .*'echo'"):
+    tasks.build_task(smoke_config, info)
+  with pytest.raises(config_checks.ConfigError, match="task='no_such_task'"):
+    config_checks.check_config(smoke_config)
+  registered(tasks.TASKS, tasks.register_task, "broken", lambda config, info, vae_params=None: 3)
+  smoke_config.task = "broken"
+  with pytest.raises(ValueError, match="task 'broken' returned int, which lacks part of the Task"):
+    tasks.build_task(smoke_config, info)

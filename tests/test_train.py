@@ -16,8 +16,10 @@ import pytest
 
 from conftest import patience
 
-from vdm_jax import config_checks, data, parallel, pipeline, state as state_lib, stored_config
-from vdm_jax import steps as steps_lib, tasks, train
+from vdm_jax.training import config_checks, state as state_lib, stored_config
+from vdm_jax.datasets import data, pipeline
+from vdm_jax.core import parallel
+from vdm_jax.training import steps as steps_lib, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,7 @@ def test_the_config_chooses_the_xla_cpu_fusions_of_everything_the_run_compiles(t
                                                                               monkeypatch):
   """config.xla.cpu_ynn_fusion_type reaches every program the trainer compiles (train step,
   evaluation, samples) and, through the stored config, those of `vdm-jax eval` / `sample`."""
-  from vdm_jax import evaluation
+  from vdm_jax.apps import evaluation
   monkeypatch.delenv(parallel.CPU_OPTIONS_ENV, raising=False)
   seen, jit = [], parallel.jit
   monkeypatch.setattr(parallel, "jit", lambda f, **kw: seen.append(parallel.compiler_options())
@@ -86,11 +88,11 @@ def test_mock_cifar10_end_to_end(tmp_path):
 def _one_step(num_devices):
   config = load_config("smoke")
   info = data.get_info("digits")
-  model, tx = tasks.build_vdm(config, info), state_lib.build_optimizer(config).tx
+  task, tx = tasks.build_task(config, info), state_lib.build_optimizer(config).tx
   mesh = parallel.make_mesh(num_devices)
   rep = parallel.replicated(mesh)
-  state = jax.jit(lambda: state_lib.init_state(model, tx, seed=0, info=info), out_shardings=rep)()
-  step = jax.jit(steps_lib.make_train_step(model, tx, info=info, ema_decay=0.9),
+  state = jax.jit(lambda: state_lib.init_state(task, tx, seed=0), out_shardings=rep)()
+  step = jax.jit(steps_lib.make_train_step(task, tx, ema_decay=0.9),
                  in_shardings=(rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep))
   batch = next(pipeline.train_iterator("digits", global_batch_size=8, seed=0))
   for _ in range(2):

@@ -5,7 +5,7 @@ parsing and a call, nothing else::
   vdm-jax eval --workdir runs/digits [--checkpoint 3000] [--num_steps 1000] [--t_samples 4]
   vdm-jax sample --workdir runs/digits --sampler ddim --steps 100 --num 64 [--out DIR]
       [--label 3 --guidance 1.0] [--classifier_workdir runs/digits_classifier]
-  vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10]
+  vdm-jax bench --config configs/smoke.py [--batch 8] [--steps 10] [--sample_steps 2]
   vdm-jax import-official --checkpoint PATH --config configs/cifar10.py --workdir DIR
   vdm-jax compress --workdir runs/digits [--checkpoint S] [--num_steps T] [--coder float]
       --input test --out F
@@ -62,6 +62,8 @@ flags.DEFINE_enum("ddpm_variance", "beta", ["beta", "posterior"],
 flags.DEFINE_string("classifier_workdir", None, "sample: a classifier run for classifier guidance.")
 # bench
 flags.DEFINE_integer("batch", None, "bench: batch size (default: the config's).")
+flags.DEFINE_integer("sample_steps", None, "bench: ancestral sampling steps timed, then scaled "
+                     "to 1000 (default: bench.SAMPLE_STEPS, a few).")
 # compress
 flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any split name), a "
                     ".npy / .npz of integer images, or a folder of PNGs.")
@@ -82,8 +84,10 @@ flags.DEFINE_bool("library_logs", False, "Show the INFO logs of the libraries (o
 LIBRARY_LOGGERS = ("absl", "jax")
 # Object-storage clients log each request they give up on, with a traceback, at ERROR level; the
 # command reports the failure itself in one line (`rundir.StorageError`), so theirs are hidden
-# unless --library_logs.
-STORAGE_CLIENT_LOGGERS = ("gcsfs", "fsspec", "s3fs", "aiohttp")
+# unless --library_logs. google.auth warns of each credential source it does not find (no
+# metadata server off Google Cloud) before gcsfs goes on anonymously; a request that then needs
+# credentials fails with its own error.
+STORAGE_CLIENT_LOGGERS = ("gcsfs", "fsspec", "s3fs", "aiohttp", "google.auth")
 
 COMMANDS = ("train", "eval", "sample", "bench", "import-official", "compress", "decompress",
             "launch")
@@ -98,7 +102,7 @@ def _need(command: str, *names: str) -> None:
 def _train(argv):
   del argv
   _need("train", "config", "workdir")
-  from vdm_jax import train   # imported late: keeps `--help` fast
+  from vdm_jax.training import train
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if "exit_status" in result:   # stopped by SIGTERM / SIGINT
     if result.get("abandoned_compilation"):
@@ -113,7 +117,7 @@ def _train(argv):
 def _eval(argv):
   del argv
   _need("eval", "workdir")
-  from vdm_jax import evaluation
+  from vdm_jax.apps import evaluation
   evaluation.run_eval(FLAGS.workdir, checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
                       t_samples=FLAGS.t_samples, max_examples=FLAGS.max_examples,
                       split=FLAGS.split, batch_size=FLAGS.batch_size, out=FLAGS.out,
@@ -124,7 +128,7 @@ def _eval(argv):
 def _sample(argv):
   del argv
   _need("sample", "workdir")
-  from vdm_jax import evaluation
+  from vdm_jax.apps import evaluation
   evaluation.run_sample(FLAGS.workdir, sampler=FLAGS.sampler,
                         steps=1000 if FLAGS.steps is None else FLAGS.steps, num=FLAGS.num,
                         out=FLAGS.out, label=FLAGS.label, guidance=FLAGS.guidance,
@@ -137,15 +141,16 @@ def _sample(argv):
 def _bench(argv):
   del argv
   _need("bench", "config")
-  from vdm_jax import bench
+  from vdm_jax.apps import bench
+  sample = {} if FLAGS.sample_steps is None else {"sample_steps": FLAGS.sample_steps}
   bench.main(FLAGS.config, batch_size=FLAGS.batch, steps=10 if FLAGS.steps is None else FLAGS.steps,
-             out_path=FLAGS.out)
+             out_path=FLAGS.out, **sample)
 
 
 def _import_official(argv):
   del argv
   _need("import-official", "official_checkpoint", "config", "workdir")
-  from vdm_jax import official_import
+  from vdm_jax.official import official_import
   out = official_import.import_official(FLAGS.official_checkpoint, FLAGS.config, FLAGS.workdir)
   print(f"imported step {out['step']} ({out['num_params']:,} parameters) into {out['workdir']}; "
         f"next: vdm-jax eval --workdir {out['workdir']}", flush=True)
@@ -155,7 +160,7 @@ def _compress(argv):
   if len(argv) > 1:
     raise app.UsageError(f"compress takes no positional arguments, got {argv[1:]}")
   _need("compress", "workdir", "input", "out")
-  from vdm_jax import compress_app
+  from vdm_jax.compression import compress_app
   compress_app.compress_run(FLAGS.workdir, source=FLAGS.input, out=FLAGS.out,
                             checkpoint=FLAGS.checkpoint, num_steps=FLAGS.num_steps,
                             grid_bits=FLAGS.grid_bits, window=FLAGS.window,
@@ -168,8 +173,26 @@ def _decompress(argv):
     raise app.UsageError("decompress takes one file: vdm-jax decompress --workdir RUN FILE --out "
                          "DIR")
   _need("decompress", "workdir", "out")
-  from vdm_jax import compress_app
+  from vdm_jax.compression import compress_app
   compress_app.decompress_run(FLAGS.workdir, argv[1], out=FLAGS.out, checkpoint=FLAGS.checkpoint)
+
+
+def _shipped_config(argv: list[str]) -> list[str]:
+  """`--config NAME` (no such file, but a config shipped in `vdm_jax.configs`, e.g. "cifar10")
+  -> that config's file, so a machine without the source tree can name it."""
+  from vdm_jax import configs   # pylint: disable=import-outside-toplevel
+  from vdm_jax.storage import rundir   # pylint: disable=import-outside-toplevel
+  out = list(argv)
+  for i, arg in enumerate(out):
+    value = arg[len("--config="):] if arg.startswith("--config=") else (
+        out[i + 1] if arg == "--config" and i + 1 < len(out) else None)
+    if value is None or rundir.exists(value) or value.split(".py")[0] not in configs.names():
+      continue
+    if arg == "--config":
+      out[i + 1] = configs.path(value)
+    else:
+      out[i] = "--config=" + configs.path(value)
+  return out
 
 
 def _official_checkpoint_flag(argv: list[str]) -> list[str]:
@@ -197,7 +220,7 @@ def _friendly(fn):
     for name in STORAGE_CLIENT_LOGGERS:
       std_logging.getLogger(name).setLevel(
           std_logging.NOTSET if FLAGS.library_logs else std_logging.CRITICAL)
-    from vdm_jax import rundir   # pylint: disable=import-outside-toplevel
+    from vdm_jax.storage import rundir
     try:
       fn(argv)
     except ValueError as e:
@@ -211,9 +234,9 @@ def _friendly(fn):
 
 def _launch(argv: list[str]) -> None:
   """`vdm-jax launch TARGET --config C --workdir W [--config.FIELD=VALUE ...] [settings]`:
-  prints the commands that start the config on TARGET (`vdm_jax.launch`)."""
+  prints the commands that start the config on TARGET (`vdm_jax.apps.launch`)."""
   import argparse  # pylint: disable=import-outside-toplevel
-  from vdm_jax import launch
+  from vdm_jax.apps import launch
   parser = argparse.ArgumentParser(prog="vdm-jax launch", description=launch.__doc__.split(
       "\n\n")[0])
   parser.add_argument("target", choices=launch.TARGETS)
@@ -252,6 +275,7 @@ def main(argv=None) -> None:
   command = argv.pop(1)
   if command == "import-official":
     argv = _official_checkpoint_flag(argv)
+  argv = _shipped_config(argv)
   logging.set_verbosity(logging.INFO)
   commands = {"train": _train, "eval": _eval, "sample": _sample, "bench": _bench,
               "import-official": _import_official, "compress": _compress,

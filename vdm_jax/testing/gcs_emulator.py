@@ -3,7 +3,7 @@
 Everything that reads or writes `gs://` here is pointed at it, and every credential look-up is
 switched off, so that nothing leaves the machine and nothing waits on a metadata server:
 
-  STORAGE_EMULATOR_HOST            gcsfs (hence fsspec, etils.epath, vdm_jax.rundir, tfds)
+  STORAGE_EMULATOR_HOST            gcsfs (hence fsspec, etils.epath, vdm_jax.storage.rundir, tfds)
   TENSORSTORE_GCS_HTTP_URL         TensorStore (what Orbax writes arrays with)
   CLOUD_STORAGE_EMULATOR_ENDPOINT  the C++ GCS client of array_record (TFDS data read by grain)
   NO_GCE_CHECK=true                google-auth and gcsfs: no GCE metadata server probe
@@ -78,9 +78,9 @@ class Emulator:
 
   @contextlib.contextmanager
   def environment(self):
-    """Within: this process's clients use the emulator (and vdm_jax.rundir's file systems are
-    made anew for it)."""
-    from vdm_jax import rundir  # pylint: disable=import-outside-toplevel
+    """Within: this process's clients use the emulator (and the file systems of
+    vdm_jax.storage.rundir are made anew for it)."""
+    from vdm_jax.storage import rundir
     old = {k: os.environ.get(k) for k in self.env}
     os.environ.update(self.env)
     rundir.reset_filesystems()

@@ -1,0 +1,1 @@
+"""Using runs: `vdm-jax eval` / `sample`, the benchmark and its report, `vdm-jax launch`."""

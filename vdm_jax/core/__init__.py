@@ -1,0 +1,2 @@
+"""Shared foundations: named registries, argument validators, devices and the compiled programs' XLA
+options."""
