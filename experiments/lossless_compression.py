@@ -45,7 +45,7 @@ from PIL import Image, features
 
 import jax
 
-from vdm_jax.compression import compress, compress_app
+from vdm_jax.compression import compress, compress_app, compress_io
 from vdm_jax.maths import elbo
 
 import common
@@ -212,7 +212,7 @@ def main() -> None:
   args = parser.parse_args()
   run = common.load_run(args.workdir, checkpoint=args.checkpoint)
   model = compress_app.run_model(run)
-  images = compress_app.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
+  images = compress_io.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
   settings = {"grid_bits": args.grid_bits, "window": args.window, "max_batch": args.max_batch}
   rows = []
   for steps in args.steps:

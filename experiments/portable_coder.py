@@ -21,7 +21,6 @@ Writes <out>.md and <out>.json and prints the tables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,9 +29,10 @@ import time
 import jax
 import numpy as np
 
-from vdm_jax.compression import compress, compress_app, compress_portable, portable
+from vdm_jax.compression import compress, compress_app, compress_io, compress_portable, portable
 from vdm_jax.maths import elbo
-from vdm_jax.training import runs
+
+import common
 
 
 def per_image_bound(model, images, steps: int, *, t_samples: int) -> np.ndarray:
@@ -147,8 +147,7 @@ def markdown(rows: list[dict], fallback: list[dict], model: dict, info: dict) ->
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
+  parser = common.add_run_args(common.parser(__doc__), workdir=None)
   parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000])
   parser.add_argument("--t_samples", type=int, default=128)
   parser.add_argument("--num_images", type=int, default=None, help="the first N test images")
@@ -156,10 +155,10 @@ def main() -> None:
   parser.add_argument("--no_fallback", action="store_true", help="skip the noise / constant rows")
   parser.add_argument("--out", default="experiments/out/portable_coder")
   args = parser.parse_args()
-  run = runs.load_run(args.workdir)
+  run = common.load_run(args.workdir)
   model = compress_app.run_model(run)
   coder = compress_portable.coder_of_run(args.workdir, run, model)
-  images = compress_app.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
+  images = compress_io.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
   images = images[:args.num_images]
   rows = []
   for steps in args.steps:
@@ -176,12 +175,9 @@ def main() -> None:
           "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})"}
   table = markdown(rows, fallback, model_rows(coder), info)
   print(table)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".md", "w") as f:
-    f.write(table)
-  with open(args.out + ".json", "w") as f:
-    json.dump({"info": info, "rows": rows, "fallback": fallback, "model": model_rows(coder)},
-              f, indent=2)
+  common.write_text(args.out + ".md", table)
+  common.write_json(args.out + ".json", {"info": info, "rows": rows, "fallback": fallback,
+                                         "model": model_rows(coder)}, indent=2)
   print(f"-> {args.out}.md, {args.out}.json")
 
 

@@ -27,7 +27,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax.compression import compress, compress_app
+from vdm_jax.compression import compress, compress_app, compress_io
 from vdm_jax.maths import diffusion, elbo
 
 import common
@@ -48,10 +48,11 @@ def main() -> None:
   args = parser.parse_args()
   run = common.load_run(args.workdir, checkpoint=args.checkpoint)
   model = compress_app.run_model(run)
-  images = compress_app.read_images("test", run.info)[:args.num_images]
+  images = compress_io.read_images("test", run.info)[:args.num_images]
   n, dims, vocab = len(images), int(images[0].size), model.vocab_size
   settings = compress.CoderSettings(args.num_steps)
-  blob, stats = compress_app.compress_images(model, images, settings)
+  # Every batch coded by the model (none stored raw): each image's latents are decoded step by step.
+  blob, stats = compress_app.compress_images(model, images, settings, raw_fallback=False)
   coder = compress_app.chain(model, settings)
   gamma = coder.lv.gamma
   x = np.asarray(elbo.encode(images, vocab_size=vocab))

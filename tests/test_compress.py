@@ -5,6 +5,7 @@ file named as such, and `vdm-jax compress` / `decompress` end to end."""
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from vdm_jax.compression import compress, compress_app, compress_format as fmt, compress_portable
-from vdm_jax.compression import compress_stream
+from vdm_jax.compression import compress_io, compress_stream
 from vdm_jax.storage import checkpointing, rundir
 from vdm_jax.datasets import data
 from vdm_jax.maths import elbo
@@ -189,11 +190,11 @@ def test_bad_images_are_refused(digits, images, match):
 
 def test_pngs_hold_the_levels_spread_over_0_255():
   k = np.arange(17, dtype=np.uint8)
-  pixels = compress_app.level_pixels(k, 17)
+  pixels = compress_io.level_pixels(k, 17)
   assert pixels[0] == 0 and pixels[-1] == 255
-  np.testing.assert_array_equal(compress_app.png_levels(pixels, 17, name="x"), k)
+  np.testing.assert_array_equal(compress_io.png_levels(pixels, 17, name="x"), k)
   with pytest.raises(ValueError, match="pixel value 5 is not one of the 17 levels"):
-    compress_app.png_levels(np.array([5], np.uint8), 17, name="x")
+    compress_io.png_levels(np.array([5], np.uint8), 17, name="x")
 
 
 def test_a_failed_write_leaves_nothing_at_out(digits, packed, tmp_path, monkeypatch):
@@ -236,9 +237,14 @@ def test_cli_compress_and_decompress_end_to_end(digits, tmp_path):
               str(tmp_path / "in.npy"), "--out", str(out), cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "30 images, checkpoint 3, T=4" in proc.stdout and out.exists()
+  # What it does, while it does it (stderr): a line per phase, then one per batch.
+  assert "compress: 30 images of" in proc.stderr and "the portable coder" in proc.stderr
+  assert re.search(r"batch (\d+)/\1 \(100.0%\)", proc.stderr), proc.stderr[-2000:]
   proc = _cli("decompress", "--workdir", workdir, str(out), "--out", str(tmp_path / "d"),
               cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"decompress: .*x\.vdmz: 30 images, (stored raw|the portable coder)",
+                   proc.stderr), proc.stderr[-2000:]
   np.testing.assert_array_equal(np.load(tmp_path / "d" / "images.npz")["images"], images)
   assert len(list((tmp_path / "d").glob("*.png"))) == 30
   # The decompressed PNG folder is a valid input: the same images, hence the same file; the
@@ -246,7 +252,7 @@ def test_cli_compress_and_decompress_end_to_end(digits, tmp_path):
   proc = _cli("compress", "--workdir", workdir, "--num_steps", str(T), "--input",
               str(tmp_path / "d"), "--out", str(tmp_path / "again.vdmz"), cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "made the portable coder" not in proc.stdout
+  assert "made the portable coder" not in proc.stderr + proc.stdout
   assert (tmp_path / "again.vdmz").read_bytes() == out.read_bytes()
   # Bad input: one error line, exit status 2, nothing at --out.
   np.save(tmp_path / "bad.npy", np.full((3, 8, 8, 1), 99, np.int64))
@@ -280,9 +286,9 @@ def test_the_portable_coder_is_made_on_first_use_and_found_by_decompress(digits,
   run = lambda out, **kw: compress_app.compress_run(str(work), source=str(tmp_path / "in.npy"),
                                                     out=str(tmp_path / out), num_steps=2, **kw)
   run("a.vdmz")
-  assert "made the portable coder of checkpoint 3" in capsys.readouterr().out
+  assert "compress: made the portable coder of checkpoint 3" in capsys.readouterr().err
   run("b.vdmz")
-  assert "made the portable coder" not in capsys.readouterr().out
+  assert "made the portable coder" not in capsys.readouterr().err
   a = (tmp_path / "a.vdmz").read_bytes()
   assert a == (tmp_path / "b.vdmz").read_bytes() and fmt.unpack(a)[0].coder == "portable"
   stored = list((work / "portable").glob("*.vdmq"))

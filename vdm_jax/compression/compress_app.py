@@ -14,10 +14,8 @@ the stored file is written instead (`compress_portable.smaller`). The file's hea
 coder wrote it; `decompress` follows it. Every bad input (a source of the wrong shape,
 type or range, a damaged file, a file of another model or numeric environment, an --out that
 exists) is a ValueError naming the problem, raised before anything is written; outputs are
-written to a temporary name and renamed, so nothing half-written is ever left at --out.
-
-PNG pixels hold the K levels spread over 0..255: v = round(k * 255 / (K - 1)) (v = k for K = 256);
-a PNG off that scale is refused.
+written to a temporary name and renamed, so nothing half-written is ever left at --out. The
+images are read and written as `compress_io` says (PNGs hold the K levels spread over 0..255).
 """
 
 from __future__ import annotations
@@ -30,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax.compression import compress, compress_format as fmt, compress_portable, compress_stream
+from vdm_jax.compression import compress, compress_format as fmt, compress_io, compress_portable
+from vdm_jax.compression import compress_stream
 from vdm_jax.core import checks
 from vdm_jax.datasets import data
 from vdm_jax.maths import elbo
 from vdm_jax.nets import model as model_lib
-from vdm_jax.storage import rundir
+from vdm_jax.storage import metrics, rundir
 from vdm_jax.training.runs import Run, RunError, compiled_as_configured, load_run
 
 DEFAULT_STEPS = 1000    # T for a continuous-time model when --num_steps is not given
@@ -159,23 +158,24 @@ def _validated(model: Model, images: np.ndarray) -> np.ndarray:
 
 
 def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSettings, *,
-                    coder: compress_portable.Coder | None = None, raw_fallback: bool = True
-                    ) -> tuple[bytes, dict]:
+                    coder: compress_portable.Coder | None = None, raw_fallback: bool = True,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[bytes, dict]:
   """The file's bytes for integer images [N, H, W, C] (validated against the model) and the
   accounting (`compress_stream.Encoded` fields, sizes in bits, "coder"). With `coder` (an
   integer model) the portable coder writes it, else the float one; with `raw_fallback`, batches
   and the whole file are stored raw where that is smaller (False: the model's code always, e.g.
-  to test it)."""
+  to test it). `progress(batches done, batches in all)` is called after each batch."""
   images = _validated(model, images)
   settings = compress.check_settings(settings)
   bound = expected_bits(model, images, settings.num_steps)
   if coder is not None:
     return compress_portable.compress_images(coder, images, settings,
                                              config_digest=model.config_digest, step=model.step,
-                                             expected_bits=bound, raw_fallback=raw_fallback)
+                                             expected_bits=bound, raw_fallback=raw_fallback,
+                                             progress=progress)
   chain_ = chain(model, settings)
   encoded = compress_stream.encode_images(chain_, images.astype(np.int32), expected_bits=bound,
-                                          raw_fallback=raw_fallback)
+                                          raw_fallback=raw_fallback, progress=progress)
   header = fmt.Header(
       model.config_digest, model.step, model.params_digest, environment_digest(),
       probe_digest(chain_, _buckets(encoded.schedule)), settings.num_steps, settings.grid_bits,
@@ -192,11 +192,13 @@ def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSe
 
 
 def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes, *,
-                     name: str = "the file", on_step: Callable | None = None
+                     name: str = "the file", on_step: Callable | None = None,
+                     progress: Callable[[int, int], None] | None = None
                      ) -> tuple[np.ndarray, fmt.Header]:
   """(images [N, H, W, C] of the stored type, header) of a file's bytes, after every check.
   `model`: the float `Model` for a "float" file, the integer model (`compress_portable.Coder`)
-  for a "portable" one, anything (None) for a "stored" one.
+  for a "portable" one, anything (None) for a "stored" one; `on_step` and `progress` as
+  `compress_stream.decode_images`.
 
   Raises:
     vdm_jax.compression.compress_format.CompressedFileError: another format, truncated, corrupted,
@@ -212,7 +214,8 @@ def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes,
       needs = "its integer model" if header.coder == "portable" else "the float model"
       raise fmt.CompressedFileError("model", f"{name} was written by the {header.coder} coder; "
                                     f"it decodes with {needs}")
-    return compress_portable.decompress_bytes(model, blob, name=name, on_step=on_step)
+    return compress_portable.decompress_bytes(model, blob, name=name, on_step=on_step,
+                                              progress=progress)
   settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
                                     header.max_batch)
   try:
@@ -234,91 +237,11 @@ def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes,
   try:
     images = compress_stream.decode_images(
         coder, payload, num_images=header.num_images, num_seed_words=header.seed_words,
-        seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step)
+        seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step, progress=progress)
   except compress_stream.StreamError as e:
     raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with this "
                                   f"model here ({e}); no image is written") from e
   return images.astype(header.dtype), header
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs and outputs.
-
-
-def png_levels(pixels: np.ndarray, vocab_size: int, *, name: str) -> np.ndarray:
-  """PNG values 0..255 -> levels k (exact inverse of `level_pixels`; ValueError off scale)."""
-  if vocab_size == 256:
-    return pixels
-  k = np.rint(pixels.astype(np.float64) * (vocab_size - 1) / 255.0).astype(np.int64)
-  off = level_pixels(k, vocab_size) != pixels
-  if off.any():
-    raise ValueError(f"{name}: pixel value {pixels[off][0]} is not one of the {vocab_size} levels "
-                     f"spread over 0..255 (round(k * 255 / {vocab_size - 1})) that PNGs hold")
-  return k.astype(np.uint8)
-
-
-def level_pixels(k: np.ndarray, vocab_size: int) -> np.ndarray:
-  """Levels k in [0, K) -> PNG values round(k * 255 / (K - 1)) (k itself for K = 256)."""
-  if vocab_size == 256:
-    return np.asarray(k, np.uint8)
-  return np.rint(np.asarray(k, np.float64) * 255.0 / (vocab_size - 1)).astype(np.uint8)
-
-
-def _read_png_folder(folder: str, info: data.DatasetInfo) -> np.ndarray:
-  paths = [rundir.join(folder, n) for n in rundir.list_names(folder) if n.endswith(".png")]
-  if not paths:
-    raise ValueError(f"--input {folder!r} holds no .png files")
-  images = []
-  for path in paths:
-    with rundir.read_image(path) as picture:
-      pixels = np.asarray(picture.convert("L" if info.shape[-1] == 1 else "RGB")
-                          if picture.mode not in ("L", "RGB") else picture)
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    if pixels.shape != tuple(info.shape):
-      raise ValueError(f"{path}: a PNG of shape {pixels.shape}; the run's images are "
-                       f"{tuple(info.shape)}")
-    images.append(png_levels(pixels, info.vocab_size, name=path))
-  return np.stack(images)
-
-
-def _read_array(path: str) -> np.ndarray:
-  try:
-    loaded = rundir.read_array(path)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"--input {path!r} cannot be read as a NumPy file ({e})") from e
-  if isinstance(loaded, np.ndarray):
-    return loaded
-  with loaded:
-    keys = list(loaded.keys())
-    key = next((k for k in ("images", "image", "samples") if k in keys), None)
-    if key is None and len(keys) == 1:
-      key = keys[0]
-    if key is None:
-      raise ValueError(f"--input {path!r} holds arrays {keys}; expected one array, or one named "
-                       f"'images'")
-    return loaded[key]
-
-
-def read_images(source: str, info: data.DatasetInfo, *, data_dir: str | None = None
-                ) -> np.ndarray:
-  """Integer images [N, H, W, C] from `source`: a split name of the run's data set ("test"), a
-  .npy / .npz file, or a folder of PNGs; checked against the run's shape and levels."""
-  if source in data.get_dataset(info.name).splits:
-    split = data.get_source(info.name, split=source, data_dir=data_dir)
-    images = np.stack([np.asarray(split[i]["image"]) for i in range(len(split))])
-  elif rundir.is_dir(source):
-    images = _read_png_folder(source, info)
-  elif source.endswith((".npy", ".npz")) and rundir.exists(source):
-    images = _read_array(source)
-  else:
-    raise ValueError(f"--input {source!r} is neither a split of {info.name!r} "
-                     f"({list(data.get_dataset(info.name).splits)}), a .npy / .npz file nor a "
-                     f"folder of PNGs")
-  try:
-    images = data.validate_images(images, info=info)
-  except ValueError as e:
-    raise ValueError(f"--input {source!r}: {e}") from None
-  return images[None] if images.ndim == 3 else images
 
 
 def _decoder(workdir: str, header: fmt.Header, path: str, checkpoint: int | None):
@@ -328,9 +251,31 @@ def _decoder(workdir: str, header: fmt.Header, path: str, checkpoint: int | None
   if header.coder == "portable":
     def remake():
       run = load()
+      metrics.say("decompress", f"its integer model {header.params_digest.hex()} is not in "
+                                f"the run directory: quantising checkpoint {run.step} again "
+                                f"(used only if it is the same)")
       return compress_portable.make_coder(run, run_model(run))
     return compress_portable.coder_for_file(workdir, header, name=path, remake=remake)
   return None if header.coder == "stored" else run_model(load())
+
+
+class _BatchBar:
+  """`progress(batches done, batches in all)` of the coders as a progress bar on stderr
+  (`metrics.ProgressBar`, about 20 lines at most in a log), made at the first report: the
+  encoder knows how many batches there are only after the first."""
+
+  def __init__(self):
+    self.bar: metrics.ProgressBar | None = None
+
+  def __call__(self, done: int, total: int) -> None:
+    if self.bar is None:
+      self.bar = metrics.ProgressBar(total=total, enabled=True, unit="batch",
+                                     log_every=max(1, total // 20))
+    self.bar.update(done)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def _check_new(path: str, what: str) -> str:
@@ -357,13 +302,21 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   if num_steps is not None:
     checks.check_number("num_steps", num_steps, integer=True, low=1)
   compress.check_settings(compress.CoderSettings(num_steps or 1, grid_bits, window, max_batch))
+  say = lambda message: metrics.say("compress", message)
   run = load_run(workdir, step=checkpoint)
   model = run_model(run)
-  images = read_images(source, run.info, data_dir=run.config.data.data_dir or None)
+  images = compress_io.read_images(source, run.info, data_dir=run.config.data.data_dir or None)
   steps = num_steps or int(run.config.model.num_steps) or DEFAULT_STEPS
-  integer = None if coder == "float" else compress_portable.coder_of_run(workdir, run, model)
+  say(f"{len(images)} images of {source}, checkpoint {run.step}, T={steps}, the {coder} coder")
+  integer = (None if coder == "float"
+             else compress_portable.coder_of_run(workdir, run, model, log=say))
+  say("the images' T-step bound (it sets the batch sizes), then the batches; each new batch "
+      "size compiles the network")
+  bar = _BatchBar()
   blob, stats = compress_images(model, images, compress.CoderSettings(
-      steps, grid_bits=grid_bits, window=window, max_batch=max_batch), coder=integer)
+      steps, grid_bits=grid_bits, window=window, max_batch=max_batch), coder=integer,
+      progress=bar)
+  bar.close()
   try:
     rundir.write_bytes(out, blob)   # atomic: nothing half-written at `out`
   except OSError as e:
@@ -389,9 +342,14 @@ def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None 
   except OSError as e:
     raise RunError(f"cannot read {path!r} ({e.strerror or e})") from e
   header, _ = fmt.unpack(blob, name=path)   # before loading the model: fail fast
-  images, header = decompress_bytes(_decoder(workdir, header, path, checkpoint), blob,
-                                    name=path)
-  files = {f"{i:05d}.png": rundir.png_bytes(level_pixels(image, header.vocab_size))
+  metrics.say("decompress", f"{path}: {header.num_images} images, " + (
+      "stored raw" if header.coder == "stored" else
+      f"the {header.coder} coder, checkpoint {header.step}, T={header.num_steps}"))
+  decoder = _decoder(workdir, header, path, checkpoint)
+  bar = _BatchBar()
+  images, header = decompress_bytes(decoder, blob, name=path, progress=bar)
+  bar.close()
+  files = {f"{i:05d}.png": rundir.png_bytes(compress_io.level_pixels(image, header.vocab_size))
            for i, image in enumerate(images)}
   files["images.npz"] = rundir.npz_bytes(images=images)
   try:

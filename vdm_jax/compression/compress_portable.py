@@ -23,7 +23,7 @@ import numpy as np
 from vdm_jax.compression import compress, compress_format as fmt, compress_stream, portable
 from vdm_jax.compression import portable_quant, portable_store
 from vdm_jax.datasets import data
-from vdm_jax.storage import rundir
+from vdm_jax.storage import metrics, rundir
 from vdm_jax.training.runs import Run, RunError
 
 CALIBRATION_IMAGES = 256   # training images the integer model is calibrated on
@@ -76,13 +76,15 @@ def probe_digest(ch: portable.PortableChain, buckets: set[int]) -> bytes:
 
 def compress_images(coder: Coder, images: np.ndarray, settings: compress.CoderSettings, *,
                     config_digest: bytes, step: int, expected_bits: float | None = None,
-                    raw_fallback: bool = True) -> tuple[bytes, dict]:
+                    raw_fallback: bool = True, progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[bytes, dict]:
   """A portable file of integer images [N, H, W, C] (validated by the caller), or (with
-  `raw_fallback`) a stored one where that is smaller; the accounting as
+  `raw_fallback`) a stored one where that is smaller; the accounting and `progress` as
   `compress_app.compress_images`."""
   ch = chain(coder, compress.check_settings(settings))
   encoded = compress_stream.encode_images(ch, images.astype(np.int32),
-                                          expected_bits=expected_bits, raw_fallback=raw_fallback)
+                                          expected_bits=expected_bits, raw_fallback=raw_fallback,
+                                          progress=progress)
   buckets = {1 << (b - 1).bit_length() for b in encoded.schedule}
   header = fmt.Header(
       config_digest, step, coder.header_digest, portable.environment_digest(),
@@ -100,8 +102,11 @@ def compress_images(coder: Coder, images: np.ndarray, settings: compress.CoderSe
 
 
 def decompress_bytes(coder: Coder, blob: bytes, *, name: str = "the file",
-                     on_step: Callable | None = None) -> tuple[np.ndarray, fmt.Header]:
-  """(images [N, H, W, C] of the stored type, header) of a portable file, after every check."""
+                     on_step: Callable | None = None,
+                     progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[np.ndarray, fmt.Header]:
+  """(images [N, H, W, C] of the stored type, header) of a portable file, after every check;
+  `on_step` and `progress` as `compress_stream.decode_images`."""
   header, payload = fmt.unpack(blob, name=name)
   settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
                                     header.max_batch)
@@ -131,7 +136,7 @@ def decompress_bytes(coder: Coder, blob: bytes, *, name: str = "the file",
   try:
     images = compress_stream.decode_images(
         ch, payload, num_images=header.num_images, num_seed_words=header.seed_words,
-        seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step)
+        seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step, progress=progress)
   except compress_stream.StreamError as e:
     raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with its "
                                   f"integer model ({e}); no image is written") from e
@@ -198,10 +203,11 @@ def make_coder(run: Run, model: Any) -> Coder:
 
 
 def coder_of_run(workdir: str, run: Run, model: Any, *,
-                 log: Callable[[str], None] = print) -> Coder:
+                 log: Callable[[str], None] = functools.partial(metrics.say, "compress")
+                 ) -> Coder:
   """The integer model of the run's checkpoint: the stored one made from these parameters
   (`model`, the float `compress_app.Model`) with these settings, else a new one, made and
-  stored (saying so through `log`)."""
+  stored (saying so through `log`, before and after)."""
   want = _meta(run, model)
   for blob in portable_store.list_models(workdir):
     try:
@@ -210,6 +216,8 @@ def coder_of_run(workdir: str, run: Run, model: Any, *,
       continue
     if {k: coder.model.meta.get(k) for k in want} == want:
       return coder
+  log(f"no integer model of checkpoint {run.step} in the run directory: quantising it "
+      f"(calibrated on {CALIBRATION_IMAGES} training images; once per checkpoint)")
   coder = make_coder(run, model)
   try:
     path = portable_store.write_model(workdir, coder.digest, portable.to_bytes(coder.model))
@@ -218,8 +226,8 @@ def coder_of_run(workdir: str, run: Run, model: Any, *,
                    f"file it writes would not decode elsewhere without it; nothing was "
                    f"written") from e
   log(f"made the portable coder of checkpoint {run.step}: {path} "
-      f"({len(portable.to_bytes(coder.model))} bytes; the integer network quantised from the "
-      f"float one, calibrated on {CALIBRATION_IMAGES} training images)")
+      f"({len(portable.to_bytes(coder.model))} bytes); a file it writes decodes where this "
+      f"file is")
   return coder
 
 

@@ -188,7 +188,7 @@ def _encode_batch(chain: Chain, stack: Stack, batch: np.ndarray, tally: Tally | 
 
 def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | None = None,
                   safety: float = 0.9, measure: bool = True, raw_fallback: bool = True,
-                  log: Callable[[str], None] | None = None) -> Encoded:
+                  progress: Callable[[int, int], None] | None = None) -> Encoded:
   """Compresses integer images [N, H, W, C] into one stream (batches chained, see module doc).
 
   Args:
@@ -197,6 +197,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     measure: accumulate the ideal code lengths per image (`Tally`; costs a little time).
     raw_fallback: store a batch raw where the model's code is longer (False: always the
       model's code, e.g. to measure it; the flags are written either way).
+    progress: called after each batch with (batches done, batches in all); the count is known
+      once the first batch has set rho.
   """
   start, n = time.perf_counter(), len(images)
   num_seed = 4096 + 8 * chain.dims * 4      # 1024 bits per dimension of the first image
@@ -222,8 +224,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
       rho = int(min(RHO_ONE, max(1, safety * max(per_image, 1.0) / dip * RHO_ONE)))
     sizes.append(b)
     done += b
-    if log:
-      log(f"{done}/{n} images, stack {stack.bits()} bits")
+    if progress:
+      progress(len(sizes), len(schedule(n, rho=rho, max_batch=chain.settings.max_batch)))
   words = stack.coder.get_compressed()
   common = min(len(words), num_seed) - 1          # the top word is always stored
   differ = np.flatnonzero(words[:common] != seed[:common])
@@ -236,12 +238,12 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
 
 
 def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_seed_words: int,
-                  seed_dropped: int, rho: int,
-                  on_step: Callable[..., None] | None = None) -> np.ndarray:
+                  seed_dropped: int, rho: int, on_step: Callable[..., None] | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """The inverse of `encode_images`: integer images [N, H, W, C] (int32).
 
   `on_step(first_image, i, z_i, x_hat)` sees each batch's latents and reconstructions from z_1
-  down (`Chain.decode`).
+  down (`Chain.decode`); `progress(batches done, batches in all)` is called after each batch.
 
   Raises:
     StreamError: the stack does not end as the seed it started from (damaged payload or a
@@ -263,6 +265,8 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_see
             (b,) + chain.model.shape))
       else:
         out.append(chain.decode(stack, b, end, step))
+      if progress:
+        progress(len(out), len(sizes))
   except (ValueError, KeyError, OverflowError) as e:   # constriction: KeyError = 0 mass
     raise StreamError(f"the coder refused the stream ({e})") from e
   rest = stack.coder.get_compressed()
