@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from vdm_jax.testing import storage_env
 from vdm_jax.testing.gcs_emulator import free_port
 
 BUCKET = "vdm-test"
@@ -64,16 +65,5 @@ class Emulator:
   def environment(self):
     """Within: this process's clients use the server (and the file systems of
     vdm_jax.storage.rundir are made anew for it)."""
-    from vdm_jax.storage import rundir  # pylint: disable=import-outside-toplevel
-    old = {k: os.environ.get(k) for k in self.env}
-    os.environ.update(self.env)
-    rundir.reset_filesystems()
-    try:
+    with storage_env.client_environment(self.env):
       yield self
-    finally:
-      for k, v in old.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
-      rundir.reset_filesystems()
