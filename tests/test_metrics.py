@@ -249,3 +249,19 @@ def test_jsonl_write_failure_raises_naming_the_file(tmp_path, monkeypatch):
     writer.write_scalars(7, {"a": 1.0})
   assert err.value.errno == errno.ENOSPC and str(tmp_path) in str(err.value)
   writer.close()   # closing after a failure does not raise
+
+
+def test_progress_bar_names_its_unit(clock):
+  """Another unit than steps: its name and plural in the line, seconds each when slow (the
+  rate counts from the first update)."""
+  stream = io.StringIO()
+  bar = metrics.ProgressBar(total=4, log_every=1, stream=stream, enabled=True, unit="batch")
+  bar.update(1)
+  clock.t += 0.25
+  bar.update(2)
+  clock.t += 4.0
+  bar.update(3)
+  lines = stream.getvalue().splitlines()
+  assert lines[0] == "batch 1/4 (25.0%) | - batches/s | ETA ?", lines
+  assert lines[1].startswith("batch 2/4 (50.0%) | 4.00 batches/s | ETA 0:00"), lines
+  assert lines[2].startswith("batch 3/4 (75.0%) | 2.1 s/batch"), lines

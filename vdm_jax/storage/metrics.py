@@ -233,6 +233,7 @@ class ProgressBar:
     if log_every < 1:
       raise ValueError(f"log_every must be >= 1, got {log_every}.")
     self.total, self.log_every, self.stream, self.unit = total, log_every, stream, unit
+    self.units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")   # plural
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
     if interactive is None:
       interactive = bool(getattr(stream, "isatty", lambda: False)())
@@ -252,9 +253,9 @@ class ProgressBar:
     parts = [f"{self.unit} {step}/{self.total} ({percent:.1f}%)"]
     parts += [f"{name} {float(value):.4f}" for name, value in scalars.items()]
     if not math.isfinite(rate):
-      parts.append(f"- {self.unit}s/s")
+      parts.append(f"- {self.units}/s")
     elif rate >= 1.0 or rate == 0.0:
-      parts.append(f"{rate:.2f} {self.unit}s/s")
+      parts.append(f"{rate:.2f} {self.units}/s")
     else:   # slow units (a long evaluation batch): seconds each reads better than 0.00/s
       parts.append(f"{1.0 / rate:.1f} s/{self.unit}")
     parts.append(f"ETA {_format_duration(eta)}")
