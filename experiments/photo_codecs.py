@@ -20,6 +20,7 @@ Usage:
   python experiments/photo_codecs.py --workdir runs/photos [--steps 100] [--coder portable]
       [--photos chelsea coffee] [--no_test_set] [--codecs_only] [--t_samples 8]
       [--out experiments/out/photo_codecs]
+  python experiments/photo_codecs.py --workdir runs/photos --padding_study   # edge vs reflect vs 0
 
 Rows are printed (JSON) as they are measured and <out>.json is rewritten after each, so a long
 run leaves what it measured; <out>.md holds the table at the end.
@@ -77,6 +78,26 @@ def bound_bits(model, tiles: np.ndarray, steps: int, *, t_samples: int) -> float
   return float(np.mean([float(fn(k)) for k in keys])) / math.log(2.0)
 
 
+def padding_bits(model, pixels: np.ndarray, steps: int, *, t_samples: int) -> dict:
+  """{padding: the T-step bound in bits of the tiles the padding touches} for edge replication
+  (what `compress_tiles` does), reflection and zeros; the same draws (t, eps) for each, so the
+  differences are the padding's."""
+  patch = tuple(model.shape[:2])
+  height, width = pixels.shape[:2]
+  rows, cols = compress_tiles.tile_grid(height, width, patch=patch)
+  pad = ((0, rows * patch[0] - height), (0, cols * patch[1] - width), (0, 0))
+  grid = np.zeros((rows, cols), bool)
+  grid[-1, :] |= pad[0][1] > 0
+  grid[:, -1] |= pad[1][1] > 0
+  out = {}
+  for mode in ("edge", "reflect", "constant"):
+    padded = np.pad(pixels, pad, mode=mode)
+    tiles = compress_tiles.tiles_of(padded, patch=patch)[grid.reshape(-1)]
+    out[mode] = bound_bits(model, tiles, steps, t_samples=t_samples)
+  out["tiles"] = int(grid.sum())
+  return out
+
+
 def _warm(model, integer, settings: compress.CoderSettings) -> float:
   """Compiles every batch size's programs of the coder (seconds)."""
   buckets = {1 << k for k in range(int(math.log2(settings.max_batch)) + 1)}
@@ -108,7 +129,7 @@ def vdm_row(model, integer, tiles: np.ndarray, pictures: tuple, dims: int, steps
           "realised_bpd": float(np.sum(stats["ideal_continuous"])) / dims}
 
 
-def photo_row(name, pixels, model, integer, args) -> dict:
+def photo_row(name, pixels, model, integer, args, save) -> dict:
   patch = tuple(model.shape[:2])
   tiles = compress_tiles.tiles_of(pixels, patch=patch)
   height, width = pixels.shape[:2]
@@ -127,14 +148,15 @@ def photo_row(name, pixels, model, integer, args) -> dict:
         raise AssertionError(f"{name}: the decompressed photograph differs")
 
     bound = bound_bits(model, tiles, steps, t_samples=args.t_samples)
+    row[f"bound_T{steps}"] = {"bound_bpd": bound / dims, "bound_padded_bpd": bound / tiles.size}
+    save(row)   # the bound now: the coder takes long
     row[f"T{steps}"] = dict(vdm_row(model, integer, tiles, pictures, dims, steps,
-                                    args.max_batch, check), bound_bpd=bound / dims,
-                            bound_padded_bpd=bound / tiles.size,
+                                    args.max_batch, check), **row[f"bound_T{steps}"],
                             megapixels=height * width / 1e6)
   return row
 
 
-def test_set_row(images, model, integer, args) -> dict:
+def test_set_row(images, model, integer, args, save) -> dict:
   rows, cols = MOSAIC
   mosaic = compress_tiles.photo_of(images, height=rows * images.shape[1],
                                    width=cols * images.shape[2])
@@ -150,9 +172,11 @@ def test_set_row(images, model, integer, args) -> dict:
 
   for steps in args.steps:
     bound = bound_bits(model, images, steps, t_samples=args.t_samples)
+    row[f"bound_T{steps}"] = {"bound_bpd": bound / images.size,
+                              "bound_padded_bpd": bound / images.size}
+    save(row)
     row[f"T{steps}"] = dict(vdm_row(model, integer, images, (), int(images.size), steps,
-                                    args.max_batch, check), bound_bpd=bound / images.size,
-                            bound_padded_bpd=bound / images.size,
+                                    args.max_batch, check), **row[f"bound_T{steps}"],
                             megapixels=len(images) * images.shape[1] * images.shape[2] / 1e6)
   return row
 
@@ -170,6 +194,7 @@ def markdown(rows: list[dict], info: dict) -> str:
     codec_bpd = {c: r["codecs_bits"][c] / r["dims"] for c in codecs}
     best = min(codec_bpd.values())
     steps_keys = [k for k in r if k.startswith("T") and k[1:].isdigit()] or [None]
+    # (a partial row, the bound without the file yet, is in the JSON only)
     for key in steps_keys:
       v = r.get(key) if key else None
       vdm = (f"| {key[1:]} | {v['bpd']:.4f} | {v['bound_bpd']:.4f} | "
@@ -181,6 +206,23 @@ def markdown(rows: list[dict], info: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def padding_study(args) -> None:
+  """Prints and writes <out>_padding.json: per test photograph and T, the border tiles' bound
+  under each padding, and its cost per dimension of the photograph beside edge replication."""
+  run = common.load_run(args.workdir)
+  model = compress_app.run_model(run)
+  rows = []
+  for name in args.photos:
+    pixels = photos.read_photo(name)
+    for steps in args.steps:
+      bits = padding_bits(model, pixels, steps, t_samples=args.t_samples)
+      rows.append({"input": name, "T": steps, "border_tiles": bits.pop("tiles"),
+                   "bits": bits, "vs_edge_bpd": {m: (b - bits["edge"]) / pixels.size
+                                                 for m, b in bits.items()}})
+      print(json.dumps(rows[-1]), flush=True)
+  common.write_json(args.out + "_padding.json", {"rows": rows}, indent=2)
+
+
 def main() -> None:
   parser = common.add_run_args(common.parser(__doc__), workdir=None)
   parser.add_argument("--steps", type=int, nargs="+", default=[100])
@@ -190,8 +232,12 @@ def main() -> None:
   parser.add_argument("--codecs_only", action="store_true", help="only the other codecs")
   parser.add_argument("--t_samples", type=int, default=8)
   parser.add_argument("--max_batch", type=int, default=256)
+  parser.add_argument("--padding_study", action="store_true",
+                      help="only the bound of the border tiles under three paddings")
   parser.add_argument("--out", default="experiments/out/photo_codecs")
   args = parser.parse_args()
+  if args.padding_study:
+    return padding_study(args)
   run = common.load_run(args.workdir)
   model = compress_app.run_model(run)
   integer = (None if args.coder == "float" or args.codecs_only
@@ -203,16 +249,19 @@ def main() -> None:
           "backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})"}
   rows = []
 
-  def done(row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    common.write_json(args.out + ".json", {"info": info, "rows": rows}, indent=2)
+  def save(row, final=False):
+    """Writes <out>.json with the rows so far and `row` as it stands (partial unless final)."""
+    if final:
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+    common.write_json(args.out + ".json", {"info": info, "rows": rows + ([] if final else [row])},
+                      indent=2)
 
   for name in args.photos:
-    done(photo_row(name, photos.read_photo(name), model, integer, args))
+    save(photo_row(name, photos.read_photo(name), model, integer, args, save), final=True)
   if not args.no_test_set:
     images = compress_io.read_images("test", run.info, data_dir=run.config.data.data_dir or None)
-    done(test_set_row(images, model, integer, args))
+    save(test_set_row(images, model, integer, args, save), final=True)
   table = markdown(rows, info)
   print(table)
   common.write_text(args.out + ".md", table)

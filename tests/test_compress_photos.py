@@ -141,7 +141,8 @@ def test_the_header_stores_each_photograph_s_name_and_size():
   plain = fmt.pack(header._replace(pictures=()), np.zeros(3, np.uint32))
   assert len(blob) - len(plain) == (2 + 2 + 1 + len("chelsea.png")) + (1 + 1 + 1 + 8)
   for bad, match in [({"num_images": 150}, "make 151 tiles; the header says 150"),
-                     ({"pictures": (fmt.Picture("a/b.png", 32, 32),), "num_images": 1}, "cannot be the file name"),
+                     ({"pictures": (fmt.Picture("a/b.png", 32, 32),), "num_images": 1},
+                      "cannot be the file name"),
                      ({"pictures": (fmt.Picture("x.png", 32, 32),) * 2, "num_images": 2},
                       "same name")]:
     with pytest.raises(ValueError, match=re.escape(match)):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vdm_jax.compression import compress_format as fmt, compress_tiles
+from vdm_jax.compression import compress_format, compress_tiles
 from vdm_jax.datasets import data
 from vdm_jax.storage import rundir
 
@@ -40,7 +40,7 @@ class Source(NamedTuple):
   """
 
   images: np.ndarray
-  pictures: tuple[fmt.Picture, ...]
+  pictures: tuple[compress_format.Picture, ...]
   dims: int
 
 
@@ -106,8 +106,8 @@ def read_png(path: str, *, channels: int, vocab_size: int) -> np.ndarray:
     raise ValueError(f"{path}: a {depth}-bit {kind} PNG; the model codes 8-bit "
                      f"{_want(channels)} PNGs")
   if (1 if colour == 0 else 3) != channels:
-    raise ValueError(f"{path}: {'a' if colour == 0 else 'an'} {kind} PNG; the model codes {_want(channels)} images "
-                     f"({channels} channel{'s' if channels > 1 else ''})")
+    raise ValueError(f"{path}: {'a' if colour == 0 else 'an'} {kind} PNG; the model codes "
+                     f"{_want(channels)} images ({channels} channel{'s' if channels > 1 else ''})")
   try:
     picture = rundir.image_of_bytes(blob)
   except (OSError, ValueError, SyntaxError) as e:   # PIL: truncated or damaged data
@@ -133,7 +133,8 @@ def _photographs(paths: list[str], info: data.DatasetInfo) -> Source:
     if height < patch[0] or width < patch[1]:
       raise ValueError(f"{path}: a {height}x{width} image is smaller than one patch of the "
                        f"model ({patch[0]}x{patch[1]})")
-    pictures.append(fmt.Picture(fmt.check_picture_name(rundir.name(path)), height, width))
+    name = compress_format.check_picture_name(rundir.name(path))
+    pictures.append(compress_format.Picture(name, height, width))
     tiles.append(compress_tiles.tiles_of(levels, patch=patch))
   return Source(np.concatenate(tiles), tuple(pictures),
                 sum(p.height * p.width * info.shape[-1] for p in pictures))
@@ -175,7 +176,8 @@ def read_images(source: str, info: data.DatasetInfo, *, data_dir: str | None = N
   return images[None] if images.ndim == 3 else images
 
 
-def photographs_of(images: np.ndarray, header: fmt.Header) -> dict[str, np.ndarray]:
+def photographs_of(images: np.ndarray, header: compress_format.Header
+                   ) -> dict[str, np.ndarray]:
   """{name: levels [H, W, C]} of a file's photographs from its decoded tiles [N, h, w, C]."""
   out, at = {}, 0
   for picture in header.pictures:
@@ -186,7 +188,7 @@ def photographs_of(images: np.ndarray, header: fmt.Header) -> dict[str, np.ndarr
   return out
 
 
-def decompressed_files(images: np.ndarray, header: fmt.Header) -> dict[str, bytes]:
+def decompressed_files(images: np.ndarray, header: compress_format.Header) -> dict[str, bytes]:
   """The files `vdm-jax decompress` writes for a file's decoded images [N, h, w, C]: each
   photograph as a PNG of its name, or (no photographs) 00000.png ... and images.npz."""
   if header.pictures:
