@@ -7,7 +7,7 @@ size in bits per dimension (bits / (H W 3)) of:
 
 - vdm-jax: the file `vdm-jax compress` writes (everything: header, photograph entries, the
   initial bits), made by the code path of the command (`compress_io` tiles the photograph,
-  edge-padded; `compress_app.compress_images`), decompressed and checked pixel for pixel; its
+  padded with level 0; `compress_app.compress_images`), decompressed and checked pixel for pixel; its
   compress and decompress times per megapixel (each batch size compiled before the clock
   starts; the compile time reported apart);
 - the model's T-step bound on the same tiles (`elbo.elbo_terms`, --t_samples draws per tile),
@@ -79,8 +79,8 @@ def bound_bits(model, tiles: np.ndarray, steps: int, *, t_samples: int) -> float
 
 
 def padding_bits(model, pixels: np.ndarray, steps: int, *, t_samples: int) -> dict:
-  """{padding: the T-step bound in bits of the tiles the padding touches} for edge replication
-  (what `compress_tiles` does), reflection and zeros; the same draws (t, eps) for each, so the
+  """{padding: the T-step bound in bits of the tiles the padding touches} for edge replication,
+  reflection and level 0 (zeros, what `compress_tiles` does); the same draws (t, eps) for each, so the
   differences are the padding's."""
   patch = tuple(model.shape[:2])
   height, width = pixels.shape[:2]

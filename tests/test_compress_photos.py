@@ -1,4 +1,4 @@
-"""Whole photographs through the compressor: tiles and their edge padding, exact round trips of
+"""Whole photographs through the compressor: tiles and their padding, exact round trips of
 odd-sized PNGs (RGB, 256 levels; grey, 17 levels through `compress_run`), a folder's names and
 sizes, the version-4 header's photograph entries, and every bad input refused before anything
 is written."""
@@ -35,7 +35,7 @@ def _read(path):
 
 
 @pytest.mark.parametrize("height,width", [(8, 8), (37, 45), (9, 16), (15, 8)])
-def test_tiles_cover_the_photograph_and_the_padding_repeats_its_edge(height, width):
+def test_tiles_cover_the_photograph_and_the_padding_is_level_0(height, width):
   photo = np.random.default_rng(0).integers(0, 256, (height, width, 3)).astype(np.uint8)
   tiles = compress_tiles.tiles_of(photo, patch=(8, 8))
   rows, cols = -(-height // 8), -(-width // 8)
@@ -43,10 +43,10 @@ def test_tiles_cover_the_photograph_and_the_padding_repeats_its_edge(height, wid
       height, width, patch=(8, 8)), 8, 8, 3)
   np.testing.assert_array_equal(tiles[0], photo[:8, :8])                 # row-major
   np.testing.assert_array_equal(compress_tiles.photo_of(tiles, height=height, width=width), photo)
-  last = tiles[-1]   # the bottom-right tile: its padding copies the last row and column
-  np.testing.assert_array_equal(last[(height - 1) % 8:, (width - 1) % 8:],
-                                np.broadcast_to(photo[-1, -1], last[(height - 1) % 8:,
-                                                                     (width - 1) % 8:].shape))
+  last = tiles[-1]   # the bottom-right tile: its padding is 0
+  np.testing.assert_array_equal(last[:(height - 1) % 8 + 1, :(width - 1) % 8 + 1],
+                                photo[-((height - 1) % 8 + 1):, -((width - 1) % 8 + 1):])
+  assert not last[(height - 1) % 8 + 1:].any() and not last[:, (width - 1) % 8 + 1:].any()
   with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
     compress_tiles.tiles_of(photo[:7], patch=(8, 8))
 

@@ -16,7 +16,7 @@
   varints  P, the number of photographs (0: the N images are the images themselves, each of the
            model's shape); then for each photograph its height, width and the length of its
            name, then the name (UTF-8, a file name without folders): the images are the
-           photographs' tiles, in order (`compress_tiles`; the decoder cuts the edge padding off)
+           photographs' tiles, in order (`compress_tiles`; the decoder cuts the padding off)
   2        the low 16 bits of the CRC-32 of the header so far
   4 n      payload: n uint32 words, little endian
   4        the first 4 bytes of SHA-256 of everything before

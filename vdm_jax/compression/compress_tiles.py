@@ -6,13 +6,16 @@ photograph padded at the bottom and right to
 
   H' = ceil(H / h) h,   W' = ceil(W / w) w
 
-by edge replication (the last row repeated down, then the last column repeated right). The
-decoder cuts the padding off again: it needs only H and W, which the file's header stores.
+with level 0 (black). The decoder cuts the padding off again: it needs only H and W, which the
+file's header stores.
 
-Why edge replication: the padded pixels are coded with the tile (bits-back codes whole tiles),
-so they cost bits; a copy of the neighbouring pixel is the cheapest thing to predict for a model
-of natural images (a flat continuation, no new edge), where zero padding would draw a hard edge
-through every border tile. docs/compression.md has the measured cost.
+Why level 0: the padded pixels are coded with the tile (bits-back codes whole tiles), so they
+cost bits. A flat region at the lowest level is close to free for the model: it predicts flat
+regions well, and level 0's bin of the discrete decoder reaches to minus infinity, so only one
+edge, along the border, costs bits. Edge replication (each padded row a copy of the last row,
+its detail kept along it) and reflection (the image's own detail mirrored) cost bits in every
+padded pixel: on the "photos" model's bound they cost more (docs/compression.md has the
+numbers).
 
 - `tile_count` / `tiles_of`: the number of tiles and the tiles [n, h, w, C] of one photograph;
 - `photo_of`: the photograph [H, W, C] back from its tiles.
@@ -37,7 +40,7 @@ def tile_count(height: int, width: int, *, patch: tuple[int, int]) -> int:
 
 
 def tiles_of(photo: np.ndarray, *, patch: tuple[int, int]) -> np.ndarray:
-  """The tiles of a photograph, edge-padded to whole patches (module docstring).
+  """The tiles of a photograph, padded with level 0 to whole patches (module docstring).
 
   Args:
     photo: [H, W, C], H >= h and W >= w.
@@ -53,7 +56,7 @@ def tiles_of(photo: np.ndarray, *, patch: tuple[int, int]) -> np.ndarray:
   if height < h or width < w:
     raise ValueError(f"a photograph of {height}x{width} is smaller than one {h}x{w} patch")
   rows, cols = tile_grid(height, width, patch=patch)
-  padded = np.pad(photo, ((0, rows * h - height), (0, cols * w - width), (0, 0)), mode="edge")
+  padded = np.pad(photo, ((0, rows * h - height), (0, cols * w - width), (0, 0)))
   tiles = padded.reshape(rows, h, cols, w, -1).transpose(0, 2, 1, 3, 4)
   return tiles.reshape(rows * cols, h, w, photo.shape[-1])
 
