@@ -374,6 +374,7 @@ def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None 
   except OSError as e:
     raise RunError(f"cannot write the images to {out} ({e.strerror or e}); nothing was "
                    f"written") from e
-  print(f"{len(header.pictures)} photographs of {path} -> {out} (PNGs)" if header.pictures else
+  count = len(header.pictures)
+  print(f"{count} photograph{'s' if count > 1 else ''} of {path} -> {out} (PNGs)" if count else
         f"{len(images)} images of {path} -> {out} (PNGs and images.npz)", flush=True)
   return {"images": images, "header": header, "out": out}
