@@ -56,7 +56,8 @@ from vdm_jax.storage.checkpoint_integrity import (CheckpointDamagedError, Checkp
 
 PyTree = Any
 
-__all__ = ["CheckpointManager", "complete_steps", "stored_tree", "CheckpointDamagedError", "CheckpointReadError",
+__all__ = ["CheckpointManager", "complete_steps", "stored_tree", "check_location",
+           "CHECKPOINT_SCHEMES", "CheckpointDamagedError", "CheckpointReadError",
            "CheckpointStructureError", "NoUsableCheckpointError", "is_storage_failure",
            "non_finite_leaves"]
 
@@ -69,6 +70,24 @@ _VANISH_GRACE_S = 0.5
 _MAX_VANISHED = 8   # re-listings after steps disappeared mid-read, per restore
 class _Vanished(Exception):
   """The step directory disappeared while it was read (rotated away): not damage."""
+
+
+# URL schemes Orbax writes checkpoints to besides local paths: it builds TensorStore specs for
+# gs:// only (orbax-checkpoint 0.12); an s3:// path reaches TensorStore as a relative local path.
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def check_location(directory: str | os.PathLike) -> None:
+  """Refuses a checkpoint directory Orbax cannot write: a URL other than gs://.
+
+  Raises:
+    ValueError: naming the directory and the places that work.
+  """
+  text = rundir.normalize(directory)
+  if rundir.is_remote(text) and text.split("://", 1)[0] not in CHECKPOINT_SCHEMES:
+    raise ValueError(
+        f"{text!r}: checkpoints can be written to a local folder or gs:// only (Orbax, the "
+        f"checkpoint writer, gives TensorStore no other URL); use a local or gs:// --workdir")
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -126,6 +145,7 @@ class CheckpointManager:
       raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+    check_location(directory)
     self._directory = rundir.normalize(directory)
     self._save_interval_steps = save_interval_steps
     # Steps this process found damaged -> (target, partial) to re-read them with before deleting.

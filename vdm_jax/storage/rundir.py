@@ -274,12 +274,16 @@ def npz_bytes(**arrays: Any) -> bytes:
 
 
 def remove(path: PathLike, *, missing_ok: bool = True) -> None:
+  """Removes file `path`; FileNotFoundError if it is missing, unless `missing_ok`. (S3 deletes a
+  missing object without an error, so there the check is a separate look-up.)"""
   path = normalize(path)
   try:
     if not is_remote(path):
       os.remove(path)
     else:
       fs, p = _fs(path)
+      if not missing_ok and not fs.exists(p):
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
       fs.rm_file(p)
   except FileNotFoundError:
     if not missing_ok:

@@ -25,6 +25,8 @@ import sys
 import time
 import urllib.request
 
+from vdm_jax.testing import storage_env
+
 BUCKET = "vdm-test"
 
 
@@ -80,16 +82,5 @@ class Emulator:
   def environment(self):
     """Within: this process's clients use the emulator (and the file systems of
     vdm_jax.storage.rundir are made anew for it)."""
-    from vdm_jax.storage import rundir
-    old = {k: os.environ.get(k) for k in self.env}
-    os.environ.update(self.env)
-    rundir.reset_filesystems()
-    try:
+    with storage_env.client_environment(self.env):
       yield self
-    finally:
-      for k, v in old.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
-      rundir.reset_filesystems()

@@ -208,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_checks.check_config(config)   # every field, before any side effect
+  checkpointing.check_location(rundir.join(workdir, rundir.CHECKPOINTS))
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(run_control.StopRequests())   # before anything compiles
     stack.enter_context(parallel.cpu_ynn_fusions(config.xla.cpu_ynn_fusion_type))
