@@ -18,7 +18,7 @@ size in bits per dimension (bits / (H W 3)) of:
 
 Usage:
   python experiments/photo_codecs.py --workdir runs/photos [--steps 100] [--coder portable]
-      [--photos chelsea coffee] [--no_test_set] [--codecs_only] [--t_samples 8]
+      [--photos chelsea coffee] [--no_test_set] [--codecs_only | --bound_only] [--t_samples 8]
       [--out experiments/out/photo_codecs]
   python experiments/photo_codecs.py --workdir runs/photos --padding_study   # edge vs reflect vs 0
 
@@ -150,6 +150,8 @@ def photo_row(name, pixels, model, integer, args, save) -> dict:
     bound = bound_bits(model, tiles, steps, t_samples=args.t_samples)
     row[f"bound_T{steps}"] = {"bound_bpd": bound / dims, "bound_padded_bpd": bound / tiles.size}
     save(row)   # the bound now: the coder takes long
+    if args.bound_only:
+      continue
     row[f"T{steps}"] = dict(vdm_row(model, integer, tiles, pictures, dims, steps,
                                     args.max_batch, check), **row[f"bound_T{steps}"],
                             megapixels=height * width / 1e6)
@@ -175,6 +177,8 @@ def test_set_row(images, model, integer, args, save) -> dict:
     row[f"bound_T{steps}"] = {"bound_bpd": bound / images.size,
                               "bound_padded_bpd": bound / images.size}
     save(row)
+    if args.bound_only:
+      continue
     row[f"T{steps}"] = dict(vdm_row(model, integer, images, (), int(images.size), steps,
                                     args.max_batch, check), **row[f"bound_T{steps}"],
                             megapixels=len(images) * images.shape[1] * images.shape[2] / 1e6)
@@ -230,6 +234,7 @@ def main() -> None:
   parser.add_argument("--photos", nargs="*", default=list(photos.PATCH_SETS["photos"].test_photos))
   parser.add_argument("--no_test_set", action="store_true", help="skip the test patches' rows")
   parser.add_argument("--codecs_only", action="store_true", help="only the other codecs")
+  parser.add_argument("--bound_only", action="store_true", help="the codecs and the bound")
   parser.add_argument("--t_samples", type=int, default=8)
   parser.add_argument("--max_batch", type=int, default=256)
   parser.add_argument("--padding_study", action="store_true",
@@ -240,7 +245,7 @@ def main() -> None:
     return padding_study(args)
   run = common.load_run(args.workdir)
   model = compress_app.run_model(run)
-  integer = (None if args.coder == "float" or args.codecs_only
+  integer = (None if args.coder == "float" or args.codecs_only or args.bound_only
              else compress_portable.coder_of_run(args.workdir, run, model))
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
               if line.startswith("model name")), "?") if os.path.exists("/proc/cpuinfo") else "?"
