@@ -198,11 +198,14 @@ def markdown(rows: list[dict], info: dict) -> str:
     codec_bpd = {c: r["codecs_bits"][c] / r["dims"] for c in codecs}
     best = min(codec_bpd.values())
     steps_keys = [k for k in r if k.startswith("T") and k[1:].isdigit()] or [None]
-    # (a partial row, the bound without the file yet, is in the JSON only)
+    bounds = {k[len("bound_T"):]: v for k, v in r.items() if k.startswith("bound_T")}
     for key in steps_keys:
       v = r.get(key) if key else None
+      partial = next(iter(bounds.items()), None)   # --bound_only: the bound, no file
       vdm = (f"| {key[1:]} | {v['bpd']:.4f} | {v['bound_bpd']:.4f} | "
-             f"{v['bpd'] / v['bound_bpd']:.4f} |" if v else "| - | - | - | - |")
+             f"{v['bpd'] / v['bound_bpd']:.4f} |" if v else
+             f"| {partial[0]} | - | {partial[1]['bound_bpd']:.4f} | - |" if partial
+             else "| - | - | - | - |")
       speed = (f" {best / v['bpd']:.3f} | {v['encode_s'] / v['megapixels']:.0f} | "
                f"{v['decode_s'] / v['megapixels']:.0f} |" if v else " - | - | - |")
       lines.append(f"| {r['input']} | {r['height']} x {r['width']} {vdm} "
