@@ -66,7 +66,8 @@ flags.DEFINE_integer("sample_steps", None, "bench: ancestral sampling steps time
                      "to 1000 (default: bench.SAMPLE_STEPS, a few).")
 # compress
 flags.DEFINE_string("input", None, "compress: 'test' (the run's test split; any split name), a "
-                    ".npy / .npz of integer images, or a folder of PNGs.")
+                    ".npy / .npz of integer images, a PNG photograph of any size (tiled into "
+                    "the model's patches) or a folder of them.")
 flags.DEFINE_integer("grid_bits", 4, "compress: latents on a grid of 2^-grid_bits of each level's "
                      "smallest standard deviation.")
 flags.DEFINE_integer("window", 6, "compress: coding windows of +- window standard deviations.")

@@ -2,8 +2,10 @@
 
   compress_run(workdir, source=..., out=FILE)   -> the images of `source` ("test": the run's
                                                   test split; a .npy / .npz of integer images;
-                                                  a folder of PNGs) in one file
-  decompress_run(workdir, FILE, out=DIR)        -> DIR/00000.png ... and DIR/images.npz
+                                                  a PNG photograph of any size or a folder of
+                                                  them: their tiles) in one file
+  decompress_run(workdir, FILE, out=DIR)        -> DIR/<each photograph's name>, or
+                                                  DIR/00000.png ... and DIR/images.npz
 
 Two coders (`CODERS`): "portable" (the default: the integer network of `portable`, made from the
 run's EMA parameters on first use and stored in RUN/portable/; the file decodes on any machine)
@@ -159,12 +161,15 @@ def _validated(model: Model, images: np.ndarray) -> np.ndarray:
 
 def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSettings, *,
                     coder: compress_portable.Coder | None = None, raw_fallback: bool = True,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[bytes, dict]:
+                    progress: Callable[[int, int], None] | None = None,
+                    pictures: tuple[fmt.Picture, ...] = ()) -> tuple[bytes, dict]:
   """The file's bytes for integer images [N, H, W, C] (validated against the model) and the
   accounting (`compress_stream.Encoded` fields, sizes in bits, "coder"). With `coder` (an
   integer model) the portable coder writes it, else the float one; with `raw_fallback`, batches
   and the whole file are stored raw where that is smaller (False: the model's code always, e.g.
-  to test it). `progress(batches done, batches in all)` is called after each batch."""
+  to test it). `progress(batches done, batches in all)` is called after each batch.
+  `pictures`: the photographs whose tiles the images are (`compress_io.Source`), kept in the
+  header."""
   images = _validated(model, images)
   settings = compress.check_settings(settings)
   bound = expected_bits(model, images, settings.num_steps)
@@ -172,7 +177,7 @@ def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSe
     return compress_portable.compress_images(coder, images, settings,
                                              config_digest=model.config_digest, step=model.step,
                                              expected_bits=bound, raw_fallback=raw_fallback,
-                                             progress=progress)
+                                             progress=progress, pictures=pictures)
   chain_ = chain(model, settings)
   encoded = compress_stream.encode_images(chain_, images.astype(np.int32), expected_bits=bound,
                                           raw_fallback=raw_fallback, progress=progress)
@@ -180,7 +185,8 @@ def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSe
       model.config_digest, model.step, model.params_digest, environment_digest(),
       probe_digest(chain_, _buckets(encoded.schedule)), settings.num_steps, settings.grid_bits,
       settings.window, settings.max_batch, model.vocab_size, model.shape, str(images.dtype),
-      len(images), encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload))
+      len(images), encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload),
+      "float", tuple(pictures))
   blob = fmt.pack(header, encoded.payload)
   if raw_fallback:
     blob = compress_portable.smaller(blob, header, images)
@@ -289,6 +295,15 @@ def _check_new(path: str, what: str) -> str:
     raise RunError(f"cannot write --out {rundir.normalize(path)!r}: {e.strerror or e}") from e
 
 
+def _what(read: compress_io.Source, shape: tuple[int, ...]) -> str:
+  """"N images", or "P photograph(s) (N tiles of h x w)"."""
+  if not read.pictures:
+    return f"{len(read.images)} images"
+  count = len(read.pictures)
+  return (f"{count} photograph{'s' if count > 1 else ''} ({len(read.images)} tiles of "
+          f"{shape[0]}x{shape[1]})")
+
+
 @compiled_as_configured
 def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None = None,
                  num_steps: int | None = None, grid_bits: int = 4, window: int = 6,
@@ -305,9 +320,11 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   say = lambda message: metrics.say("compress", message)
   run = load_run(workdir, step=checkpoint)
   model = run_model(run)
-  images = compress_io.read_images(source, run.info, data_dir=run.config.data.data_dir or None)
+  read = compress_io.read_source(source, run.info, data_dir=run.config.data.data_dir or None)
+  images = read.images
   steps = num_steps or int(run.config.model.num_steps) or DEFAULT_STEPS
-  say(f"{len(images)} images of {source}, checkpoint {run.step}, T={steps}, the {coder} coder")
+  say(f"{_what(read, run.info.shape)} of {source}, checkpoint {run.step}, T={steps}, the "
+      f"{coder} coder")
   integer = (None if coder == "float"
              else compress_portable.coder_of_run(workdir, run, model, log=say))
   say("the images' T-step bound (it sets the batch sizes), then the batches; each new batch "
@@ -315,27 +332,30 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   bar = _BatchBar()
   blob, stats = compress_images(model, images, compress.CoderSettings(
       steps, grid_bits=grid_bits, window=window, max_batch=max_batch), coder=integer,
-      progress=bar)
+      progress=bar, pictures=read.pictures)
   bar.close()
   try:
     rundir.write_bytes(out, blob)   # atomic: nothing half-written at `out`
   except OSError as e:
     raise RunError(f"cannot write {out} ({e.strerror or e}); nothing was written") from e
-  dims = stats["num_images"] * stats["dims"]
-  stats.update(path=out, bpd=stats["file_bits"] / dims,
-               net_bpd=(stats["file_bits"] - stats["initial_bits"]) / dims)
+  dims = read.dims   # the input's own dimensions (a photograph's padding is not counted)
+  stats.update(path=out, bpd=stats["file_bits"] / dims, input_dims=dims,
+               net_bpd=(stats["file_bits"] - stats["initial_bits"]) / dims,
+               pictures=read.pictures)
   how = ("stored raw: the model's code was longer" if stats["coder"] == "stored"
          else f"{stats['coder']} coder, {stats['net_bpd']:.4f} without the "
               f"{stats['initial_bits']} initial bits")
-  print(f"{stats['num_images']} images, checkpoint {run.step}, T={steps} -> {out}: "
+  print(f"{_what(read, run.info.shape)}, checkpoint {run.step}, T={steps} -> {out}: "
         f"{len(blob)} bytes, {stats['bpd']:.4f} bits/dim ({how})", flush=True)
   return stats
 
 
 @compiled_as_configured
 def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None = None) -> dict:
-  """Decompresses the file `path` with the run's model into the folder `out`: one PNG per image
-  and images.npz (key "images", the stored integer type). Returns {"images", "header", "out"}."""
+  """Decompresses the file `path` with the run's model into the folder `out`: its photographs
+  as PNGs of their names, or one PNG per image and images.npz (key "images", the stored integer
+  type) (`compress_io.decompressed_files`). Returns {"images" (the coded images: a
+  photograph's tiles), "header", "out"}."""
   out = _check_new(out, "folder")
   try:
     blob = rundir.read_bytes(path)
@@ -349,13 +369,12 @@ def decompress_run(workdir: str, path: str, *, out: str, checkpoint: int | None 
   bar = _BatchBar()
   images, header = decompress_bytes(decoder, blob, name=path, progress=bar)
   bar.close()
-  files = {f"{i:05d}.png": rundir.png_bytes(compress_io.level_pixels(image, header.vocab_size))
-           for i, image in enumerate(images)}
-  files["images.npz"] = rundir.npz_bytes(images=images)
   try:
-    rundir.write_folder(out, files)   # all or nothing
+    rundir.write_folder(out, compress_io.decompressed_files(images, header))   # all or nothing
   except OSError as e:
     raise RunError(f"cannot write the images to {out} ({e.strerror or e}); nothing was "
                    f"written") from e
-  print(f"{len(images)} images of {path} -> {out} (PNGs and images.npz)", flush=True)
+  count = len(header.pictures)
+  print(f"{count} photograph{'s' if count > 1 else ''} of {path} -> {out} (PNGs)" if count else
+        f"{len(images)} images of {path} -> {out} (PNGs and images.npz)", flush=True)
   return {"images": images, "header": header, "out": out}

@@ -2,7 +2,7 @@
 
   size     field
   4        magic b"VDMZ"
-  1        format version (3)
+  1        format version (4)
   1        the coder (an index into `CODERS`): "float" (the float network, bound to the machine
            that wrote the file), "portable" (the integer network: decodes on any machine) or
            "stored" (the images stored raw, log2 K bits each: the model's code was longer)
@@ -13,19 +13,24 @@
   varints  checkpoint step, T, grid_bits, window, max_batch, K, H, W, C, image type (an index
            into `DTYPES`), N, rho, seed words, seed words not stored, payload words n
            (unsigned LEB128: 7 bits a byte)
+  varints  P, the number of photographs (0: the N images are the images themselves, each of the
+           model's shape); then for each photograph its height, width and the length of its
+           name, then the name (UTF-8, a file name without folders): the images are the
+           photographs' tiles, in order (`compress_tiles`; the decoder cuts the padding off)
   2        the low 16 bits of the CRC-32 of the header so far
   4 n      payload: n uint32 words, little endian
   4        the first 4 bytes of SHA-256 of everything before
 
-Version 2 files (no coder byte, always "float") are still read.
+Version 4 added the photographs (P and their sizes and names). Files of versions 2 (no coder
+byte) and 3 (no photographs) are refused with an error that names their version.
 
 The header fingerprints the model (its config, the checkpoint step, its parameters) and the
 numerics that coding depends on (the software environment; the compiled network's outputs on a
 fixed probe input), and stores the coder settings, the image shape and type, and the batch
 schedule. `unpack` tells apart, with a `CompressedFileError` naming which: another format, a
 truncated file, a damaged header or payload; `check_model` another model or another numeric
-environment. The header and checksum take 48 bytes for the 297 digits test images (384 bits:
-0.020 bits per dimension). A digest this short can collide (2^-16 for the config and environment
+environment. The header and checksum take 49 bytes for the 297 digits test images (392 bits:
+0.021 bits per dimension). A digest this short can collide (2^-16 for the config and environment
 digests); they serve to name what differs, the 6-byte parameter and 4-byte probe digests and the
 check that decoding ends in the seed it started from guard the images.
 """
@@ -38,9 +43,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from vdm_jax.compression import compress_tiles
+
 MAGIC = b"VDMZ"
-VERSION = 3
-READS = (2, 3)
+VERSION = 4
+READS = (4,)
+OLD = {2: "before the portable coder", 3: "before whole photographs"}   # versions not read
 CODERS = ("float", "portable", "stored")
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64")
 DIGEST_SIZES = {"config": 2, "params": 6, "environment": 2, "probe": 4}
@@ -58,6 +66,14 @@ class CompressedFileError(ValueError):
   def __init__(self, kind: str, message: str):
     super().__init__(message)
     self.kind = kind
+
+
+class Picture(NamedTuple):
+  """A photograph of a file: its file name and size in pixels (its tiles are in the payload)."""
+
+  name: str
+  height: int
+  width: int
 
 
 class Header(NamedTuple):
@@ -81,6 +97,7 @@ class Header(NamedTuple):
   seed_dropped: int
   payload_words: int
   coder: str = "float"
+  pictures: tuple[Picture, ...] = ()
 
 
 def digest(*parts: bytes, size: int = 8) -> bytes:
@@ -124,6 +141,66 @@ def _numbers(h: Header) -> list[int]:
           h.payload_words]
 
 
+def check_picture_name(name: str) -> str:
+  """`name` if it can be a photograph's name in a file: a file name (no folder), not "." or
+  "..", no control characters, at most 255 bytes in UTF-8; else ValueError."""
+  if (not name or name in (".", "..") or any(c in name for c in "/\\") or
+      any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name.encode("utf-8")) > 255):
+    raise ValueError(f"{name!r} cannot be the file name of a decompressed photograph")
+  return name
+
+
+def _pack_pictures(header: Header) -> bytes:
+  if header.pictures:
+    tiles = sum(compress_tiles.tile_count(p.height, p.width, patch=header.shape[:2])
+                for p in header.pictures)
+    if tiles != header.num_images:
+      raise ValueError(f"the photographs make {tiles} tiles; the header says {header.num_images}")
+    if len({p.name for p in header.pictures}) != len(header.pictures):
+      raise ValueError("two photographs have the same name")
+  out = [_varint(len(header.pictures))]
+  for p in header.pictures:
+    name = check_picture_name(p.name).encode("utf-8")
+    out += [_varint(p.height), _varint(p.width), _varint(len(name)), name]
+  return b"".join(out)
+
+
+def _read_pictures(data: bytes, offset: int, *, shape: tuple[int, ...], num_images: int,
+                   name: str) -> tuple[tuple[Picture, ...], int] | None:
+  """The photographs' entries from data[offset:] and the offset after them; None if the data
+  end inside them. Raises CompressedFileError ("corrupted") for impossible entries (read before
+  the header's checksum is checked: a damaged count must not run past the end)."""
+  parsed = _read_varints(data, offset, 1)
+  if parsed is None:
+    return None
+  (count,), offset = parsed
+  pictures, tiles = [], 0
+  if count and min(shape[:2]) < 1:
+    raise CompressedFileError("corrupted", f"{name} is corrupted: photographs of images of "
+                              f"shape {shape}")
+  for _ in range(count):
+    parsed = _read_varints(data, offset, 3)
+    if parsed is None:
+      return None
+    (height, width, size), offset = parsed
+    if offset + size > len(data):
+      return None
+    try:
+      picture_name = check_picture_name(data[offset:offset + size].decode("utf-8"))
+    except ValueError:
+      picture_name = None
+    offset += size
+    if picture_name is None or height < shape[0] or width < shape[1] or tiles > num_images:
+      raise CompressedFileError("corrupted", f"{name} is corrupted: an impossible photograph "
+                                f"entry in its header")
+    tiles += compress_tiles.tile_count(height, width, patch=shape[:2])
+    pictures.append(Picture(picture_name, height, width))
+  if count and (tiles != num_images or len({p.name for p in pictures}) != count):
+    raise CompressedFileError("corrupted", f"{name} is corrupted: its photographs make {tiles} "
+                              f"tiles, its header says {num_images} images")
+  return tuple(pictures), offset
+
+
 def pack(header: Header, payload: np.ndarray) -> bytes:
   """The file's bytes for `header` and the payload words (uint32)."""
   payload = np.asarray(payload, np.uint32)
@@ -137,7 +214,7 @@ def pack(header: Header, payload: np.ndarray) -> bytes:
   if header.coder not in CODERS:
     raise ValueError(f"coder {header.coder!r} is not one of {CODERS}")
   head = (MAGIC + bytes([VERSION, CODERS.index(header.coder)]) + b"".join(digests)
-          + b"".join(_varint(v) for v in _numbers(header)))
+          + b"".join(_varint(v) for v in _numbers(header)) + _pack_pictures(header))
   body = (head + (zlib.crc32(head) & 0xFFFF).to_bytes(2, "little")
           + payload.astype("<u4").tobytes())
   return body + digest(body, size=TRAILER_BYTES)
@@ -158,24 +235,30 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
     raise CompressedFileError("format", f"{name} is not a vdm-jax compressed file (it does not "
                               f"start with {MAGIC!r}; it starts with {data[:8]!r})")
   if len(data) > len(MAGIC) and data[len(MAGIC)] not in READS:
+    version = data[len(MAGIC)]
+    when = f" (written by vdm-jax {OLD[version]})" if version in OLD else ""
     raise CompressedFileError("format", f"{name} is a vdm-jax compressed file of format "
-                              f"version {data[len(MAGIC)]}; this vdm-jax reads versions "
-                              f"{', '.join(map(str, READS))}")
-  version = data[len(MAGIC)] if len(data) > len(MAGIC) else VERSION
-  at = len(MAGIC) + 1 + (version >= 3)       # the digests start here
+                              f"version {version}{when}; this vdm-jax reads version "
+                              f"{', '.join(map(str, READS))}: decompress it with the vdm-jax "
+                              f"release that wrote it")
+  at = len(MAGIC) + 2       # the digests start here
   fixed = at + _DIGESTS
   parsed = _read_varints(data, fixed, _NUMBERS) if len(data) >= fixed else None
+  if parsed is not None:
+    numbers = parsed[0]
+    parsed = _read_pictures(data, parsed[1], shape=tuple(numbers[6:9]),
+                            num_images=numbers[10], name=name)
   if parsed is None or parsed[1] + 2 > len(data):
     raise CompressedFileError("truncated", f"{name} is truncated: {len(data)} bytes end inside "
                               f"its header")
-  numbers, end = parsed
+  pictures, end = parsed
   if int.from_bytes(data[end:end + 2], "little") != zlib.crc32(data[:end]) & 0xFFFF:
     raise CompressedFileError("corrupted", f"{name} is corrupted: its header fails its checksum")
   if numbers[9] >= len(DTYPES):
     raise CompressedFileError("corrupted", f"{name} is corrupted: unknown image type "
                               f"{numbers[9]}")
-  coder = "float" if version < 3 else data[len(MAGIC) + 1]
-  if coder != "float" and coder >= len(CODERS):
+  coder = data[len(MAGIC) + 1]
+  if coder >= len(CODERS):
     raise CompressedFileError("corrupted", f"{name} is corrupted: unknown coder {coder}")
   digests = []
   for size in DIGEST_SIZES.values():
@@ -183,7 +266,7 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
     at += size
   header = Header(digests[0], numbers[0], digests[1], digests[2], digests[3], *numbers[1:5],
                   numbers[5], tuple(numbers[6:9]), DTYPES[numbers[9]], *numbers[10:],
-                  coder=coder if coder == "float" else CODERS[coder])
+                  coder=CODERS[coder], pictures=pictures)
   expected = end + 2 + 4 * header.payload_words + TRAILER_BYTES
   if len(data) < expected:
     raise CompressedFileError("truncated", f"{name} is truncated: {len(data)} bytes of the "

@@ -76,11 +76,11 @@ def probe_digest(ch: portable.PortableChain, buckets: set[int]) -> bytes:
 
 def compress_images(coder: Coder, images: np.ndarray, settings: compress.CoderSettings, *,
                     config_digest: bytes, step: int, expected_bits: float | None = None,
-                    raw_fallback: bool = True, progress: Callable[[int, int], None] | None = None
-                    ) -> tuple[bytes, dict]:
+                    raw_fallback: bool = True, progress: Callable[[int, int], None] | None = None,
+                    pictures: tuple[fmt.Picture, ...] = ()) -> tuple[bytes, dict]:
   """A portable file of integer images [N, H, W, C] (validated by the caller), or (with
-  `raw_fallback`) a stored one where that is smaller; the accounting and `progress` as
-  `compress_app.compress_images`."""
+  `raw_fallback`) a stored one where that is smaller; the accounting, `progress` and
+  `pictures` as `compress_app.compress_images`."""
   ch = chain(coder, compress.check_settings(settings))
   encoded = compress_stream.encode_images(ch, images.astype(np.int32),
                                           expected_bits=expected_bits, raw_fallback=raw_fallback,
@@ -90,7 +90,8 @@ def compress_images(coder: Coder, images: np.ndarray, settings: compress.CoderSe
       config_digest, step, coder.header_digest, portable.environment_digest(),
       probe_digest(ch, buckets), settings.num_steps, settings.grid_bits, settings.window,
       settings.max_batch, ch.model.vocab_size, ch.model.shape, str(images.dtype), len(images),
-      encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload), "portable")
+      encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload), "portable",
+      tuple(pictures))
   blob = fmt.pack(header, encoded.payload)
   if raw_fallback:
     blob = smaller(blob, header, images)

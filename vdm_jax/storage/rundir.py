@@ -209,7 +209,12 @@ def read_array(path: PathLike) -> Any:
 
 def read_image(path: PathLike) -> Image.Image:
   """A PIL image read whole into memory (so the file is not kept open)."""
-  picture = Image.open(io.BytesIO(read_bytes(path)))
+  return image_of_bytes(read_bytes(path))
+
+
+def image_of_bytes(data: bytes) -> Image.Image:
+  """The PIL image a file's bytes hold, decoded whole (PIL's OSError where they hold none)."""
+  picture = Image.open(io.BytesIO(data))
   picture.load()
   return picture
 
