@@ -74,8 +74,8 @@ def test_progress_line_per_part_and_a_few_sampling_steps(smoke_run):
   for part in ("setup",) + bench.PARTS:
     assert any(line.startswith(f"bench: {part}: ") for line in lines), (part, err)
   assert "step 3/3 (100.0%)" in err          # train: 1 warm-up + 2 timed steps
-  assert "step 9/9 (100.0%)" in err          # data: 3 rounds of 3 loops
-  assert "step 2/2 (100.0%)" in err          # eval: 1 warm-up + one batch of 16 images
+  assert "loop 9/9 (100.0%)" in err          # data: 3 rounds of 3 loops
+  assert "batch 2/2 (100.0%)" in err         # eval: 1 warm-up + one batch of 16 images
   assert sampled == [r["sample_steps"]] == [bench.SAMPLE_STEPS], sampled
   assert 1 <= bench.SAMPLE_STEPS <= 10
   assert r["sample_images_per_s_1000"] == pytest.approx(

@@ -239,7 +239,7 @@ def bench_data(setup: dict, *, steps: int, rounds: int = 3) -> dict[str, Any]:
   batches = pipeline.train_iterator(config.data.name, global_batch_size=setup["batch_size"],
                                     seed=config.seed, data_dir=config.data.data_dir or None)
   const, fed, no_fetch = [], [], []
-  bar = bench_report.progress_bar(3 * rounds)
+  bar = bench_report.progress_bar(3 * rounds, unit="loop")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     for _ in range(rounds):
@@ -277,7 +277,7 @@ def bench_eval(setup: dict, *, eval_images: int, eval_batch_size: int) -> dict[s
   compiled, lower_s, compile_s = _compile(fn, *args, batch, key)
   n = math.ceil(eval_images / eval_batch_size)
   say(f"eval: compiled in {lower_s + compile_s:.1f} s; 1 warm-up + {n} timed batches")
-  bar = bench_report.progress_bar(1 + n)
+  bar = bench_report.progress_bar(1 + n, unit="batch")
   jax.block_until_ready(compiled(*args, batch, key))
   bar.update(1)
   start = time.perf_counter()

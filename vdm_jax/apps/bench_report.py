@@ -66,10 +66,12 @@ def say(message: str) -> None:
   metrics.say("bench", message)
 
 
-def progress_bar(total: int) -> metrics.ProgressBar:
-  """The trainer's progress bar over `total` timed calls: one line per call in a log, an
-  updating line on a terminal (the calls of the benchmark take up to seconds each)."""
-  return metrics.ProgressBar(total=total, enabled=True, log_every=1, stream=sys.stderr)
+def progress_bar(total: int, *, unit: str = "step") -> metrics.ProgressBar:
+  """The trainer's progress bar over `total` timed calls of `unit` (a train step, an eval
+  batch, ...): one line per call in a log, an updating line on a terminal (the calls of the
+  benchmark take up to seconds each)."""
+  return metrics.ProgressBar(total=total, enabled=True, log_every=1, stream=sys.stderr,
+                             unit=unit)
 
 
 def format_markdown(results: dict | Sequence[dict]) -> str:
