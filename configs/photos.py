@@ -12,11 +12,11 @@ Measure (the bound at the end of training is also in runs/photos/eval.json):
   vdm-jax eval --workdir runs/photos                    # continuous-time bound, 4 t per image
   vdm-jax eval --workdir runs/photos --num_steps 1000   # the T = 1000 bound
 
-Expected: test bpd about 3.55 (seed 0: 3.553 +- 0.100 over the 342 test patches; continuous
-time, EMA parameters) against the uniform baseline of 8 bpd; 3.573 for the T = 1000 bound.
-337,029 parameters. 2,000 steps took 75 min on this project's 2-core machine while other jobs
-held its cores (load average 6-9); docs/results/photos.md has the seeds, the sizing
-measurements and their commands.
+Expected: test bpd 3.483 +- 0.035 (mean and standard error over seeds 0, 1, 2: 3.553, 3.447,
+3.448; continuous time, EMA parameters, the 342 test patches) against the uniform baseline of
+8 bpd; seed 0's T = 1000 bound 3.573. 337,029 parameters. 2,000 steps took 64-75 min per seed on
+this project's 2-core machine while other jobs held its cores (load average 2-13);
+docs/results/photos.md has the seeds, the sizing measurements and their commands.
 
 The net: 32 channels, 4 residual blocks at 32x32, no dropout; batch 16; AdamW at a peak learning
 rate 3e-3 after 100 warm-up steps, cosine-decayed to 0 at the last step, with a 10x learning
