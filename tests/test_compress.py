@@ -71,7 +71,8 @@ def test_round_trip_of_the_digits_test_split_is_exact(digits):
   out, header = compress_app.decompress_bytes(digits["model"], blob)
   assert out.dtype == digits["images"].dtype == np.uint8 and out.shape == (297, 8, 8, 1)
   np.testing.assert_array_equal(out, digits["images"])
-  assert header.num_images == 297 and stats["schedule"][0] == 1 and sum(stats["schedule"]) == 297
+  assert header.num_images == 297 and stats["schedule"][0] == 1
+  assert header.head == stats["head"] >= 1 and header.head + sum(stats["schedule"]) == 297
   assert stats["file_bits"] == 8 * len(blob)
 
 
@@ -101,7 +102,7 @@ def test_code_lengths_agree_with_the_consistency_form_of_the_bound(digits):
   model, images, steps = digits["model"], digits["images"], 10
   coder = compress_app.chain(model, compress.CoderSettings(steps))
   encoded = compress_stream.encode_images(coder, images.astype(np.int32), expected_bits=300.0,
-                                         raw_fallback=False)
+                                         raw_fallback=False, head=False)
   bound = jax.jit(lambda key: elbo.consistency_terms(
       key, jnp.asarray(images, jnp.int32), eps_fn=model.eps_fn, gamma_fn=model.gamma_fn,
       vocab_size=model.vocab_size, num_steps=steps).total)
@@ -170,6 +171,8 @@ def test_a_payload_that_does_not_decode_consistently_is_an_error(digits, packed,
   header, payload = fmt.unpack(packed)
   forged = fmt.pack(header._replace(seed_dropped=header.seed_dropped - 1), payload)
   _expect("stream", "does not end in the seed it started from", model, forged)
+  _expect("corrupted", "impossible coder settings", model,
+          fmt.pack(header._replace(window=0), payload))
   step = coder.model.step
   monkeypatch.setattr(compress_app, "probe_digest", lambda *a: header.probe_digest)
   monkeypatch.setattr(coder, "model", coder.model._replace(

@@ -136,7 +136,7 @@ def test_the_header_stores_each_photograph_s_name_and_size():
   blob = fmt.pack(header, np.arange(3, dtype=np.uint32))
   back, payload = fmt.unpack(blob)
   assert back == header and list(payload) == [0, 1, 2]
-  assert blob[4] == fmt.VERSION == 4
+  assert blob[4] == fmt.VERSION == 5
   # Each photograph adds its sizes and its name (and the length of its name).
   plain = fmt.pack(header._replace(pictures=()), np.zeros(3, np.uint32))
   assert len(blob) - len(plain) == (2 + 2 + 1 + len("chelsea.png")) + (1 + 1 + 1 + 8)
@@ -152,7 +152,7 @@ def test_the_header_stores_each_photograph_s_name_and_size():
 def test_old_versions_and_forged_photograph_entries_are_named():
   blob = fmt.pack(_header(), np.arange(3, dtype=np.uint32))
   with pytest.raises(fmt.CompressedFileError, match=r"format version 3 \(written by vdm-jax "
-                     r"before whole photographs\); this vdm-jax reads version 4") as e:
+                     r"before whole photographs\); this vdm-jax reads version 4, 5") as e:
     fmt.unpack(blob[:4] + b"\x03" + blob[5:])
   assert e.value.kind == "format"
   # A name with a folder in it, with a header checksum that matches: refused as corrupted.

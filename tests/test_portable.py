@@ -285,6 +285,12 @@ def test_files_of_another_integer_model_or_environment_are_refused(tiny, digits_
   monkeypatch.undo()
   monkeypatch.setattr(compress_portable, "probe_digest", lambda *a: b"pppp")
   expect("environment", "computes other outputs", coder, blob)
+  monkeypatch.undo()
+  header, payload = fmt.unpack(blob)
+  expect("corrupted", "impossible coder settings", coder,
+         fmt.pack(header._replace(num_steps=0), payload))
+  expect("stream", "does not decode consistently with its integer model", coder,
+         fmt.pack(header._replace(seed_dropped=header.seed_dropped - 1), payload))
 
 
 def test_a_missing_integer_model_is_remade_or_named(tiny, digits_images, tmp_path):
@@ -391,7 +397,7 @@ def test_batches_stored_raw_and_coded_mix_in_one_stream(tiny, digits_images, mon
   assert 0 < enc.raw_batches < len(enc.schedule)
   out = compress_stream.decode_images(ch, enc.payload, num_images=12,
                                       num_seed_words=enc.seed_words,
-                                      seed_dropped=enc.seed_dropped, rho=enc.rho)
+                                      seed_dropped=enc.seed_dropped, rho=enc.rho, head=enc.head)
   np.testing.assert_array_equal(out, images)
 
 

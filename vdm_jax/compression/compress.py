@@ -92,6 +92,12 @@ def check_settings(settings: CoderSettings) -> CoderSettings:
   return settings
 
 
+def bucket(size: int) -> int:
+  """The batch a batch of `size` images is padded to: the next power of two (encoder and
+  decoder pad alike, so both run the same compiled program on the same inputs)."""
+  return 1 << (size - 1).bit_length()
+
+
 class ChainModel(NamedTuple):
   """A model as the coder sees it (build with `chain_model`).
 
@@ -350,7 +356,7 @@ class Chain:
                                               vocab_size=model.vocab_size), np.float64)
 
   def _padded(self, j: np.ndarray, i: int, b: int) -> np.ndarray:
-    z = np.zeros((1 << (b - 1).bit_length(),) + self.model.shape, np.float32)
+    z = np.zeros((bucket(b),) + self.model.shape, np.float32)
     z[:b] = (j * self.lv.delta[i]).astype(np.float32).reshape((b,) + self.model.shape)
     return z
 

@@ -133,10 +133,6 @@ def probe_digest(coder: compress.Chain, buckets: set[int]) -> bytes:
   return fmt.digest(*parts, size=fmt.DIGEST_SIZES["probe"])
 
 
-def _buckets(sizes: list[int]) -> set[int]:
-  return {1 << (b - 1).bit_length() for b in sizes}
-
-
 def expected_bits(model: Model, images: np.ndarray, num_steps: int) -> float:
   """A quick estimate of the T-step bound in bits per image (one sample, <= 256 images), which
   sets the batch schedule's growth (`compress_stream`)."""
@@ -183,10 +179,10 @@ def compress_images(model: Model, images: np.ndarray, settings: compress.CoderSe
                                           raw_fallback=raw_fallback, progress=progress)
   header = fmt.Header(
       model.config_digest, model.step, model.params_digest, environment_digest(),
-      probe_digest(chain_, _buckets(encoded.schedule)), settings.num_steps, settings.grid_bits,
-      settings.window, settings.max_batch, model.vocab_size, model.shape, str(images.dtype),
-      len(images), encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload),
-      "float", tuple(pictures))
+      probe_digest(chain_, compress_stream.buckets(encoded.schedule)), settings.num_steps,
+      settings.grid_bits, settings.window, settings.max_batch, model.vocab_size, model.shape,
+      str(images.dtype), len(images), encoded.rho, encoded.seed_words, encoded.seed_dropped,
+      len(encoded.payload), "float", tuple(pictures), encoded.head)
   blob = fmt.pack(header, encoded.payload)
   if raw_fallback:
     blob = compress_portable.smaller(blob, header, images)
@@ -222,31 +218,22 @@ def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes,
                                     f"it decodes with {needs}")
     return compress_portable.decompress_bytes(model, blob, name=name, on_step=on_step,
                                               progress=progress)
-  settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
-                                    header.max_batch)
-  try:
-    compress.check_settings(settings)
-  except ValueError as e:
-    raise fmt.CompressedFileError("corrupted", f"{name} has impossible coder settings ({e})")
+  settings = compress_stream.header_settings(header, name=name)
   if header.shape != model.shape or header.vocab_size != model.vocab_size:
     raise fmt.CompressedFileError("model", f"{name} holds images of shape {header.shape} with "
                                   f"{header.vocab_size} levels; this model codes {model.shape} "
                                   f"with {model.vocab_size}")
   coder = chain(model, settings)
   sizes = compress_stream.schedule(header.num_images, rho=header.rho,
-                                   max_batch=header.max_batch)
+                                   max_batch=header.max_batch, head=header.head)
   mine = header._replace(config_digest=model.config_digest, step=model.step,
                          params_digest=model.params_digest,
                          environment_digest=environment_digest(),
-                         probe_digest=probe_digest(coder, _buckets(sizes)))
+                         probe_digest=probe_digest(coder, compress_stream.buckets(sizes)))
   fmt.check_model(header, mine, name=name)
-  try:
-    images = compress_stream.decode_images(
-        coder, payload, num_images=header.num_images, num_seed_words=header.seed_words,
-        seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step, progress=progress)
-  except compress_stream.StreamError as e:
-    raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with this "
-                                  f"model here ({e}); no image is written") from e
+  images = compress_stream.decode_file(coder, header, payload, name=name,
+                                       model="this model here", on_step=on_step,
+                                       progress=progress)
   return images.astype(header.dtype), header
 
 

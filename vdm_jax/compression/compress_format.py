@@ -2,7 +2,7 @@
 
   size     field
   4        magic b"VDMZ"
-  1        format version (4)
+  1        format version (5)
   1        the coder (an index into `CODERS`): "float" (the float network, bound to the machine
            that wrote the file), "portable" (the integer network: decodes on any machine) or
            "stored" (the images stored raw, log2 K bits each: the model's code was longer)
@@ -11,8 +11,9 @@
            constriction; portable, constriction and the integer format), the network's outputs
            on a fixed probe (4) (`DIGEST_SIZES`)
   varints  checkpoint step, T, grid_bits, window, max_batch, K, H, W, C, image type (an index
-           into `DTYPES`), N, rho, seed words, seed words not stored, payload words n
-           (unsigned LEB128: 7 bits a byte)
+           into `DTYPES`), N, rho, seed words, seed words not stored, payload words n, the
+           head (how many of the N images are coded directly: `compress_head`) (unsigned
+           LEB128: 7 bits a byte)
   varints  P, the number of photographs (0: the N images are the images themselves, each of the
            model's shape); then for each photograph its height, width and the length of its
            name, then the name (UTF-8, a file name without folders): the images are the
@@ -21,8 +22,9 @@
   4 n      payload: n uint32 words, little endian
   4        the first 4 bytes of SHA-256 of everything before
 
-Version 4 added the photographs (P and their sizes and names). Files of versions 2 (no coder
-byte) and 3 (no photographs) are refused with an error that names their version.
+Version 5 added the head; version 4 files (no head field: no head) are read as well. Version 4
+added the photographs (P and their sizes and names). Files of versions 2 (no coder byte) and 3
+(no photographs) are refused with an error that names their version.
 
 The header fingerprints the model (its config, the checkpoint step, its parameters) and the
 numerics that coding depends on (the software environment; the compiled network's outputs on a
@@ -46,15 +48,15 @@ import numpy as np
 from vdm_jax.compression import compress_tiles
 
 MAGIC = b"VDMZ"
-VERSION = 4
-READS = (4,)
+VERSION = 5
+READS = (4, 5)
 OLD = {2: "before the portable coder", 3: "before whole photographs"}   # versions not read
 CODERS = ("float", "portable", "stored")
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64")
 DIGEST_SIZES = {"config": 2, "params": 6, "environment": 2, "probe": 4}
 TRAILER_BYTES = 4
 _DIGESTS = sum(DIGEST_SIZES.values())
-_NUMBERS = 15    # the varint fields
+_NUMBERS = {4: 15, 5: 16}    # the varint fields of each version read
 
 
 class CompressedFileError(ValueError):
@@ -98,6 +100,7 @@ class Header(NamedTuple):
   payload_words: int
   coder: str = "float"
   pictures: tuple[Picture, ...] = ()
+  head: int = 0
 
 
 def digest(*parts: bytes, size: int = 8) -> bytes:
@@ -135,10 +138,13 @@ def _read_varints(data: bytes, offset: int, count: int) -> tuple[list[int], int]
   return values, offset
 
 
-def _numbers(h: Header) -> list[int]:
-  return [h.step, h.num_steps, h.grid_bits, h.window, h.max_batch, h.vocab_size, *h.shape,
-          DTYPES.index(h.dtype), h.num_images, h.rho, h.seed_words, h.seed_dropped,
-          h.payload_words]
+def _numbers(h: Header, version: int) -> list[int]:
+  numbers = [h.step, h.num_steps, h.grid_bits, h.window, h.max_batch, h.vocab_size, *h.shape,
+             DTYPES.index(h.dtype), h.num_images, h.rho, h.seed_words, h.seed_dropped,
+             h.payload_words, h.head]
+  if version == 4 and h.head:
+    raise ValueError(f"format version 4 has no head; the header has a head of {h.head}")
+  return numbers[:_NUMBERS[version]]
 
 
 def check_picture_name(name: str) -> str:
@@ -201,8 +207,9 @@ def _read_pictures(data: bytes, offset: int, *, shape: tuple[int, ...], num_imag
   return tuple(pictures), offset
 
 
-def pack(header: Header, payload: np.ndarray) -> bytes:
-  """The file's bytes for `header` and the payload words (uint32)."""
+def pack(header: Header, payload: np.ndarray, *, version: int = VERSION) -> bytes:
+  """The file's bytes for `header` and the payload words (uint32), in format `version` (one of
+  `READS`; the older one only to test that it is still read)."""
   payload = np.asarray(payload, np.uint32)
   if header.payload_words != len(payload):
     raise ValueError(f"header says {header.payload_words} payload words, got {len(payload)}")
@@ -213,8 +220,12 @@ def pack(header: Header, payload: np.ndarray) -> bytes:
       raise ValueError(f"the {name} digest has {len(value)} bytes; expected {size}")
   if header.coder not in CODERS:
     raise ValueError(f"coder {header.coder!r} is not one of {CODERS}")
-  head = (MAGIC + bytes([VERSION, CODERS.index(header.coder)]) + b"".join(digests)
-          + b"".join(_varint(v) for v in _numbers(header)) + _pack_pictures(header))
+  if version not in READS:
+    raise ValueError(f"format version {version} is not one of {READS}")
+  if header.head > header.num_images:
+    raise ValueError(f"a head of {header.head} images in a file of {header.num_images}")
+  head = (MAGIC + bytes([version, CODERS.index(header.coder)]) + b"".join(digests)
+          + b"".join(_varint(v) for v in _numbers(header, version)) + _pack_pictures(header))
   body = (head + (zlib.crc32(head) & 0xFFFF).to_bytes(2, "little")
           + payload.astype("<u4").tobytes())
   return body + digest(body, size=TRAILER_BYTES)
@@ -243,7 +254,8 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
                               f"release that wrote it")
   at = len(MAGIC) + 2       # the digests start here
   fixed = at + _DIGESTS
-  parsed = _read_varints(data, fixed, _NUMBERS) if len(data) >= fixed else None
+  version = data[len(MAGIC)] if len(data) > len(MAGIC) else VERSION
+  parsed = _read_varints(data, fixed, _NUMBERS[version]) if len(data) >= fixed else None
   if parsed is not None:
     numbers = parsed[0]
     parsed = _read_pictures(data, parsed[1], shape=tuple(numbers[6:9]),
@@ -254,9 +266,11 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
   pictures, end = parsed
   if int.from_bytes(data[end:end + 2], "little") != zlib.crc32(data[:end]) & 0xFFFF:
     raise CompressedFileError("corrupted", f"{name} is corrupted: its header fails its checksum")
-  if numbers[9] >= len(DTYPES):
+  numbers += [0] * (_NUMBERS[VERSION] - len(numbers))     # version 4: no head
+  if numbers[9] >= len(DTYPES) or numbers[15] > numbers[10]:
     raise CompressedFileError("corrupted", f"{name} is corrupted: unknown image type "
-                              f"{numbers[9]}")
+                              f"{numbers[9]} or a head of {numbers[15]} of {numbers[10]} "
+                              f"images")
   coder = data[len(MAGIC) + 1]
   if coder >= len(CODERS):
     raise CompressedFileError("corrupted", f"{name} is corrupted: unknown coder {coder}")
@@ -265,8 +279,8 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
     digests.append(bytes(data[at:at + size]))
     at += size
   header = Header(digests[0], numbers[0], digests[1], digests[2], digests[3], *numbers[1:5],
-                  numbers[5], tuple(numbers[6:9]), DTYPES[numbers[9]], *numbers[10:],
-                  coder=CODERS[coder], pictures=pictures)
+                  numbers[5], tuple(numbers[6:9]), DTYPES[numbers[9]], *numbers[10:15],
+                  coder=CODERS[coder], pictures=pictures, head=numbers[15])
   expected = end + 2 + 4 * header.payload_words + TRAILER_BYTES
   if len(data) < expected:
     raise CompressedFileError("truncated", f"{name} is truncated: {len(data)} bytes of the "

@@ -85,13 +85,13 @@ def compress_images(coder: Coder, images: np.ndarray, settings: compress.CoderSe
   encoded = compress_stream.encode_images(ch, images.astype(np.int32),
                                           expected_bits=expected_bits, raw_fallback=raw_fallback,
                                           progress=progress)
-  buckets = {1 << (b - 1).bit_length() for b in encoded.schedule}
+  buckets = compress_stream.buckets(encoded.schedule)
   header = fmt.Header(
       config_digest, step, coder.header_digest, portable.environment_digest(),
       probe_digest(ch, buckets), settings.num_steps, settings.grid_bits, settings.window,
       settings.max_batch, ch.model.vocab_size, ch.model.shape, str(images.dtype), len(images),
       encoded.rho, encoded.seed_words, encoded.seed_dropped, len(encoded.payload), "portable",
-      tuple(pictures))
+      tuple(pictures), encoded.head)
   blob = fmt.pack(header, encoded.payload)
   if raw_fallback:
     blob = smaller(blob, header, images)
@@ -109,12 +109,7 @@ def decompress_bytes(coder: Coder, blob: bytes, *, name: str = "the file",
   """(images [N, H, W, C] of the stored type, header) of a portable file, after every check;
   `on_step` and `progress` as `compress_stream.decode_images`."""
   header, payload = fmt.unpack(blob, name=name)
-  settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
-                                    header.max_batch)
-  try:
-    compress.check_settings(settings)
-  except ValueError as e:
-    raise fmt.CompressedFileError("corrupted", f"{name} has impossible coder settings ({e})")
+  settings = compress_stream.header_settings(header, name=name)
   if header.params_digest != coder.header_digest:
     raise fmt.CompressedFileError("model", f"{name} was compressed with the integer model "
                                   f"{header.params_digest.hex()}; this is {coder.digest[:12]}")
@@ -129,18 +124,15 @@ def decompress_bytes(coder: Coder, blob: bytes, *, name: str = "the file",
                                   f"(their float64 Gaussian code must match); decompress with "
                                   f"the versions it was made with")
   ch = chain(coder, settings)
-  sizes = compress_stream.schedule(header.num_images, rho=header.rho, max_batch=header.max_batch)
-  if probe_digest(ch, {1 << (b - 1).bit_length() for b in sizes}) != header.probe_digest:
+  sizes = compress_stream.schedule(header.num_images, rho=header.rho,
+                                   max_batch=header.max_batch, head=header.head)
+  if probe_digest(ch, compress_stream.buckets(sizes)) != header.probe_digest:
     raise fmt.CompressedFileError("environment", f"{name}: this machine's integer network "
                                   f"computes other outputs than the one that wrote it (integer "
                                   f"arithmetic should be exact everywhere: a backend defect)")
-  try:
-    images = compress_stream.decode_images(
-        ch, payload, num_images=header.num_images, num_seed_words=header.seed_words,
-        seed_dropped=header.seed_dropped, rho=header.rho, on_step=on_step, progress=progress)
-  except compress_stream.StreamError as e:
-    raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with its "
-                                  f"integer model ({e}); no image is written") from e
+  images = compress_stream.decode_file(ch, header, payload, name=name,
+                                       model="its integer model", on_step=on_step,
+                                       progress=progress)
   return images.astype(header.dtype), header
 
 
@@ -155,7 +147,7 @@ def stored_blob(header: fmt.Header, images: np.ndarray) -> bytes:
   compress_stream.push_raw(stack, images, header.vocab_size)
   words = stack.coder.get_compressed()
   return fmt.pack(header._replace(coder="stored", rho=0, seed_words=0, seed_dropped=0,
-                                  payload_words=len(words), environment_digest=b"\0\0",
+                                  payload_words=len(words), head=0, environment_digest=b"\0\0",
                                   probe_digest=b"\0" * 4), words)
 
 

@@ -3,11 +3,14 @@
 Bits-back coding pops latents before it pushes anything, so the stack must hold bits to begin
 with: the initial bits. They grow with the number of latents popped before pushes return bits
 (a batch of b images dips about b * D * 2 * (grid_bits + 3) bits below where it starts: the
-latents z_0 and z_{1/T}; measured 15-19 bits per dimension on digits, grid_bits 4). The images
-are therefore chained: the first batch is one image, and each later batch takes its bits back
-from the code of the batches before it, growing with the stack:
+latents z_0 and z_{1/T}; measured 15-19 bits per dimension on digits, grid_bits 4). Two things
+keep them small. The head: the first images are coded directly, without latents
+(`compress_head`, a predictive pixel coder), as many as it takes for their code to cover the
+first batch's dip (`first_dip`): the first batch pops their bits instead of seed bits. Then the
+images are chained: the first batch is one image, and each later batch takes its bits back from
+the code of the batches before it, growing with the stack:
 
-  b_1 = 1,  b_{n+1} = min(max_batch, max(1, floor(rho * (images coded so far))))
+  b_1 = 1,  b_{n+1} = min(max_batch, max(1, floor(rho * (images coded so far, the head's too))))
 
 with rho = safety * (expected net bits per image) / (bits one image's batch dipped below its
 start), measured on the first image, so a batch dips about as far as the code below it reaches.
@@ -17,9 +20,9 @@ so the file carries only the seed bits that were used: the initial bits, reporte
 
 Where the model's code for a batch is longer than the batch stored raw (log2 K bits per value,
 pushed with `Uniform(K)`), the batch is stored raw instead: the stack is restored to where the
-batch began and the raw values pushed. After every batch one flag says which (a binary symbol of
-probability 2^-8 for raw: 0.006 bits on a coded batch, 8 bits on a raw one), so a batch never
-costs more than its raw size plus 8 bits, whatever the model.
+batch began and the raw values pushed (the head too, as one batch). After every batch one flag
+says which (a binary symbol of probability 2^-8 for raw: 0.006 bits on a coded batch, 8 bits on
+a raw one), so a batch never costs more than its raw size plus 8 bits, whatever the model.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Callable, NamedTuple
 import constriction
 import numpy as np
 
-from vdm_jax.compression import compress
+from vdm_jax.compression import compress, compress_format as fmt, compress_head
 from vdm_jax.compression.compress import Chain, Stack
 
 SEED = 0x5EED_B175_BAC4
@@ -109,18 +112,19 @@ def seed_words(num_words: int) -> np.ndarray:
   return words
 
 
-def next_batch(done: int, num_images: int, *, rho: int, max_batch: int) -> int:
-  """The size of the batch after `done` images: 1 first, then min(max_batch, max(1, floor(rho *
-  done / 2^16))), at most what is left."""
-  b = 1 if not done else min(max_batch, max(1, (rho * done) >> 16))
+def next_batch(done: int, num_images: int, *, rho: int, max_batch: int, head: int = 0) -> int:
+  """The size of the batch after `done` images: 1 first (after the `head` images coded directly),
+  then min(max_batch, max(1, floor(rho * done / 2^16))), at most what is left."""
+  b = 1 if done == head else min(max_batch, max(1, (rho * done) >> 16))
   return min(b, num_images - done)
 
 
-def schedule(num_images: int, *, rho: int, max_batch: int) -> list[int]:
-  """All batch sizes (`next_batch`) for num_images images."""
-  sizes, done = [], 0
+def schedule(num_images: int, *, rho: int, max_batch: int, head: int = 0) -> list[int]:
+  """All bits-back batch sizes (`next_batch`) for num_images images, the first `head` of them
+  coded directly (`compress_head`)."""
+  sizes, done = [], head
   while done < num_images:
-    sizes.append(next_batch(done, num_images, rho=rho, max_batch=max_batch))
+    sizes.append(next_batch(done, num_images, rho=rho, max_batch=max_batch, head=head))
     done += sizes[-1]
   return sizes
 
@@ -131,7 +135,8 @@ class Encoded(NamedTuple):
   Attributes:
     payload: uint32 words to store (the stack without the unread seed words below it).
     seed_words, seed_dropped: the seed's length and how many of its words are not stored.
-    rho: the schedule's growth rate (units of 2^-16); schedule: the batch sizes.
+    rho: the schedule's growth rate (units of 2^-16); schedule: the bits-back batch sizes.
+    head: how many images (the first) the direct coder coded (`compress_head`).
     net_bits: bits the coding added to the stack (the ANS stream: file payload = initial + net).
     initial_bits: payload bits - net bits (the seed bits used, plus < 32 bits of word rounding).
     ideal_continuous, ideal_grid, ideal_coder: per-image ideal code lengths [N] in bits
@@ -145,6 +150,7 @@ class Encoded(NamedTuple):
   seed_dropped: int
   rho: int
   schedule: list[int]
+  head: int
   net_bits: int
   initial_bits: int
   ideal_continuous: np.ndarray
@@ -153,6 +159,11 @@ class Encoded(NamedTuple):
   escapes: int
   raw_batches: int
   seconds: float
+
+
+def buckets(sizes: list[int]) -> set[int]:
+  """The buckets (`compress.bucket`) of a batch schedule: one compiled program each."""
+  return {compress.bucket(b) for b in sizes}
 
 
 def raw_bits(num_values: int, vocab_size: int) -> float:
@@ -170,26 +181,75 @@ def pop_raw(stack: Stack, count: int, vocab_size: int) -> np.ndarray:
   return stack.decode(constriction.stream.model.Uniform(vocab_size), count).astype(np.int32)
 
 
-def _encode_batch(chain: Chain, stack: Stack, batch: np.ndarray, tally: Tally | None,
-                  batch_id: int, raw_fallback: bool) -> tuple[int, bool]:
-  """Codes one batch with the model or, where that is longer (and `raw_fallback`), raw; then
-  its flag. Returns (escapes, stored raw)."""
+def _coded_or_raw(stack: Stack, batch: np.ndarray, vocab_size: int, raw_fallback: bool,
+                  code: Callable[[], None]) -> bool:
+  """Runs `code` (which pushes `batch`) or, where that is longer than the batch stored raw (and
+  `raw_fallback`), restores the stack and pushes the batch raw; then the flag. Returns whether
+  the batch was stored raw."""
   words, before = stack.coder.get_compressed(), stack.bits()
-  escapes = chain.encode(stack, batch, tally, batch_id=batch_id)
-  raw = raw_fallback and stack.bits() - before > raw_bits(batch.size, chain.model.vocab_size)
+  code()
+  raw = raw_fallback and stack.bits() - before > raw_bits(batch.size, vocab_size)
   if raw:
     low = stack.low
     stack.restore(words)
     stack.low = low
-    push_raw(stack, batch, chain.model.vocab_size)
+    push_raw(stack, batch, vocab_size)
   stack.encode_reverse(np.array([int(raw)], np.int32), compress.CATEGORICAL, RAW_FLAG)
-  return escapes, raw
+  return raw
+
+
+def first_dip(chain: Chain) -> float:
+  """About how many bits the first image's chain pops before it pushes: the entropies of z_0
+  and z_{1/T} on their grids, D (log2(std / delta) + log2(sqrt(2 pi e))) each."""
+  return chain.dims * sum(math.log2(g.std / g.delta * math.sqrt(2 * math.pi * math.e))
+                          for g in (chain.lv.q(0), chain.lv.q(1)))
+
+
+def _push_head(chain: Chain, stack: Stack, images: np.ndarray, raw_fallback: bool
+               ) -> tuple[int, list[float], bool]:
+  """Codes the head (`compress_head`): the first images, as many as it takes for their direct
+  code to cover `first_dip` (all of them at most), or raw where that is shorter; then the flag.
+  Returns (head size, bits per head image, stored raw)."""
+  coder = compress_head.HeadCoder(chain.model.shape, chain.model.vocab_size)
+  need, symbols, tables, bits = first_dip(chain), [], [], []
+  while len(bits) < len(images) and sum(bits) < need:
+    s, t, b = coder.symbols(images[len(bits)])
+    symbols.append(s)
+    tables.append(t)
+    bits.append(b)
+  head = images[:len(bits)]
+  raw = _coded_or_raw(stack, head, chain.model.vocab_size, raw_fallback,
+                      lambda: coder.push(stack, np.concatenate(symbols), np.concatenate(tables)))
+  if raw:
+    bits = [raw_bits(chain.dims, chain.model.vocab_size)] * len(bits)
+  return len(bits), bits, raw
+
+
+def _pop_head(chain: Chain, stack: Stack, head: int) -> np.ndarray:
+  """The inverse of `_push_head` for `head` images: int32 [head, H, W, C]."""
+  shape = (head,) + chain.model.shape
+  if stack.decode(compress.CATEGORICAL, RAW_FLAG)[0]:
+    return pop_raw(stack, head * chain.dims, chain.model.vocab_size).reshape(shape)
+  coder = compress_head.HeadCoder(chain.model.shape, chain.model.vocab_size)
+  return np.stack([coder.decode_image(stack) for _ in range(head)]).astype(np.int32)
+
+
+def _encode_batch(chain: Chain, stack: Stack, batch: np.ndarray, tally: Tally | None,
+                  batch_id: int, raw_fallback: bool) -> tuple[int, bool]:
+  """Codes one batch with the model or, where that is longer (and `raw_fallback`), raw; then
+  its flag. Returns (escapes, stored raw)."""
+  escapes = []
+  raw = _coded_or_raw(stack, batch, chain.model.vocab_size, raw_fallback,
+                      lambda: escapes.append(chain.encode(stack, batch, tally, batch_id)))
+  return escapes[0], raw
 
 
 def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | None = None,
                   safety: float = 0.9, measure: bool = True, raw_fallback: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> Encoded:
-  """Compresses integer images [N, H, W, C] into one stream (batches chained, see module doc).
+                  head: bool = True, progress: Callable[[int, int], None] | None = None
+                  ) -> Encoded:
+  """Compresses integer images [N, H, W, C] into one stream (the head, then batches chained, see
+  module doc).
 
   Args:
     expected_bits: the expected net bits per image (e.g. the model's T-step bound), for rho;
@@ -197,8 +257,11 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     measure: accumulate the ideal code lengths per image (`Tally`; costs a little time).
     raw_fallback: store a batch raw where the model's code is longer (False: always the
       model's code, e.g. to measure it; the flags are written either way).
-    progress: called after each batch with (batches done, batches in all); the count is known
-      once the first batch has set rho.
+    head: code the first images directly (`compress_head`), as many as cover the first
+      batch's dip, instead of taking those bits from the seed (False: no head, e.g. to measure
+      the chain alone).
+    progress: called after the head and after each batch with (done, in all); the count is
+      known once the first batch has set rho.
   """
   start, n = time.perf_counter(), len(images)
   num_seed = 4096 + 8 * chain.dims * 4      # 1024 bits per dimension of the first image
@@ -207,8 +270,16 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
   bits0 = stack.bits()
   ideal = {"continuous": np.zeros(n), "grid": np.zeros(n), "coder": np.zeros(n)}
   sizes, done, rho, escapes, raw_batches = [], 0, 0, 0, 0
+  if head and n:
+    done, bits, raw = _push_head(chain, stack, images, raw_fallback)
+    raw_batches += raw
+    for values in ideal.values():
+      values[:done] = bits
+    if progress:
+      progress(1, 1 + (done < n))
+  num_head = done
   while done < n:
-    b = next_batch(done, n, rho=rho, max_batch=chain.settings.max_batch)
+    b = next_batch(done, n, rho=rho, max_batch=chain.settings.max_batch, head=num_head)
     tally = Tally(b) if measure else None
     before = stack.bits()
     stack.low = before
@@ -225,25 +296,29 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     sizes.append(b)
     done += b
     if progress:
-      progress(len(sizes), len(schedule(n, rho=rho, max_batch=chain.settings.max_batch)))
+      progress(len(sizes) + bool(num_head), bool(num_head) + len(
+          schedule(n, rho=rho, max_batch=chain.settings.max_batch, head=num_head)))
   words = stack.coder.get_compressed()
   common = min(len(words), num_seed) - 1          # the top word is always stored
   differ = np.flatnonzero(words[:common] != seed[:common])
   dropped = int(differ[0]) if len(differ) else common   # the unread seed words at the bottom
   payload = words[dropped:]
   net = stack.bits() - bits0
-  return Encoded(payload, num_seed, dropped, rho, sizes, int(net), int(32 * len(payload) - net),
+  return Encoded(payload, num_seed, dropped, rho, sizes, num_head, int(net),
+                 int(32 * len(payload) - net),
                  ideal["continuous"], ideal["grid"], ideal["coder"], escapes, raw_batches,
                  time.perf_counter() - start)
 
 
 def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_seed_words: int,
-                  seed_dropped: int, rho: int, on_step: Callable[..., None] | None = None,
+                  seed_dropped: int, rho: int, head: int = 0,
+                  on_step: Callable[..., None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """The inverse of `encode_images`: integer images [N, H, W, C] (int32).
 
   `on_step(first_image, i, z_i, x_hat)` sees each batch's latents and reconstructions from z_1
-  down (`Chain.decode`); `progress(batches done, batches in all)` is called after each batch.
+  down (`Chain.decode`; not the head's images); `progress(done, in all)` is called after each
+  batch and after the head.
 
   Raises:
     StreamError: the stack does not end as the seed it started from (damaged payload or a
@@ -253,9 +328,11 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_see
   words = np.concatenate([seed[:seed_dropped], np.asarray(payload, np.uint32)])
   if not len(words) or words[-1] == 0:
     raise StreamError("the compressed stream is empty or ends in a zero word")
-  sizes = schedule(num_images, rho=rho, max_batch=chain.settings.max_batch)
+  if not 0 <= head <= num_images:
+    raise StreamError(f"a head of {head} images in a stream of {num_images}")
+  sizes = schedule(num_images, rho=rho, max_batch=chain.settings.max_batch, head=head)
   stack = Stack(words)
-  out, end = [], num_images
+  out, end, total = [], num_images, len(sizes) + bool(head)
   try:
     for b in reversed(sizes):
       end -= b
@@ -266,10 +343,46 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_see
       else:
         out.append(chain.decode(stack, b, end, step))
       if progress:
-        progress(len(out), len(sizes))
+        progress(len(out), total)
+    if head:
+      out.append(_pop_head(chain, stack, head))
+      if progress:
+        progress(len(out), total)
   except (ValueError, KeyError, OverflowError) as e:   # constriction: KeyError = 0 mass
     raise StreamError(f"the coder refused the stream ({e})") from e
   rest = stack.coder.get_compressed()
   if len(rest) != len(seed) or np.any(rest != seed):
     raise StreamError("the decoded stream does not end in the seed it started from")
   return np.concatenate(out[::-1])
+
+
+def header_settings(header: fmt.Header, *, name: str) -> compress.CoderSettings:
+  """The coder settings a file's header stores, validated.
+
+  Raises:
+    CompressedFileError ("corrupted"): settings no coder writes.
+  """
+  settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
+                                    header.max_batch)
+  try:
+    return compress.check_settings(settings)
+  except ValueError as e:
+    raise fmt.CompressedFileError("corrupted", f"{name} has impossible coder settings ({e})")
+
+
+def decode_file(chain: Chain, header: fmt.Header, payload: np.ndarray, *, name: str,
+                model: str, on_step: Callable[..., None] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+  """`decode_images` of a file's payload with its header's stream fields (int32 [N, H, W, C]).
+
+  Raises:
+    CompressedFileError ("stream"): the payload does not decode consistently with `model` (the
+      words naming the model in the message).
+  """
+  try:
+    return decode_images(chain, payload, num_images=header.num_images,
+                         num_seed_words=header.seed_words, seed_dropped=header.seed_dropped,
+                         rho=header.rho, head=header.head, on_step=on_step, progress=progress)
+  except StreamError as e:
+    raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with {model} "
+                                  f"({e}); no image is written") from e

@@ -179,7 +179,7 @@ class PortableChain(compress.Chain):
     j = np.asarray(j, np.int64)
     s = m - pn.Z_FRAC
     z = (j << -s) if s <= 0 else (j + (1 << (s - 1))) >> s
-    out = np.zeros(((1 << (b - 1).bit_length()) * self.dims,), np.int32)
+    out = np.zeros((compress.bucket(b) * self.dims,), np.int32)
     out[:z.size] = z
     return out.reshape((-1,) + self.model.shape)
 
