@@ -134,23 +134,43 @@ def test_every_image_in_the_head(digits):  # noqa: F811
 def test_files_of_format_version_4_still_decode(digits):  # noqa: F811
   """A version 4 file (no head field; written here as version 4 did: no head) decodes; a head
   cannot be written in version 4."""
-  model, images = digits["model"], digits["images"][:12]
+  model, images = digits["model"], digits["images"][:40]
   chain = compress_app.chain(model, compress.CoderSettings(T))
   blob, _ = compress_app.compress_images(model, images, compress.CoderSettings(T),
                                          raw_fallback=False)
   header, _ = fmt.unpack(blob)
   encoded = compress_stream.encode_images(chain, images.astype(np.int32), head=False,
-                                          raw_fallback=False)
+                                          raw_fallback=False, version=4, expected_bits=300.0)
+  assert any(b & (b - 1) for b in encoded.schedule)    # version 4's batches: any size
   old = header._replace(rho=encoded.rho, seed_words=encoded.seed_words,
                         seed_dropped=encoded.seed_dropped, payload_words=len(encoded.payload),
-                        head=0, probe_digest=compress_app.probe_digest(
+                        head=0, version=4, probe_digest=compress_app.probe_digest(
                             chain, compress_stream.buckets(encoded.schedule)))
-  v4 = fmt.pack(old, encoded.payload, version=4)
-  assert v4[4] == 4 and len(v4) == len(fmt.pack(old, encoded.payload)) - 1
+  v4 = fmt.pack(old, encoded.payload)
+  assert v4[4] == 4 and len(v4) == len(fmt.pack(old._replace(version=5), encoded.payload)) - 1
   out, read = compress_app.decompress_bytes(model, v4)
-  assert read.head == 0
+  assert read.head == 0 and read.version == 4
   np.testing.assert_array_equal(out, images)
   with pytest.raises(ValueError, match="version 4 has no head"):
-    fmt.pack(header, np.zeros(header.payload_words, np.uint32), version=4)
-  with pytest.raises(ValueError, match="head of 13 images in a file of 12"):
-    fmt.pack(header._replace(head=13), np.zeros(header.payload_words, np.uint32))
+    fmt.pack(header._replace(version=4), np.zeros(header.payload_words, np.uint32))
+  with pytest.raises(ValueError, match="version 4 has no head"):
+    compress_stream.encode_images(chain, images.astype(np.int32), version=4)
+  with pytest.raises(ValueError, match="head of 41 images in a file of 40"):
+    fmt.pack(header._replace(head=41), np.zeros(header.payload_words, np.uint32))
+
+
+@pytest.mark.parametrize("num_images, rho, head", [(297, 13000, 0), (256, 14000, 4),
+                                                   (1000, 65536, 3), (5, 1, 1)])
+def test_batches_are_powers_of_two_that_grow_with_the_stack(num_images, rho, head):
+  """Version 5: every batch is a power of two (its own compiled bucket: no padding rows), never
+  larger than version 4's batch at the same point, and the batches cover the images after the
+  head."""
+  sizes = compress_stream.schedule(num_images, rho=rho, max_batch=256, head=head)
+  assert sizes[0] == 1 and sum(sizes) == num_images - head
+  assert all(b & (b - 1) == 0 and b <= 256 for b in sizes)
+  assert compress_stream.buckets(sizes) == set(sizes)
+  done = head
+  for b in sizes:
+    assert b <= compress_stream.next_batch(done, num_images, rho=rho, max_batch=256, head=head,
+                                           version=4)
+    done += b

@@ -225,7 +225,8 @@ def decompress_bytes(model: Model | compress_portable.Coder | None, blob: bytes,
                                   f"with {model.vocab_size}")
   coder = chain(model, settings)
   sizes = compress_stream.schedule(header.num_images, rho=header.rho,
-                                   max_batch=header.max_batch, head=header.head)
+                                   max_batch=header.max_batch, head=header.head,
+                                   version=header.version)
   mine = header._replace(config_digest=model.config_digest, step=model.step,
                          params_digest=model.params_digest,
                          environment_digest=environment_digest(),

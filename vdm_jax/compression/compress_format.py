@@ -22,7 +22,8 @@
   4 n      payload: n uint32 words, little endian
   4        the first 4 bytes of SHA-256 of everything before
 
-Version 5 added the head; version 4 files (no head field: no head) are read as well. Version 4
+Version 5 added the head and batches whose sizes are powers of two (`compress_stream.schedule`);
+version 4 files (no head field: no head; batches padded to powers of two) are read as well. Version 4
 added the photographs (P and their sizes and names). Files of versions 2 (no coder byte) and 3
 (no photographs) are refused with an error that names their version.
 
@@ -31,7 +32,7 @@ numerics that coding depends on (the software environment; the compiled network'
 fixed probe input), and stores the coder settings, the image shape and type, and the batch
 schedule. `unpack` tells apart, with a `CompressedFileError` naming which: another format, a
 truncated file, a damaged header or payload; `check_model` another model or another numeric
-environment. The header and checksum take 49 bytes for the 297 digits test images (392 bits:
+environment. The header and checksum take 50 bytes for the 297 digits test images (400 bits:
 0.021 bits per dimension). A digest this short can collide (2^-16 for the config and environment
 digests); they serve to name what differs, the 6-byte parameter and 4-byte probe digests and the
 check that decoding ends in the seed it started from guard the images.
@@ -101,6 +102,7 @@ class Header(NamedTuple):
   coder: str = "float"
   pictures: tuple[Picture, ...] = ()
   head: int = 0
+  version: int = VERSION
 
 
 def digest(*parts: bytes, size: int = 8) -> bytes:
@@ -207,9 +209,9 @@ def _read_pictures(data: bytes, offset: int, *, shape: tuple[int, ...], num_imag
   return tuple(pictures), offset
 
 
-def pack(header: Header, payload: np.ndarray, *, version: int = VERSION) -> bytes:
-  """The file's bytes for `header` and the payload words (uint32), in format `version` (one of
-  `READS`; the older one only to test that it is still read)."""
+def pack(header: Header, payload: np.ndarray) -> bytes:
+  """The file's bytes for `header` and the payload words (uint32), in the header's format
+  version (one of `READS`; an older one only to test that it is still read)."""
   payload = np.asarray(payload, np.uint32)
   if header.payload_words != len(payload):
     raise ValueError(f"header says {header.payload_words} payload words, got {len(payload)}")
@@ -220,6 +222,7 @@ def pack(header: Header, payload: np.ndarray, *, version: int = VERSION) -> byte
       raise ValueError(f"the {name} digest has {len(value)} bytes; expected {size}")
   if header.coder not in CODERS:
     raise ValueError(f"coder {header.coder!r} is not one of {CODERS}")
+  version = header.version
   if version not in READS:
     raise ValueError(f"format version {version} is not one of {READS}")
   if header.head > header.num_images:
@@ -280,7 +283,7 @@ def unpack(data: bytes, *, name: str = "the file") -> tuple[Header, np.ndarray]:
     at += size
   header = Header(digests[0], numbers[0], digests[1], digests[2], digests[3], *numbers[1:5],
                   numbers[5], tuple(numbers[6:9]), DTYPES[numbers[9]], *numbers[10:15],
-                  coder=CODERS[coder], pictures=pictures, head=numbers[15])
+                  coder=CODERS[coder], pictures=pictures, head=numbers[15], version=version)
   expected = end + 2 + 4 * header.payload_words + TRAILER_BYTES
   if len(data) < expected:
     raise CompressedFileError("truncated", f"{name} is truncated: {len(data)} bytes of the "

@@ -125,7 +125,8 @@ def decompress_bytes(coder: Coder, blob: bytes, *, name: str = "the file",
                                   f"the versions it was made with")
   ch = chain(coder, settings)
   sizes = compress_stream.schedule(header.num_images, rho=header.rho,
-                                   max_batch=header.max_batch, head=header.head)
+                                   max_batch=header.max_batch, head=header.head,
+                                   version=header.version)
   if probe_digest(ch, compress_stream.buckets(sizes)) != header.probe_digest:
     raise fmt.CompressedFileError("environment", f"{name}: this machine's integer network "
                                   f"computes other outputs than the one that wrote it (integer "

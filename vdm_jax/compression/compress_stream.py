@@ -112,19 +112,25 @@ def seed_words(num_words: int) -> np.ndarray:
   return words
 
 
-def next_batch(done: int, num_images: int, *, rho: int, max_batch: int, head: int = 0) -> int:
+def next_batch(done: int, num_images: int, *, rho: int, max_batch: int, head: int = 0,
+               version: int = fmt.VERSION) -> int:
   """The size of the batch after `done` images: 1 first (after the `head` images coded directly),
-  then min(max_batch, max(1, floor(rho * done / 2^16))), at most what is left."""
+  then min(max_batch, max(1, floor(rho * done / 2^16))), at most what is left; from format
+  version 5 on, rounded down to a power of two (the batch is then its own bucket: no padding
+  rows are computed; version 4 padded it)."""
   b = 1 if done == head else min(max_batch, max(1, (rho * done) >> 16))
-  return min(b, num_images - done)
+  b = min(b, num_images - done)
+  return b if version < 5 else 1 << (b.bit_length() - 1)
 
 
-def schedule(num_images: int, *, rho: int, max_batch: int, head: int = 0) -> list[int]:
+def schedule(num_images: int, *, rho: int, max_batch: int, head: int = 0,
+             version: int = fmt.VERSION) -> list[int]:
   """All bits-back batch sizes (`next_batch`) for num_images images, the first `head` of them
-  coded directly (`compress_head`)."""
+  coded directly (`compress_head`), in format `version`'s rule."""
   sizes, done = [], head
   while done < num_images:
-    sizes.append(next_batch(done, num_images, rho=rho, max_batch=max_batch, head=head))
+    sizes.append(next_batch(done, num_images, rho=rho, max_batch=max_batch, head=head,
+                            version=version))
     done += sizes[-1]
   return sizes
 
@@ -246,8 +252,8 @@ def _encode_batch(chain: Chain, stack: Stack, batch: np.ndarray, tally: Tally | 
 
 def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | None = None,
                   safety: float = 0.9, measure: bool = True, raw_fallback: bool = True,
-                  head: bool = True, progress: Callable[[int, int], None] | None = None
-                  ) -> Encoded:
+                  head: bool = True, version: int = fmt.VERSION,
+                  progress: Callable[[int, int], None] | None = None) -> Encoded:
   """Compresses integer images [N, H, W, C] into one stream (the head, then batches chained, see
   module doc).
 
@@ -260,6 +266,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     head: code the first images directly (`compress_head`), as many as cover the first
       batch's dip, instead of taking those bits from the seed (False: no head, e.g. to measure
       the chain alone).
+    version: the file format whose batch schedule to follow (4 only to write the files of
+      that version, with head=False, to test that they are read).
     progress: called after the head and after each batch with (done, in all); the count is
       known once the first batch has set rho.
   """
@@ -270,6 +278,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
   bits0 = stack.bits()
   ideal = {"continuous": np.zeros(n), "grid": np.zeros(n), "coder": np.zeros(n)}
   sizes, done, rho, escapes, raw_batches = [], 0, 0, 0, 0
+  if version < 5 and head:
+    raise ValueError(f"format version {version} has no head")
   if head and n:
     done, bits, raw = _push_head(chain, stack, images, raw_fallback)
     raw_batches += raw
@@ -279,7 +289,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
       progress(1, 1 + (done < n))
   num_head = done
   while done < n:
-    b = next_batch(done, n, rho=rho, max_batch=chain.settings.max_batch, head=num_head)
+    b = next_batch(done, n, rho=rho, max_batch=chain.settings.max_batch, head=num_head,
+                   version=version)
     tally = Tally(b) if measure else None
     before = stack.bits()
     stack.low = before
@@ -297,7 +308,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     done += b
     if progress:
       progress(len(sizes) + bool(num_head), bool(num_head) + len(
-          schedule(n, rho=rho, max_batch=chain.settings.max_batch, head=num_head)))
+          schedule(n, rho=rho, max_batch=chain.settings.max_batch, head=num_head,
+                   version=version)))
   words = stack.coder.get_compressed()
   common = min(len(words), num_seed) - 1          # the top word is always stored
   differ = np.flatnonzero(words[:common] != seed[:common])
@@ -311,7 +323,7 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
 
 
 def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_seed_words: int,
-                  seed_dropped: int, rho: int, head: int = 0,
+                  seed_dropped: int, rho: int, head: int = 0, version: int = fmt.VERSION,
                   on_step: Callable[..., None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """The inverse of `encode_images`: integer images [N, H, W, C] (int32).
@@ -330,7 +342,8 @@ def decode_images(chain: Chain, payload: np.ndarray, *, num_images: int, num_see
     raise StreamError("the compressed stream is empty or ends in a zero word")
   if not 0 <= head <= num_images:
     raise StreamError(f"a head of {head} images in a stream of {num_images}")
-  sizes = schedule(num_images, rho=rho, max_batch=chain.settings.max_batch, head=head)
+  sizes = schedule(num_images, rho=rho, max_batch=chain.settings.max_batch, head=head,
+                   version=version)
   stack = Stack(words)
   out, end, total = [], num_images, len(sizes) + bool(head)
   try:
@@ -382,7 +395,8 @@ def decode_file(chain: Chain, header: fmt.Header, payload: np.ndarray, *, name: 
   try:
     return decode_images(chain, payload, num_images=header.num_images,
                          num_seed_words=header.seed_words, seed_dropped=header.seed_dropped,
-                         rho=header.rho, head=header.head, on_step=on_step, progress=progress)
+                         rho=header.rho, head=header.head, version=header.version,
+                         on_step=on_step, progress=progress)
   except StreamError as e:
     raise fmt.CompressedFileError("stream", f"{name} does not decode consistently with {model} "
                                   f"({e}); no image is written") from e
