@@ -7,11 +7,13 @@ size in bits per dimension (bits / (H W 3)) of:
 
 - vdm-jax: the file `vdm-jax compress` writes (everything: header, photograph entries, the
   initial bits), made by the code path of the command (`compress_io` tiles the photograph,
-  padded with level 0; `compress_app.compress_images`), decompressed and checked pixel for pixel; its
-  compress and decompress times per megapixel (each batch size compiled before the clock
+  padded with level 0; `compress_app.compress_images`), decompressed and checked pixel for
+  pixel; its compress and decompress times per megapixel (each batch size compiled before the clock
   starts; the compile time reported apart);
 - the model's T-step bound on the same tiles (`elbo.elbo_terms`, --t_samples draws per tile),
   counted per original pixel dimension (the padding's bits included);
+- vdm-jax's direct coder alone (`compress_head`, the stream head's LOCO-I style pixel coder) on
+  the same tiles, every tile coded without latents;
 - PNG (Pillow, optimize=True), WebP lossless (Pillow, lossless=True, method=6, quality=100),
   JPEG-XL lossless at effort 7 and 9 (`imagecodecs.jpegxl_encode`; `pip install
   vdm-jax[experiments]`), each decoded again and checked.
@@ -39,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from vdm_jax.compression import compress, compress_app, compress_format as fmt, compress_io
-from vdm_jax.compression import compress_portable, compress_tiles
+from vdm_jax.compression import compress_head, compress_portable, compress_tiles
 from vdm_jax.datasets import photos
 from vdm_jax.maths import elbo
 
@@ -68,6 +70,13 @@ def codec_bits(pixels: np.ndarray) -> dict:
   return out
 
 
+def direct_bits(tiles: np.ndarray, vocab_size: int) -> float:
+  """Bits of the tiles through the stream head's direct coder alone (`compress_head`: every tile
+  coded without latents, its counters carried from tile to tile), as if the head took them all."""
+  coder = compress_head.HeadCoder(tiles.shape[1:], vocab_size)
+  return float(sum(coder.symbols(tile)[2] for tile in tiles))
+
+
 def bound_bits(model, tiles: np.ndarray, steps: int, *, t_samples: int) -> float:
   """The T-step bound of all the tiles in bits (mean of t_samples one-sample estimates)."""
   x = jax.numpy.asarray(tiles, jax.numpy.int32)
@@ -80,8 +89,8 @@ def bound_bits(model, tiles: np.ndarray, steps: int, *, t_samples: int) -> float
 
 def padding_bits(model, pixels: np.ndarray, steps: int, *, t_samples: int) -> dict:
   """{padding: the T-step bound in bits of the tiles the padding touches} for edge replication,
-  reflection and level 0 (zeros, what `compress_tiles` does); the same draws (t, eps) for each, so the
-  differences are the padding's."""
+  reflection and level 0 (zeros, what `compress_tiles` does); the same draws (t, eps) for each,
+  so the differences are the padding's."""
   patch = tuple(model.shape[:2])
   height, width = pixels.shape[:2]
   rows, cols = compress_tiles.tile_grid(height, width, patch=patch)
@@ -136,7 +145,7 @@ def photo_row(name, pixels, model, integer, args, save) -> dict:
   dims = pixels.size
   row = {"input": name, "height": height, "width": width, "tiles": len(tiles), "dims": dims,
          "padded_dims": int(tiles.size)}
-  row["codecs_bits"] = codec_bits(pixels)
+  row["codecs_bits"] = dict(codec_bits(pixels), direct=direct_bits(tiles, model.vocab_size))
   if args.codecs_only:
     return row
   for steps in args.steps:
@@ -164,7 +173,8 @@ def test_set_row(images, model, integer, args, save) -> dict:
                                    width=cols * images.shape[2])
   row = {"input": f"test patches ({len(images)})", "height": mosaic.shape[0],
          "width": mosaic.shape[1], "tiles": len(images), "dims": int(images.size),
-         "padded_dims": int(images.size), "codecs_bits": codec_bits(mosaic)}
+         "padded_dims": int(images.size),
+         "codecs_bits": dict(codec_bits(mosaic), direct=direct_bits(images, model.vocab_size))}
   if args.codecs_only:
     return row
 
@@ -186,12 +196,13 @@ def test_set_row(images, model, integer, args, save) -> dict:
 
 
 def markdown(rows: list[dict], info: dict) -> str:
-  codecs = ["PNG", "WebP lossless", "JPEG-XL e7", "JPEG-XL e9"]
+  codecs = ["direct", "PNG", "WebP lossless", "JPEG-XL e7", "JPEG-XL e9"]
   lines = [f"Run {info['workdir']} (checkpoint {info['step']}), the {info['coder']} coder, "
            f"grid_bits 4, window 6, max_batch {info['max_batch']}; bound: {info['t_samples']} "
            f"draws per tile; {info['backend']}, {info['cpu']}.", "",
            "| input | H x W | T | vdm-jax file (bpd) | T-step bound (bpd) | file / bound | "
-           + " | ".join(f"{c} (bpd)" for c in codecs)
+           + " | ".join(f"{'vdm-jax direct coder, tiles' if c == 'direct' else c} (bpd)"
+                        for c in codecs)
            + " | best codec / vdm-jax | compress (s/MP) | decompress (s/MP) |",
            "|---|---|---|---|---|---|" + "---|" * len(codecs) + "---|---|---|"]
   for r in rows:

@@ -22,10 +22,11 @@
   4 n      payload: n uint32 words, little endian
   4        the first 4 bytes of SHA-256 of everything before
 
-Version 5 added the head and batches whose sizes are powers of two (`compress_stream.schedule`);
-version 4 files (no head field: no head; batches padded to powers of two) are read as well. Version 4
-added the photographs (P and their sizes and names). Files of versions 2 (no coder byte) and 3
-(no photographs) are refused with an error that names their version.
+Version 5 added the head and batches whose sizes are powers of two
+(`compress_stream.schedule`); version 4 files (no head field: no head; batches padded to powers
+of two) are read as well. Version 4 added the photographs (P and their sizes and names). Files
+of versions 2 (no coder byte) and 3 (no photographs) are refused with an error that names their
+version.
 
 The header fingerprints the model (its config, the checkpoint step, its parameters) and the
 numerics that coding depends on (the software environment; the compiled network's outputs on a

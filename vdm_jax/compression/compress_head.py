@@ -18,11 +18,11 @@ bits on every machine (it also serves the portable coder):
   MED = median(a, b, a + b - c); from the second channel on, the previous channel's error at the
   same pixel (x - MED there) is added, clipped to [0, K - 1]: the prediction P;
 - the symbol s = (x - P) mod K; its centred value e (s, or s - K above K / 2);
-- a context per channel and activity class (the bit length of |a - c| + |b - c| + |d - b| (+ the
-  previous channel's |error|), rescaled to 256 levels);
-- per context the counters A (sum of |e|) and N (count), halved when N reaches 64, choose the
+- a context per channel and activity class (the bit length of abs(a - c) + abs(b - c) +
+  abs(d - b) (+ the previous channel's abs(error)), rescaled to 256 levels);
+- per context the counters A (sum of abs(e)) and N (count), halved when N reaches 64, choose the
   coding table: the first of a fixed family of two-sided geometric tables (`tables`) whose mean
-  |e| is at least A / N. The counters carry over from image to image.
+  abs(e) is at least A / N. The counters carry over from image to image.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from vdm_jax.compression import compress
 
 THETA_STEP = 55109     # 2^16 * 2^(-1/4), rounded: successive tables' 1 - theta shrink by 2^(1/4)
 FIRST_GAP = 61440      # the first table's 1 - theta, in units of 2^-16 (theta = 1/16)
-NUM_TABLES = 48        # down to 1 - theta = 2^-11 or so: mean |e| beyond K / 4 for K = 256
+NUM_TABLES = 48        # down to 1 - theta = 2^-11 or so: mean abs(e) beyond K / 4 for K = 256
 RESET = 64             # the counters are halved when N reaches this (JPEG-LS's RESET)
 ACTIVITY_CLASSES = 11  # bit lengths 0..10 of an activity of at most 3 * 255 (+ 128)
 MEAN_FRAC = 8          # table means in units of 2^-8
@@ -46,15 +46,15 @@ MEAN_FRAC = 8          # table means in units of 2^-8
 def tables(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
   """The coding tables for K = vocab_size levels, from integer arithmetic only.
 
-  Table j is the two-sided geometric distribution P(e) ~ theta_j^|e| over the centred residuals
-  e of the symbols s = 0..K-1, with 1 - theta_j = FIRST_GAP (THETA_STEP / 2^16)^j / 2^16 in
-  fixed point (each power rounded down).
+  Table j is the two-sided geometric distribution P(e) ~ theta_j^abs(e) over the centred
+  residuals e of the symbols s = 0..K-1, with 1 - theta_j = FIRST_GAP (THETA_STEP / 2^16)^j /
+  2^16 in fixed point (each power rounded down).
 
   Returns:
-    weights [NUM_TABLES, K] int64: integer weights summing to 2^24 - K per row (constriction's
-      `Categorical` uses such weights as they are: `compress.PRECISION_BITS`), the rounding
-      remainder on s = 0;
-    means [NUM_TABLES] int64: each table's mean |e| in units of 2^-MEAN_FRAC, increasing.
+    (weights, means): weights [NUM_TABLES, K] int64, integer weights summing to 2^24 - K per
+    row (constriction's `Categorical` uses such weights as they are:
+    `compress.PRECISION_BITS`), the rounding remainder on s = 0; means [NUM_TABLES] int64, each
+    table's mean abs(e) in units of 2^-MEAN_FRAC, increasing.
   """
   k = int(vocab_size)
   s = np.arange(k)
@@ -129,7 +129,7 @@ class HeadCoder:
     return min(NUM_TABLES - 1, int(np.searchsorted(self.means, target)))
 
   def _update(self, ctx: int, s: int) -> None:
-    self.a[ctx] += min(s, self.vocab_size - s)       # |e| of the symbol
+    self.a[ctx] += min(s, self.vocab_size - s)       # abs(e) of the symbol
     self.n[ctx] += 1
     if self.n[ctx] >= RESET:
       self.a[ctx] >>= 1

@@ -373,7 +373,7 @@ def header_settings(header: fmt.Header, *, name: str) -> compress.CoderSettings:
   """The coder settings a file's header stores, validated.
 
   Raises:
-    CompressedFileError ("corrupted"): settings no coder writes.
+    CompressedFileError: kind "corrupted", settings no coder writes.
   """
   settings = compress.CoderSettings(header.num_steps, header.grid_bits, header.window,
                                     header.max_batch)
@@ -389,8 +389,8 @@ def decode_file(chain: Chain, header: fmt.Header, payload: np.ndarray, *, name: 
   """`decode_images` of a file's payload with its header's stream fields (int32 [N, H, W, C]).
 
   Raises:
-    CompressedFileError ("stream"): the payload does not decode consistently with `model` (the
-      words naming the model in the message).
+    CompressedFileError: kind "stream", the payload does not decode consistently with `model`
+      (the words naming the model in the message).
   """
   try:
     return decode_images(chain, payload, num_images=header.num_images,
