@@ -296,7 +296,10 @@ def test_the_portable_coder_is_made_on_first_use_and_found_by_decompress(digits,
   run("a.vdmz")
   assert "compress: made the portable coder of checkpoint 3" in capsys.readouterr().err
   run("b.vdmz")
-  assert "made the portable coder" not in capsys.readouterr().err
+  printed = capsys.readouterr()
+  assert "made the portable coder" not in printed.err
+  head = fmt.unpack((tmp_path / "b.vdmz").read_bytes())[0].head
+  assert f"portable coder, the first {head} image{'s' * (head != 1)} coded directly" in printed.out
   a = (tmp_path / "a.vdmz").read_bytes()
   assert a == (tmp_path / "b.vdmz").read_bytes() and fmt.unpack(a)[0].coder == "portable"
   stored = list((work / "portable").glob("*.vdmq"))

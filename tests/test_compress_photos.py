@@ -111,7 +111,10 @@ def test_a_grey_17_level_photograph_round_trips_through_the_run(digits, tmp_path
                                     out=str(tmp_path / "one.vdmz"), num_steps=T)
   assert stats["num_images"] == 5 * 6 and stats["input_dims"] == 37 * 45
   assert stats["coder"] == "portable"
-  assert "1 photograph (30 tiles of 8x8)" in capsys.readouterr().err
+  printed = capsys.readouterr()
+  assert "1 photograph (30 tiles of 8x8)" in printed.err
+  head = stats["head"]
+  assert f"the first {head} tile{'s' * (head != 1)} coded directly" in printed.out
   out = compress_app.decompress_run(workdir, str(tmp_path / "one.vdmz"), out=str(tmp_path / "d1"))
   assert sorted(p.name for p in (tmp_path / "d1").iterdir()) == ["wide.png"]
   np.testing.assert_array_equal(_read(tmp_path / "d1" / "wide.png"), pixels)

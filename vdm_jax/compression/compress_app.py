@@ -330,9 +330,11 @@ def compress_run(workdir: str, *, source: str, out: str, checkpoint: int | None 
   stats.update(path=out, bpd=stats["file_bits"] / dims, input_dims=dims,
                net_bpd=(stats["file_bits"] - stats["initial_bits"]) / dims,
                pictures=read.pictures)
+  head, unit = stats["head"], "tile" if read.pictures else "image"
   how = ("stored raw: the model's code was longer" if stats["coder"] == "stored"
-         else f"{stats['coder']} coder, {stats['net_bpd']:.4f} without the "
-              f"{stats['initial_bits']} initial bits")
+         else f"{stats['coder']} coder, the first {head} {unit}{'s' * (head != 1)} coded "
+              f"directly, {stats['net_bpd']:.4f} without the {stats['initial_bits']} initial "
+              f"bits")
   print(f"{_what(read, run.info.shape)}, checkpoint {run.step}, T={steps} -> {out}: "
         f"{len(blob)} bytes, {stats['bpd']:.4f} bits/dim ({how})", flush=True)
   return stats
