@@ -174,3 +174,26 @@ def test_batches_are_powers_of_two_that_grow_with_the_stack(num_images, rho, hea
     assert b <= compress_stream.next_batch(done, num_images, rho=rho, max_batch=256, head=head,
                                            version=4)
     done += b
+
+
+@pytest.mark.parametrize("num_images", [1, 40])
+def test_progress_counts_the_head_as_one_batch_and_keeps_its_total(
+    digits, num_images):  # noqa: F811
+  """The encoder reports from the first bits-back batch on (it sets the count), the decoder from
+  the start; both end at their total, which never changes (a progress bar is made at the first
+  report)."""
+  model, images = digits["model"], digits["images"][:num_images].astype(np.int32)
+  chain = compress_app.chain(model, compress.CoderSettings(T))
+  calls = {"encode": [], "decode": []}
+  enc = compress_stream.encode_images(chain, images, expected_bits=300.0,
+                                      progress=lambda *a: calls["encode"].append(a))
+  compress_stream.decode_images(chain, enc.payload, num_images=num_images,
+                                num_seed_words=enc.seed_words, seed_dropped=enc.seed_dropped,
+                                rho=enc.rho, head=enc.head,
+                                progress=lambda *a: calls["decode"].append(a))
+  batches = len(enc.schedule) + 1
+  assert enc.head >= 1
+  for what, reports in calls.items():
+    assert {total for _, total in reports} == {batches}, (what, reports)
+    assert [done for done, _ in reports] == list(range(batches - len(reports) + 1, batches + 1))
+  assert len(calls["decode"]) == batches

@@ -268,8 +268,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
       the chain alone).
     version: the file format whose batch schedule to follow (4 only to write the files of
       that version, with head=False, to test that they are read).
-    progress: called after the head and after each batch with (done, in all); the count is
-      known once the first batch has set rho.
+    progress: called after each batch (the head counted as one) with (done, in all), from the
+      first bits-back batch on, which sets rho and so the count.
   """
   start, n = time.perf_counter(), len(images)
   num_seed = 4096 + 8 * chain.dims * 4      # 1024 bits per dimension of the first image
@@ -285,8 +285,8 @@ def encode_images(chain: Chain, images: np.ndarray, *, expected_bits: float | No
     raw_batches += raw
     for values in ideal.values():
       values[:done] = bits
-    if progress:
-      progress(1, 1 + (done < n))
+    if progress and done == n:     # else reported with the first batch, which sets the count
+      progress(1, 1)
   num_head = done
   while done < n:
     b = next_batch(done, n, rho=rho, max_batch=chain.settings.max_batch, head=num_head,
