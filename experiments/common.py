@@ -88,6 +88,21 @@ def split_images(name: str, *, split: str = "test", max_examples: int | None = N
   return images[:max_examples] if max_examples else images
 
 
+def per_image_bound(model, images: np.ndarray, steps: int, *, t_samples: int,
+                    seed: int = 0) -> np.ndarray:
+  """[N] the T-step bound (`elbo.elbo_terms`) of each integer image [N, H, W, C] in bits: the
+  mean of t_samples one-sample estimates. `model`: a `compress_app.Model` (eps_fn, gamma_fn,
+  vocab_size)."""
+  import jax   # pylint: disable=g-import-not-at-top  (not every script needs jax)
+  from vdm_jax.maths import elbo   # pylint: disable=g-import-not-at-top
+  x = jax.numpy.asarray(images, jax.numpy.int32)
+  fn = jax.jit(lambda key: elbo.elbo_terms(
+      key, x, eps_fn=model.eps_fn, gamma_fn=model.gamma_fn, vocab_size=model.vocab_size,
+      num_steps=steps).total)
+  keys = jax.random.split(jax.random.PRNGKey(seed), t_samples)
+  return np.asarray(jax.lax.map(fn, keys), np.float64).mean(0) / np.log(2.0)
+
+
 def denoiser(run: runs.Run):
   """(eps_fn, gamma_fn) of an unconditional run: eps_hat(z, gamma) and its schedule."""
   eps_fn, gamma_fn, _, _ = run.task.sampler_fns(run.params, run.frozen, None)

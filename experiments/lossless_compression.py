@@ -46,7 +46,6 @@ from PIL import Image, features
 import jax
 
 from vdm_jax.compression import compress, compress_app, compress_io
-from vdm_jax.maths import elbo
 
 import common
 
@@ -111,22 +110,11 @@ def codec_rows(images: np.ndarray, vocab_size: int) -> list[dict]:
   return rows
 
 
-def per_image_bound(model: compress_app.Model, images: np.ndarray, steps: int, *,
-                    t_samples: int, seed: int = 0) -> np.ndarray:
-  """[N] T-step bound per image in bits (mean of t_samples one-sample estimates)."""
-  x = jax.numpy.asarray(images, jax.numpy.int32)
-  fn = jax.jit(lambda key: elbo.elbo_terms(
-      key, x, eps_fn=model.eps_fn, gamma_fn=model.gamma_fn, vocab_size=model.vocab_size,
-      num_steps=steps).total)
-  keys = jax.random.split(jax.random.PRNGKey(seed), t_samples)
-  return np.asarray(jax.lax.map(fn, keys), np.float64).mean(0) / math.log(2.0)
-
-
 def coder_row(model: compress_app.Model, images: np.ndarray, steps: int, *, t_samples: int,
               settings: dict) -> dict:
   """Compress, decompress and check the images with T = steps; the bound; the accounting."""
   n, dims = len(images), images.size
-  bound_bits = per_image_bound(model, images, steps, t_samples=t_samples)
+  bound_bits = common.per_image_bound(model, images, steps, t_samples=t_samples)
   coder = compress_app.chain(model, compress.CoderSettings(steps, **settings))
   buckets = {1 << k for k in range(int(math.log2(coder.settings.max_batch)) + 1)}
   compress_app.probe_digest(coder, buckets)           # compiles every batch size

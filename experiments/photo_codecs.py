@@ -43,7 +43,6 @@ from PIL import Image
 from vdm_jax.compression import compress, compress_app, compress_format as fmt, compress_io
 from vdm_jax.compression import compress_head, compress_portable, compress_tiles
 from vdm_jax.datasets import photos
-from vdm_jax.maths import elbo
 
 import common
 
@@ -77,16 +76,6 @@ def direct_bits(tiles: np.ndarray, vocab_size: int) -> float:
   return float(sum(coder.symbols(tile)[2] for tile in tiles))
 
 
-def bound_bits(model, tiles: np.ndarray, steps: int, *, t_samples: int) -> float:
-  """The T-step bound of all the tiles in bits (mean of t_samples one-sample estimates)."""
-  x = jax.numpy.asarray(tiles, jax.numpy.int32)
-  fn = jax.jit(lambda key: elbo.elbo_terms(
-      key, x, eps_fn=model.eps_fn, gamma_fn=model.gamma_fn, vocab_size=model.vocab_size,
-      num_steps=steps).total.sum())
-  keys = jax.random.split(jax.random.PRNGKey(0), t_samples)
-  return float(np.mean([float(fn(k)) for k in keys])) / math.log(2.0)
-
-
 def padding_bits(model, pixels: np.ndarray, steps: int, *, t_samples: int) -> dict:
   """{padding: the T-step bound in bits of the tiles the padding touches} for edge replication,
   reflection and level 0 (zeros, what `compress_tiles` does); the same draws (t, eps) for each,
@@ -102,7 +91,7 @@ def padding_bits(model, pixels: np.ndarray, steps: int, *, t_samples: int) -> di
   for mode in ("edge", "reflect", "constant"):
     padded = np.pad(pixels, pad, mode=mode)
     tiles = compress_tiles.tiles_of(padded, patch=patch)[grid.reshape(-1)]
-    out[mode] = bound_bits(model, tiles, steps, t_samples=t_samples)
+    out[mode] = float(common.per_image_bound(model, tiles, steps, t_samples=t_samples).sum())
   out["tiles"] = int(grid.sum())
   return out
 
@@ -156,7 +145,7 @@ def photo_row(name, pixels, model, integer, args, save) -> dict:
       if not np.array_equal(back, pixels):
         raise AssertionError(f"{name}: the decompressed photograph differs")
 
-    bound = bound_bits(model, tiles, steps, t_samples=args.t_samples)
+    bound = float(common.per_image_bound(model, tiles, steps, t_samples=args.t_samples).sum())
     row[f"bound_T{steps}"] = {"bound_bpd": bound / dims, "bound_padded_bpd": bound / tiles.size}
     save(row)   # the bound now: the coder takes long
     if args.bound_only:
@@ -183,7 +172,7 @@ def test_set_row(images, model, integer, args, save) -> dict:
       raise AssertionError("the decompressed test patches differ")
 
   for steps in args.steps:
-    bound = bound_bits(model, images, steps, t_samples=args.t_samples)
+    bound = float(common.per_image_bound(model, images, steps, t_samples=args.t_samples).sum())
     row[f"bound_T{steps}"] = {"bound_bpd": bound / images.size,
                               "bound_padded_bpd": bound / images.size}
     save(row)

@@ -30,19 +30,8 @@ import jax
 import numpy as np
 
 from vdm_jax.compression import compress, compress_app, compress_io, compress_portable, portable
-from vdm_jax.maths import elbo
 
 import common
-
-
-def per_image_bound(model, images, steps: int, *, t_samples: int) -> np.ndarray:
-  """[N] the T-step bound per image in bits (mean of t_samples one-sample estimates)."""
-  x = jax.numpy.asarray(images, jax.numpy.int32)
-  fn = jax.jit(lambda key: elbo.elbo_terms(
-      key, x, eps_fn=model.eps_fn, gamma_fn=model.gamma_fn, vocab_size=model.vocab_size,
-      num_steps=steps).total)
-  keys = jax.random.split(jax.random.PRNGKey(0), t_samples)
-  return np.asarray(jax.lax.map(fn, keys), np.float64).mean(0) / math.log(2.0)
 
 
 def _warm(model, coder, settings: compress.CoderSettings) -> float:
@@ -75,7 +64,7 @@ def _run(model, coder, images, settings) -> dict:
 
 def coder_rows(model, coder, images, steps: int, *, t_samples: int, max_batch: int) -> dict:
   settings = compress.CoderSettings(steps, max_batch=max_batch)
-  bound = per_image_bound(model, images, steps, t_samples=t_samples)
+  bound = common.per_image_bound(model, images, steps, t_samples=t_samples)
   compile_s = _warm(model, coder, settings)
   compress_app.expected_bits(model, images, steps)
   row = {"T": steps, "bound": float(bound.sum() / images.size),

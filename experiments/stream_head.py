@@ -16,28 +16,15 @@ Usage:
 
 from __future__ import annotations
 
-import math
 import time
 
-import jax
 import numpy as np
 
 from vdm_jax.compression import compress, compress_app, compress_io, compress_portable
 from vdm_jax.compression import compress_stream, compress_tiles
 from vdm_jax.datasets import photos
-from vdm_jax.maths import elbo
 
 import common
-
-
-def bound_bits(model, images: np.ndarray, steps: int, t_samples: int) -> np.ndarray:
-  """[N] the T-step bound per image in bits (mean of t_samples one-sample estimates)."""
-  x = jax.numpy.asarray(images, jax.numpy.int32)
-  fn = jax.jit(lambda key: elbo.elbo_terms(
-      key, x, eps_fn=model.eps_fn, gamma_fn=model.gamma_fn, vocab_size=model.vocab_size,
-      num_steps=steps).total)
-  keys = jax.random.split(jax.random.PRNGKey(0), t_samples)
-  return np.mean([np.asarray(fn(k), np.float64) for k in keys], axis=0) / math.log(2.0)
 
 
 def main() -> None:
@@ -62,7 +49,7 @@ def main() -> None:
   images = np.asarray(images[:args.num_images], np.int32)
   dims = images.size
   settings = compress.CoderSettings(args.steps)
-  bound = bound_bits(model, images, args.steps, args.t_samples)
+  bound = common.per_image_bound(model, images, args.steps, t_samples=args.t_samples)
   rows = []
   for name in args.coder:
     if name == "float":
